@@ -1,0 +1,110 @@
+"""Chain routes: create from an upload, list, read, rename, delete, spine."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from sparrow.api.deps import Chains, get_services
+from sparrow.api.errors import responses
+from sparrow.api.schemas import (
+    ChainCreated,
+    ChainDetail,
+    ChainList,
+    ChainOut,
+    ChainPatch,
+    NodeOut,
+    SpineOut,
+)
+from sparrow.api.upload import receive_upload
+
+router = APIRouter(tags=["chains"])
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The clip: any audio FFmpeg decodes (WAV, MP3, FLAC, "
+                        "OGG, M4A/AAC, AIFF, …), detected from its content.",
+                    },
+                    "title": {"type": "string", "maxLength": 200},
+                },
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/chains",
+    status_code=201,
+    summary="Create a chain from an uploaded clip",
+    description="The clip becomes the chain's root node, decoded to a canonical WAV and "
+    "`ready` when this returns.",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses=responses(413, 415),
+)
+async def create_chain(request: Request, chains: Chains) -> ChainCreated:
+    services = get_services(request)
+    upload = await receive_upload(
+        request,
+        services.media.new_upload_path(),
+        max_file_bytes=services.settings.max_upload_bytes,
+    )
+    try:
+        chain, root = await chains.create_from_upload(
+            upload.path, title=upload.fields.get("title"), filename=upload.filename
+        )
+    finally:
+        upload.path.unlink(missing_ok=True)
+    return ChainCreated(chain=ChainOut.of(chain), root=NodeOut.of(root))
+
+
+@router.get("/chains", summary="List chains, newest first", responses=responses())
+async def list_chains(
+    chains: Chains,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+) -> ChainList:
+    items, total = await chains.list_chains(limit=limit, offset=offset)
+    return ChainList(items=[ChainOut.of(c) for c in items], total=total)
+
+
+@router.get("/chains/{chain_id}", summary="A chain with all its nodes", responses=responses(404))
+async def get_chain(chain_id: str, chains: Chains) -> ChainDetail:
+    chain, nodes = await chains.chain_with_nodes(chain_id)
+    return ChainDetail(chain=ChainOut.of(chain), nodes=[NodeOut.of(n) for n in nodes])
+
+
+@router.patch("/chains/{chain_id}", summary="Rename a chain", responses=responses(404))
+async def rename_chain(chain_id: str, body: ChainPatch, chains: Chains) -> ChainOut:
+    return ChainOut.of(await chains.rename(chain_id, body.title))
+
+
+@router.delete(
+    "/chains/{chain_id}",
+    status_code=204,
+    summary="Delete a chain, its nodes and files",
+    responses=responses(404),
+)
+async def delete_chain(chain_id: str, chains: Chains) -> Response:
+    await chains.delete(chain_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/chains/{chain_id}/spine",
+    summary="The committed path, root first",
+    description="`offset_s` is where each node starts when the spine is played back to back.",
+    responses=responses(404),
+)
+async def get_spine(chain_id: str, chains: Chains) -> SpineOut:
+    return SpineOut.of(await chains.spine(chain_id))

@@ -1,0 +1,100 @@
+"""One place that turns every failure into ``{"error", "detail"}``.
+
+``SparrowError`` carries its own status and code. FastAPI's validation errors
+become 422 ``invalid_input``; Starlette's routing errors (unknown path, wrong
+method) keep their status with a code; anything unexpected is logged and
+answered 500 ``internal`` without a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sparrow.api.schemas import ErrorOut
+from sparrow.errors import Overloaded, SparrowError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "invalid_input",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media",
+    422: "invalid_input",
+}
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "Invalid request — " + "; ".join(parts) + "."
+
+
+async def _sparrow_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SparrowError)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    return error_response(exc.status_code, exc.code, exc.detail, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, "invalid_input", _describe_validation(exc))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = "There is no such resource."
+    return error_response(exc.status_code, code, detail, dict(exc.headers or {}) or None)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "An internal error occurred; it has been logged.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SparrowError, _sparrow_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+_DESCRIPTIONS = {
+    401: "Missing or invalid API key.",
+    402: "The key's tier does not include this feature.",
+    404: "No such resource (or it belongs to another key).",
+    409: "The resource is not in a state that allows this.",
+    413: "The upload or request is over a configured limit.",
+    415: "The upload is not audio that FFmpeg can read.",
+    416: "The requested byte range is outside the file.",
+    422: "The request or the uploaded audio is invalid.",
+    429: "The queue is full; retry after `Retry-After` seconds.",
+    503: "The engine cannot run.",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses a route can answer."""
+    return {
+        status: {"model": ErrorOut, "description": _DESCRIPTIONS[status]}
+        for status in sorted({*statuses, 422})
+    }

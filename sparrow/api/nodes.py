@@ -1,0 +1,126 @@
+"""Node routes: read, commit, uncommit, discard, audio and waveform peaks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from sparrow.api.deps import Chains
+from sparrow.api.errors import responses
+from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
+from sparrow.api.schemas import Discarded, NodeOut, Peaks, SpineChange, SpineOut
+from sparrow.audio import compute_peaks
+from sparrow.errors import InvalidInput
+
+router = APIRouter(tags=["nodes"])
+
+MAX_PEAK_PIXELS = 2_000_000
+
+
+@router.get("/nodes/{node_id}", summary="One node", responses=responses(404))
+async def get_node(node_id: str, chains: Chains) -> NodeOut:
+    return NodeOut.of(await chains.get_node(node_id))
+
+
+@router.post(
+    "/nodes/{node_id}/commit",
+    summary="Commit a ready node and its ancestors",
+    description="Any other committed branch that diverges from the path root→node is "
+    "uncommitted; the node's committed descendants stay. Idempotent.",
+    responses=responses(404, 409),
+)
+async def commit_node(node_id: str, chains: Chains) -> SpineChange:
+    return SpineChange(spine=SpineOut.of(await chains.commit(node_id)))
+
+
+@router.post(
+    "/nodes/{node_id}/uncommit",
+    summary="Uncommit a node and its committed descendants",
+    description="The root cannot be uncommitted (409). Idempotent.",
+    responses=responses(404, 409),
+)
+async def uncommit_node(node_id: str, chains: Chains) -> SpineChange:
+    return SpineChange(spine=SpineOut.of(await chains.uncommit(node_id)))
+
+
+@router.post(
+    "/nodes/{node_id}/discard",
+    summary="Delete a node, its subtree and their files",
+    description="The root and committed nodes cannot be discarded (409).",
+    responses=responses(404, 409),
+)
+async def discard_node(node_id: str, chains: Chains) -> Discarded:
+    return Discarded(deleted=await chains.discard(node_id))
+
+
+_WAV = {"content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+_AUDIO_ROUTE = {
+    "path": "/nodes/{node_id}/audio",
+    "summary": "The node's audio as WAV",
+    "description": "Supports `Range` (206), `If-None-Match` (304) and `HEAD`. "
+    "409 while the node is not ready.",
+    "response_class": Response,
+    "responses": {
+        200: {"description": "The whole file.", **_WAV},
+        206: {"description": "The requested byte range.", **_WAV},
+        304: {"description": "Not modified (the ETag matched)."},
+        **responses(404, 409, 416),
+    },
+}
+
+
+@router.get(**_AUDIO_ROUTE)  # type: ignore[arg-type]
+@router.head(**_AUDIO_ROUTE, name="head_node_audio")  # type: ignore[arg-type]
+async def node_audio(node_id: str, request: Request, chains: Chains) -> Response:
+    node, path = await chains.audio_file(node_id)
+    return serve_file(
+        request,
+        path,
+        etag=f'"{node.audio_sha256}"',
+        media_type="audio/wav",
+        filename=f"{node.id}.wav",
+    )
+
+
+@router.get(
+    "/nodes/{node_id}/peaks",
+    summary="Waveform peaks (BBC audiowaveform JSON v2, 8-bit)",
+    response_model=Peaks,
+    description="For wavesurfer.js and peaks.js. Give `pixels_per_second` or "
+    "`samples_per_pixel` (default: 256 samples per pixel). Channels are merged into one "
+    "unless `split_channels=true`.",
+    responses={304: {"description": "Not modified (the ETag matched)."}, **responses(404, 409)},
+)
+async def node_peaks(
+    node_id: str,
+    request: Request,
+    chains: Chains,
+    pixels_per_second: Annotated[float | None, Query(gt=0, le=192_000)] = None,
+    samples_per_pixel: Annotated[int | None, Query(ge=2, le=2**24)] = None,
+    split_channels: bool = False,
+) -> Response:
+    if pixels_per_second is not None and samples_per_pixel is not None:
+        raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
+    node, path = await chains.audio_file(node_id)
+    sample_rate = node.sample_rate or 1
+    if pixels_per_second is not None:
+        spp = max(2, round(sample_rate / pixels_per_second))
+    else:
+        spp = samples_per_pixel or 256
+    if (node.frames or 0) / spp > MAX_PEAK_PIXELS:
+        raise InvalidInput(
+            f"That zoom gives more than {MAX_PEAK_PIXELS} pixels; use fewer pixels per second."
+        )
+    etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
+    if etag_matches(request, etag):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
+    peaks = await run_in_threadpool(
+        compute_peaks, path, samples_per_pixel=spp, split_channels=split_channels
+    )
+    # Built by our own code, so it skips re-validation: a long clip has millions of values.
+    return JSONResponse(peaks, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})

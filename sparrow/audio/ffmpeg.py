@@ -1,0 +1,154 @@
+"""Finding the FFmpeg binary and running it on untrusted input.
+
+``ffmpeg_exe()`` picks the binary: ``$SPARROW_FFMPEG`` when set (read on every
+call, so tests and operators can point at another build), else ``ffmpeg`` on
+``PATH``, else the static binary shipped in the ``imageio-ffmpeg`` wheel — so a
+plain ``pip install`` always has one.
+
+``run_ffmpeg()`` runs one FFmpeg process without blocking the event loop and
+with three bounds, because the input is whatever a client uploaded:
+
+- wall clock: past ``deadline`` the process is killed, reaped, and
+  ``FFmpegTimeout`` is raised;
+- memory and CPU: ``RLIMIT_AS`` and ``RLIMIT_CPU`` are set in the child before
+  ``exec`` (and ``RLIMIT_CORE`` to 0), so a decoder bomb fails inside FFmpeg
+  instead of taking the server down;
+- output: stderr is drained to the end (a full pipe would stall FFmpeg) but only
+  its first ``STDERR_LIMIT`` bytes are kept.
+
+The process is always awaited, also when the caller is cancelled, so no zombie
+is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import resource
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MEMORY_LIMIT_BYTES = 2 << 30
+STDERR_LIMIT = 256 << 10
+_READ_CHUNK = 64 << 10
+
+
+class FFmpegTimeout(Exception):
+    """FFmpeg ran past its deadline and was killed."""
+
+
+class FFmpegNotFound(RuntimeError):
+    """No FFmpeg binary could be found (a deployment problem, not bad input)."""
+
+
+@dataclass(frozen=True)
+class FFmpegResult:
+    returncode: int
+    stderr: str
+    """The first ``STDERR_LIMIT`` bytes of stderr, decoded leniently."""
+
+
+def ffmpeg_exe() -> str:
+    """Path of the FFmpeg binary to run.
+
+    ``$SPARROW_FFMPEG`` wins when set; otherwise the first lookup of ``ffmpeg``
+    on ``PATH`` / the bundled binary is cached for the life of the process.
+    """
+    override = os.environ.get("SPARROW_FFMPEG")
+    if override:
+        return override
+    return _default_ffmpeg()
+
+
+@functools.cache
+def _default_ffmpeg() -> str:
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:  # pragma: no cover - imageio-ffmpeg is a dependency
+        raise FFmpegNotFound("FFmpeg not found: install it or imageio-ffmpeg") from exc
+    exe: str = imageio_ffmpeg.get_ffmpeg_exe()
+    return exe
+
+
+def _capped(kind: int, wanted: int) -> tuple[int, int]:
+    # An unprivileged process may lower but never raise its hard limit.
+    hard = resource.getrlimit(kind)[1]
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    return wanted, wanted
+
+
+def _set_limits(limits: tuple[tuple[int, tuple[int, int]], ...]) -> None:
+    # Runs in the child between fork and exec: no allocation-heavy work here.
+    for kind, values in limits:
+        resource.setrlimit(kind, values)
+
+
+async def run_ffmpeg(
+    args: Sequence[str],
+    *,
+    deadline: float,
+    memory_bytes: int = MEMORY_LIMIT_BYTES,
+) -> FFmpegResult:
+    """Run ``ffmpeg *args`` with stdin and stdout closed; collect (capped) stderr.
+
+    ``deadline`` is in ``loop.time()`` units. Raises ``FFmpegTimeout`` past it
+    and ``FFmpegNotFound`` when the binary cannot be started. A non-zero exit is
+    not an error here: callers read ``returncode`` and ``stderr``.
+    """
+    loop = asyncio.get_running_loop()
+    remaining = deadline - loop.time()
+    if remaining <= 0:
+        raise FFmpegTimeout
+    # The wall-clock kill is what bounds time; the CPU limit is a backstop should
+    # the kill be missed, loose enough for FFmpeg's few pipeline threads.
+    cpu_s = math.ceil(2 * remaining) + 1
+    limits = (
+        (resource.RLIMIT_AS, _capped(resource.RLIMIT_AS, memory_bytes)),
+        (resource.RLIMIT_CPU, _capped(resource.RLIMIT_CPU, cpu_s)),
+        # A decoder killed by a limit must not leave core files behind.
+        (resource.RLIMIT_CORE, (0, 0)),
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            ffmpeg_exe(),
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=functools.partial(_set_limits, limits),
+            # glibc reserves 64 MiB of address space per malloc arena, up to
+            # 8 per core: without a cap, thread count alone can hit RLIMIT_AS.
+            env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+        )
+    except OSError as exc:
+        raise FFmpegNotFound(f"Cannot run FFmpeg ({ffmpeg_exe()}): {exc}") from exc
+    try:
+        stderr = await asyncio.wait_for(_collect(proc), timeout=deadline - loop.time())
+    except TimeoutError:
+        raise FFmpegTimeout from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            # Shielded so that a second cancellation cannot leave a zombie behind.
+            await asyncio.shield(proc.wait())
+    assert proc.returncode is not None
+    return FFmpegResult(proc.returncode, stderr.decode("utf-8", errors="replace"))
+
+
+async def _collect(proc: asyncio.subprocess.Process) -> bytes:
+    assert proc.stderr is not None
+    kept = bytearray()
+    while chunk := await proc.stderr.read(_READ_CHUNK):
+        if len(kept) < STDERR_LIMIT:
+            kept += chunk[: STDERR_LIMIT - len(kept)]
+    await proc.wait()
+    return bytes(kept)

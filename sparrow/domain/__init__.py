@@ -1,0 +1,1 @@
+"""Chains, nodes and the spine: Sparrow's domain, free of HTTP and SQL."""

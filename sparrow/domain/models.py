@@ -1,0 +1,111 @@
+"""The domain's values: chains, nodes and their lifecycle."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class NodeKind(StrEnum):
+    UPLOAD = "upload"
+    CONTINUATION = "continuation"
+
+
+class NodeStatus(StrEnum):
+    QUEUED = "queued"
+    GENERATING = "generating"
+    READY = "ready"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+# The only transitions a node may take (SPEC §1). Terminal states have none.
+TRANSITIONS: dict[NodeStatus, frozenset[NodeStatus]] = {
+    NodeStatus.QUEUED: frozenset({NodeStatus.GENERATING, NodeStatus.ERROR, NodeStatus.CANCELLED}),
+    NodeStatus.GENERATING: frozenset({NodeStatus.READY, NodeStatus.ERROR, NodeStatus.CANCELLED}),
+    NodeStatus.READY: frozenset(),
+    NodeStatus.ERROR: frozenset(),
+    NodeStatus.CANCELLED: frozenset(),
+}
+
+
+def new_id() -> str:
+    """A random, URL-safe identifier (128 bits)."""
+    return secrets.token_hex(16)
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC string with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class NodeError:
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Chain:
+    id: str
+    title: str
+    root_node_id: str
+    created_at: str
+    updated_at: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    chain_id: str
+    parent_id: str | None
+    kind: NodeKind
+    status: NodeStatus
+    committed: bool
+    created_at: str
+    updated_at: str
+    duration_s: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    frames: int | None = None
+    prompt: str | None = None
+    params: dict[str, Any] | None = None
+    error: NodeError | None = None
+    audio_sha256: str | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent_id is None
+
+
+@dataclass(frozen=True)
+class SpineEntry:
+    node: Node
+    offset_s: float
+
+
+@dataclass(frozen=True)
+class Spine:
+    """The committed path, root first, with each node's start time in the chain."""
+
+    entries: list[SpineEntry]
+
+    @property
+    def duration_s(self) -> float:
+        if not self.entries:
+            return 0.0
+        last = self.entries[-1]
+        return last.offset_s + (last.node.duration_s or 0.0)
+
+    @classmethod
+    def of(cls, nodes: list[Node]) -> Spine:
+        entries: list[SpineEntry] = []
+        offset = 0.0
+        for node in nodes:
+            entries.append(SpineEntry(node=node, offset_s=offset))
+            offset += node.duration_s or 0.0
+        return cls(entries)

@@ -1,0 +1,94 @@
+"""Sparrow's exception tree.
+
+Every error a client can see is a ``SparrowError``; the class carries the HTTP
+status and the stable ``code`` that appears in JSON bodies (and, later, in
+stream events). One handler in ``sparrow.api.errors`` renders them as
+``{"error": code, "detail": sentence}``.
+
+    SparrowError
+    ├── InvalidInput          422 invalid_input
+    ├── Unauthorized          401 unauthorized
+    ├── PaymentRequired       402 payment_required
+    ├── NotFound              404 not_found
+    ├── Conflict              409 conflict
+    ├── PayloadTooLarge       413 payload_too_large
+    ├── UnsupportedMedia      415 unsupported_media
+    ├── Overloaded            429 overloaded
+    └── EngineUnavailable     503 engine_unavailable
+
+Errors of the libraries underneath (sqlite, FFmpeg, torch) are translated into
+these where they are caught, never in the routes.
+"""
+
+from __future__ import annotations
+
+
+class SparrowError(Exception):
+    status_code: int = 500
+    code: str = "internal"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(SparrowError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class Unauthorized(SparrowError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class PaymentRequired(SparrowError):
+    status_code = 402
+    code = "payment_required"
+
+
+class NotFound(SparrowError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(SparrowError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(SparrowError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMedia(SparrowError):
+    status_code = 415
+    code = "unsupported_media"
+
+
+class Overloaded(SparrowError):
+    status_code = 429
+    code = "overloaded"
+
+    def __init__(self, detail: str, retry_after_s: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(SparrowError):
+    status_code = 503
+    code = "engine_unavailable"
+
+
+ALL_ERRORS: tuple[type[SparrowError], ...] = (
+    InvalidInput,
+    Unauthorized,
+    PaymentRequired,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMedia,
+    Overloaded,
+    EngineUnavailable,
+)

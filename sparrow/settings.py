@@ -1,0 +1,85 @@
+"""The one settings object.
+
+Built by the CLI or by the tests, never at import time. Every field reads the
+environment variable of the same name with the ``SPARROW_`` prefix
+(``max_upload_mb`` ← ``SPARROW_MAX_UPLOAD_MB``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPARROW_", extra="ignore")
+
+    # Where things live.
+    data_dir: Path = Path("./data")
+    database_path: Path | None = Field(
+        default=None, description="SQLite file; defaults to <data_dir>/sparrow.db"
+    )
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8520, ge=1, le=65535)
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins. Empty: any origin, without credentials.",
+    )
+
+    # Engines.
+    engine: Literal["musicgen", "mock"] = "musicgen"
+    mock_step_ms: float = Field(default=2.0, ge=0)
+    musicgen_model: str = "facebook/musicgen-small"
+    demucs_model: str = "htdemucs"
+    demucs_repo: Path | None = None
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    # Security.
+    auth: Literal["off", "on"] = "off"
+
+    # Limits.
+    max_upload_mb: float = Field(default=100, gt=0)
+    max_upload_s: float = Field(default=600, gt=0)
+    max_branch_s: float = Field(default=120, gt=0)
+    max_count: int = Field(default=8, ge=1)
+    queue_limit: int = Field(default=64, ge=1)
+    decode_timeout_s: float = Field(
+        default=60, gt=0, description="Wall-clock limit for decoding one upload."
+    )
+    decode_concurrency: int = Field(
+        default=2, ge=1, description="Uploads decoded at the same time; others wait."
+    )
+
+    # Also accepted: CF_MUSICGEN_MOCK=1 selects the mock engine.
+    cf_musicgen_mock: bool = Field(default=False, validation_alias="CF_MUSICGEN_MOCK")
+
+    @model_validator(mode="after")
+    def _mock_alias(self) -> Settings:
+        if self.cf_musicgen_mock:
+            self.engine = "mock"
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.database_path or self.data_dir / "sparrow.db"
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.data_dir / "audio"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,268 @@
+"""The repository of chains and nodes: every SQL statement about them.
+
+The spine and the commit rules are written as recursive CTEs over the
+``parent_id`` tree, so each operation is one round of statements whatever the
+depth of the chain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
+from sparrow.store.db import Database, Row
+
+# The path from a node up to the root, the node included.
+_ANCESTORS = """
+    ancestors(id, parent_id) AS (
+        SELECT id, parent_id FROM nodes WHERE id = :node_id
+        UNION ALL
+        SELECT n.id, n.parent_id FROM nodes AS n JOIN ancestors AS a ON n.id = a.parent_id
+    )
+"""
+
+# A node and everything below it.
+_SUBTREE = """
+    subtree(id, depth) AS (
+        SELECT id, 0 FROM nodes WHERE id = :node_id
+        UNION ALL
+        SELECT n.id, s.depth + 1 FROM nodes AS n JOIN subtree AS s ON n.parent_id = s.id
+    )
+"""
+
+# The committed path from the chain's root down.
+_SPINE = """
+    spine(id, depth) AS (
+        SELECT root_node_id, 0 FROM chains WHERE id = :chain_id
+        UNION ALL
+        SELECT n.id, s.depth + 1 FROM nodes AS n JOIN spine AS s ON n.parent_id = s.id
+        WHERE n.committed = 1
+    )
+"""
+
+
+def _with(*ctes: str) -> str:
+    return "WITH RECURSIVE " + ",".join(ctes)
+
+
+_NODE_COLUMNS = (
+    "id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels, "
+    "frames, prompt, params, error, audio_sha256, created_at, updated_at"
+)
+
+
+def _node(row: Row) -> Node:
+    error = json.loads(row["error"]) if row["error"] else None
+    return Node(
+        id=row["id"],
+        chain_id=row["chain_id"],
+        parent_id=row["parent_id"],
+        kind=NodeKind(row["kind"]),
+        status=NodeStatus(row["status"]),
+        committed=bool(row["committed"]),
+        duration_s=row["duration_s"],
+        sample_rate=row["sample_rate"],
+        channels=row["channels"],
+        frames=row["frames"],
+        prompt=row["prompt"],
+        params=json.loads(row["params"]) if row["params"] else None,
+        error=NodeError(**error) if error else None,
+        audio_sha256=row["audio_sha256"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _chain(row: Row) -> Chain:
+    return Chain(
+        id=row["id"],
+        title=row["title"],
+        owner=row["owner"],
+        root_node_id=row["root_node_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _node_values(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "chain_id": node.chain_id,
+        "parent_id": node.parent_id,
+        "kind": node.kind.value,
+        "status": node.status.value,
+        "committed": int(node.committed),
+        "duration_s": node.duration_s,
+        "sample_rate": node.sample_rate,
+        "channels": node.channels,
+        "frames": node.frames,
+        "prompt": node.prompt,
+        "params": json.dumps(node.params) if node.params is not None else None,
+        "error": json.dumps(node.error.__dict__) if node.error else None,
+        "audio_sha256": node.audio_sha256,
+        "created_at": node.created_at,
+        "updated_at": node.updated_at,
+    }
+
+
+_INSERT_NODE = (
+    f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES ("
+    + ", ".join(f":{c.strip()}" for c in _NODE_COLUMNS.split(","))
+    + ")"
+)
+
+
+class ChainStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- chains ---------------------------------------------------------------
+
+    async def create_chain(self, chain: Chain, root: Node) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO chains (id, title, owner, root_node_id, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    chain.id,
+                    chain.title,
+                    chain.owner,
+                    chain.root_node_id,
+                    chain.created_at,
+                    chain.updated_at,
+                ),
+            )
+            await tx.execute(_INSERT_NODE, _node_values(root))
+
+    async def get_chain(self, chain_id: str) -> Chain | None:
+        row = await self.db.fetchone("SELECT * FROM chains WHERE id = ?", (chain_id,))
+        return _chain(row) if row else None
+
+    async def list_chains(self, *, limit: int, offset: int) -> tuple[list[Chain], int]:
+        rows = await self.db.fetchall(
+            "SELECT * FROM chains ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        total = await self.db.fetchone("SELECT count(*) FROM chains")
+        return [_chain(r) for r in rows], int(total[0]) if total else 0
+
+    async def rename_chain(self, chain_id: str, title: str) -> Chain | None:
+        async with (
+            self.db.transaction() as tx,
+            tx.execute(
+                "UPDATE chains SET title = ?, updated_at = ? WHERE id = ? RETURNING *",
+                (title, utc_now(), chain_id),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return _chain(row) if row else None
+
+    async def delete_chain(self, chain_id: str) -> bool:
+        async with self.db.transaction() as tx:
+            # Children before parents is not needed: the FK cascade from chains covers all.
+            cur = await tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
+            return cur.rowcount > 0
+
+    async def touch_chain(self, chain_id: str) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (utc_now(), chain_id))
+
+    # -- nodes ----------------------------------------------------------------
+
+    async def insert_nodes(self, nodes: Sequence[Node]) -> None:
+        async with self.db.transaction() as tx:
+            await tx.executemany(_INSERT_NODE, [_node_values(n) for n in nodes])
+
+    async def get_node(self, node_id: str) -> Node | None:
+        row = await self.db.fetchone(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,))
+        return _node(row) if row else None
+
+    async def list_nodes(self, chain_id: str) -> list[Node]:
+        rows = await self.db.fetchall(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE chain_id = ? ORDER BY created_at, rowid",
+            (chain_id,),
+        )
+        return [_node(r) for r in rows]
+
+    # -- the spine --------------------------------------------------------------
+
+    async def spine(self, chain_id: str) -> list[Node]:
+        """The committed path of a chain, root first."""
+        rows = await self.db.fetchall(
+            f"{_with(_SPINE)} SELECT {_NODE_COLUMNS} "
+            "FROM spine JOIN nodes USING (id) ORDER BY spine.depth",
+            {"chain_id": chain_id},
+        )
+        return [_node(r) for r in rows]
+
+    async def spine_ids(self, chain_id: str) -> list[str]:
+        rows = await self.db.fetchall(
+            f"{_with(_SPINE)} SELECT id FROM spine ORDER BY depth", {"chain_id": chain_id}
+        )
+        return [r[0] for r in rows]
+
+    async def commit_path(self, node_id: str, chain_id: str) -> list[str]:
+        """Commit the node and its ancestors; uncommit every committed node off that path.
+
+        Returns the ids whose ``committed`` flag changed.
+        """
+        now = utc_now()
+        params = {"node_id": node_id, "chain_id": chain_id, "now": now}
+        async with self.db.transaction() as tx:
+            # Uncommit first: the unique index allows one committed child per node at all
+            # times. The node's own committed descendants stay (commit is idempotent).
+            async with tx.execute(
+                f"{_with(_ANCESTORS, _SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
+                "WHERE chain_id = :chain_id AND committed = 1 "
+                "AND id NOT IN (SELECT id FROM ancestors) "
+                "AND id NOT IN (SELECT id FROM subtree) RETURNING id",
+                params,
+            ) as cur:
+                off = [r[0] for r in await cur.fetchall()]
+            async with tx.execute(
+                f"{_with(_ANCESTORS)} UPDATE nodes SET committed = 1, updated_at = :now "
+                "WHERE id IN (SELECT id FROM ancestors) AND committed = 0 RETURNING id",
+                params,
+            ) as cur:
+                on = [r[0] for r in await cur.fetchall()]
+        return off + on
+
+    async def uncommit_subtree(self, node_id: str) -> list[str]:
+        """Uncommit the node and its committed descendants; returns the ids changed."""
+        async with (
+            self.db.transaction() as tx,
+            tx.execute(
+                f"{_with(_SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
+                "WHERE id IN (SELECT id FROM subtree) AND committed = 1 RETURNING id",
+                {"node_id": node_id, "now": utc_now()},
+            ) as cur,
+        ):
+            return [r[0] for r in await cur.fetchall()]
+
+    async def subtree_ids(self, node_id: str) -> list[str]:
+        """The node and all its descendants, parents before children."""
+        rows = await self.db.fetchall(
+            f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", {"node_id": node_id}
+        )
+        return [r[0] for r in rows]
+
+    async def delete_subtree(self, node_id: str) -> list[str]:
+        """Delete the node and its descendants; returns their ids, parents first."""
+        async with self.db.transaction() as tx:
+            async with tx.execute(
+                f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", {"node_id": node_id}
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            await tx.execute(
+                f"{_with(_SUBTREE)} DELETE FROM nodes WHERE id IN (SELECT id FROM subtree)",
+                {"node_id": node_id},
+            )
+        return ids
+
+    async def all_node_ids(self) -> set[str]:
+        return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes")}
+
+    async def all_chain_ids(self) -> set[str]:
+        return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}

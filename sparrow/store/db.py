@@ -1,0 +1,106 @@
+"""The SQLite database: one writer, one reader, WAL, versioned schema.
+
+Writes go through ``transaction()``, which holds an asyncio lock around a
+``BEGIN IMMEDIATE`` transaction on the writer connection, so writes are
+serialized and never interleave. Reads use a second connection; with WAL they
+see the last committed state and never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from sparrow.store.migrations import MIGRATIONS
+
+Row = sqlite3.Row
+Params = Sequence[Any] | Mapping[str, Any]
+
+
+async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    await conn.execute("PRAGMA busy_timeout = 10000")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    if readonly:
+        await conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await _connect(self.path, readonly=False)
+        await self._writer.execute("PRAGMA journal_mode = WAL")
+        # FULL: a transaction acknowledged to a client survives power loss too.
+        await self._writer.execute("PRAGMA synchronous = FULL")
+        await self._migrate()
+        self._reader = await _connect(self.path, readonly=True)
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None and self._reader is not None
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        async with self._writer.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; wrap script and version bump in one transaction.
+            await self._writer.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        return len(MIGRATIONS)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run the enclosed writes as one serialized, atomic transaction."""
+        if self._writer is None:
+            raise RuntimeError("database is not open")
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        if self._reader is None:
+            raise RuntimeError("database is not open")
+        async with self._reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def ping(self) -> bool:
+        try:
+            await self.fetchone("SELECT 1")
+        except (sqlite3.Error, RuntimeError, ValueError):
+            return False
+        return True

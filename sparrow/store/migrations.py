@@ -1,0 +1,50 @@
+"""The schema, as numbered migrations.
+
+``PRAGMA user_version`` records how many have run; each runs once, in order,
+inside one transaction with the version bump. Never edit a released migration:
+append a new one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: chains and the node tree.
+    """
+    CREATE TABLE chains (
+        id            TEXT PRIMARY KEY,
+        title         TEXT NOT NULL,
+        owner         TEXT,
+        root_node_id  TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX chains_created ON chains (created_at DESC);
+    CREATE INDEX chains_owner ON chains (owner, created_at DESC);
+
+    CREATE TABLE nodes (
+        id            TEXT PRIMARY KEY,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        parent_id     TEXT REFERENCES nodes (id) ON DELETE CASCADE,
+        kind          TEXT NOT NULL CHECK (kind IN ('upload', 'continuation')),
+        status        TEXT NOT NULL
+                      CHECK (status IN ('queued', 'generating', 'ready', 'error', 'cancelled')),
+        committed     INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
+        duration_s    REAL,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        frames        INTEGER,
+        prompt        TEXT,
+        params        TEXT,            -- JSON object, or NULL for uploads
+        error         TEXT,            -- JSON {code, detail}, or NULL
+        audio_sha256  TEXT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        -- A root is committed; only a root has no parent.
+        CHECK (parent_id IS NOT NULL OR committed = 1)
+    );
+    CREATE INDEX nodes_chain ON nodes (chain_id, created_at);
+    CREATE INDEX nodes_parent ON nodes (parent_id);
+    -- The spine's shape, enforced by the database: at most one committed child per node.
+    CREATE UNIQUE INDEX nodes_one_committed_child ON nodes (parent_id) WHERE committed = 1;
+    """,
+]

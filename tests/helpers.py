@@ -1,0 +1,70 @@
+"""Small helpers shared by the API tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI
+
+from sparrow.api.app import Services
+from sparrow.audio import render_music, write_wav
+from sparrow.domain.models import Node, NodeKind, NodeStatus, new_id, utc_now
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.flac"
+
+
+async def upload(
+    client: httpx.AsyncClient, path: Path, *, filename: str | None = None, title: str | None = None
+) -> httpx.Response:
+    files = {"file": (filename or path.name, path.read_bytes(), "application/octet-stream")}
+    data = {"title": title} if title is not None else None
+    return await client.post("/api/chains", files=files, data=data)
+
+
+def services(app: FastAPI) -> Services:
+    result: Services = app.state.services
+    return result
+
+
+async def add_child(
+    app: FastAPI,
+    parent_id: str,
+    *,
+    status: NodeStatus = NodeStatus.READY,
+    seconds: float = 1.0,
+    seed: int = 3,
+) -> Node:
+    """Put a continuation under ``parent_id`` directly through the store, with real audio."""
+    svc = services(app)
+    parent = await svc.chains.get_node(parent_id)
+    node_id, now = new_id(), utc_now()
+    fields: dict[str, Any] = {}
+    if status is NodeStatus.READY:
+        path = svc.media.node_audio(parent.chain_id, node_id)
+        samples = render_music(seconds, 32000, 1, seed).astype(np.float32)
+        info = write_wav(path, samples, 32000)
+        fields = {
+            "duration_s": info.duration_s,
+            "sample_rate": info.sample_rate,
+            "channels": info.channels,
+            "frames": info.frames,
+            "audio_sha256": info.sha256,
+        }
+    node = Node(
+        id=node_id,
+        chain_id=parent.chain_id,
+        parent_id=parent.id,
+        kind=NodeKind.CONTINUATION,
+        status=status,
+        committed=False,
+        prompt="test",
+        params={"seed": seed, "duration_s": seconds},
+        created_at=now,
+        updated_at=now,
+        **fields,
+    )
+    await svc.chains.store.insert_nodes([node])
+    return node
