@@ -4,8 +4,10 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import corpus
 import httpx
 import pytest
+from corpus import BadUpload, GoodUpload
 from fastapi import FastAPI
 
 from sparrow.api import create_app
@@ -43,3 +45,15 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://sparrow.test") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def good_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GoodUpload]:
+    """One file per supported format, built once per test session."""
+    return corpus.make_good_uploads(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="session")
+def bad_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadUpload]:
+    """The hostile and broken upload cases, built once per test session."""
+    return {c.name: c for c in corpus.make_bad_uploads(tmp_path_factory.mktemp("bad"))}

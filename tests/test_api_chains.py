@@ -117,8 +117,11 @@ async def test_spine_commit_uncommit_discard(client: httpx.AsyncClient, app: Fas
     assert [e["node"]["id"] for e in spine["nodes"]] == [root_id]
     assert spine["duration_s"] == pytest.approx(8.0)
 
+    before = (await client.get(f"/api/chains/{chain_id}")).json()["chain"]["updated_at"]
     committed = await client.post(f"/api/nodes/{b.id}/commit")
     assert committed.status_code == 200
+    after = (await client.get(f"/api/chains/{chain_id}")).json()["chain"]["updated_at"]
+    assert after > before  # the spine changed, so the chain did
     spine = committed.json()["spine"]
     assert [e["node"]["id"] for e in spine["nodes"]] == [root_id, a.id, b.id]
     assert [e["offset_s"] for e in spine["nodes"]] == pytest.approx([0.0, 8.0, 9.0])

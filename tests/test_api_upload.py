@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import corpus
 import httpx
 import pytest
 from corpus import BAD_NAMES, GOOD_NAMES, BadUpload, GoodUpload
@@ -24,16 +23,6 @@ from sparrow.api import create_app
 from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def good_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GoodUpload]:
-    return corpus.make_good_uploads(tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture(scope="module")
-def bad_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadUpload]:
-    return {c.name: c for c in corpus.make_bad_uploads(tmp_path_factory.mktemp("bad"))}
 
 
 @pytest.fixture

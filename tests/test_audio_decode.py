@@ -34,14 +34,14 @@ SNIFF_NAMES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GoodUpload]:
-    return corpus.make_good_uploads(tmp_path_factory.mktemp("good"))
+@pytest.fixture
+def good(good_uploads: dict[str, GoodUpload]) -> dict[str, GoodUpload]:
+    return good_uploads
 
 
-@pytest.fixture(scope="module")
-def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadUpload]:
-    return {case.name: case for case in corpus.make_bad_uploads(tmp_path_factory.mktemp("bad"))}
+@pytest.fixture
+def bad(bad_uploads: dict[str, BadUpload]) -> dict[str, BadUpload]:
+    return bad_uploads
 
 
 def _children() -> list[int]:

@@ -15,11 +15,15 @@ class ErrorOut(BaseModel):
 
 
 class NodeErrorOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     code: str
     detail: str
 
 
 class ChainOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     title: str
     created_at: str
@@ -28,16 +32,12 @@ class ChainOut(BaseModel):
 
     @classmethod
     def of(cls, chain: Chain) -> ChainOut:
-        return cls(
-            id=chain.id,
-            title=chain.title,
-            created_at=chain.created_at,
-            updated_at=chain.updated_at,
-            root_node_id=chain.root_node_id,
-        )
+        return cls.model_validate(chain)
 
 
 class NodeOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     chain_id: str
     parent_id: str | None
@@ -58,25 +58,7 @@ class NodeOut(BaseModel):
 
     @classmethod
     def of(cls, node: Node) -> NodeOut:
-        return cls(
-            id=node.id,
-            chain_id=node.chain_id,
-            parent_id=node.parent_id,
-            kind=node.kind,
-            status=node.status,
-            committed=node.committed,
-            duration_s=node.duration_s,
-            sample_rate=node.sample_rate,
-            channels=node.channels,
-            frames=node.frames,
-            prompt=node.prompt,
-            params=node.params,
-            error=NodeErrorOut(code=node.error.code, detail=node.error.detail)
-            if node.error
-            else None,
-            created_at=node.created_at,
-            updated_at=node.updated_at,
-        )
+        return cls.model_validate(node)
 
 
 class ChainCreated(BaseModel):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import anyio
+
 from sparrow.audio import decode_upload
 from sparrow.domain.models import (
     Chain,
@@ -103,7 +105,7 @@ class ChainService:
     async def delete(self, chain_id: str) -> None:
         if not await self.store.delete_chain(chain_id):
             raise NotFound(f"There is no chain {chain_id!r}.")
-        self.media.remove_chain(chain_id)
+        await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
 
     # -- nodes and the spine ------------------------------------------------------
 
@@ -124,8 +126,7 @@ class ChainService:
             raise Conflict(
                 f"Node {node_id!r} is {node.status}; only a ready node can be committed."
             )
-        if await self.store.commit_path(node.id, node.chain_id):
-            await self.store.touch_chain(node.chain_id)
+        await self.store.commit_path(node.id, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def uncommit(self, node_id: str) -> Spine:
@@ -133,8 +134,7 @@ class ChainService:
         node = await self.get_node(node_id)
         if node.is_root:
             raise Conflict("The root node is always committed.")
-        if await self.store.uncommit_subtree(node.id):
-            await self.store.touch_chain(node.chain_id)
+        await self.store.uncommit_subtree(node.id, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def discard(self, node_id: str) -> list[str]:
@@ -144,9 +144,8 @@ class ChainService:
             raise Conflict("The root node cannot be discarded; delete the chain instead.")
         if node.committed:
             raise Conflict(f"Node {node_id!r} is on the spine; uncommit it before discarding it.")
-        deleted = await self.store.delete_subtree(node.id)
-        self.media.remove_nodes(node.chain_id, deleted)
-        await self.store.touch_chain(node.chain_id)
+        deleted = await self.store.delete_subtree(node.id, node.chain_id)
+        await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 
     async def audio_file(self, node_id: str) -> tuple[Node, Path]:

@@ -11,6 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import aiosqlite
+
 from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
 from sparrow.store.db import Database, Row
 
@@ -112,6 +114,10 @@ _INSERT_NODE = (
     + ", ".join(f":{c.strip()}" for c in _NODE_COLUMNS.split(","))
     + ")"
 )
+
+
+async def _touch(tx: aiosqlite.Connection, chain_id: str, now: str) -> None:
+    await tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (now, chain_id))
 
 
 class ChainStore:
@@ -227,28 +233,25 @@ class ChainStore:
                 params,
             ) as cur:
                 on = [r[0] for r in await cur.fetchall()]
+            if off or on:
+                await _touch(tx, chain_id, now)
         return off + on
 
-    async def uncommit_subtree(self, node_id: str) -> list[str]:
+    async def uncommit_subtree(self, node_id: str, chain_id: str) -> list[str]:
         """Uncommit the node and its committed descendants; returns the ids changed."""
-        async with (
-            self.db.transaction() as tx,
-            tx.execute(
+        now = utc_now()
+        async with self.db.transaction() as tx:
+            async with tx.execute(
                 f"{_with(_SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
                 "WHERE id IN (SELECT id FROM subtree) AND committed = 1 RETURNING id",
-                {"node_id": node_id, "now": utc_now()},
-            ) as cur,
-        ):
-            return [r[0] for r in await cur.fetchall()]
+                {"node_id": node_id, "now": now},
+            ) as cur:
+                changed = [r[0] for r in await cur.fetchall()]
+            if changed:
+                await _touch(tx, chain_id, now)
+        return changed
 
-    async def subtree_ids(self, node_id: str) -> list[str]:
-        """The node and all its descendants, parents before children."""
-        rows = await self.db.fetchall(
-            f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", {"node_id": node_id}
-        )
-        return [r[0] for r in rows]
-
-    async def delete_subtree(self, node_id: str) -> list[str]:
+    async def delete_subtree(self, node_id: str, chain_id: str) -> list[str]:
         """Delete the node and its descendants; returns their ids, parents first."""
         async with self.db.transaction() as tx:
             async with tx.execute(
@@ -259,6 +262,8 @@ class ChainStore:
                 f"{_with(_SUBTREE)} DELETE FROM nodes WHERE id IN (SELECT id FROM subtree)",
                 {"node_id": node_id},
             )
+            if ids:
+                await _touch(tx, chain_id, utc_now())
         return ids
 
     async def all_node_ids(self) -> set[str]:
