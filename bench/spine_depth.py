@@ -52,13 +52,15 @@ async def build(store: ChainStore, depth: int) -> tuple[str, list[Node], list[No
     chain_id = new_id()
     root = _node(chain_id, None, True)
     now = utc_now()
-    await store.create_chain(Chain(chain_id, "bench", root.id, now, now), root)
+    async with store.write() as w:
+        await w.create_chain(Chain(chain_id, "bench", root.id, now, now), root)
     spine, siblings = [root], []
     for _ in range(depth - 1):
         parent = spine[-1].id
         spine.append(_node(chain_id, parent, True))
         siblings.append(_node(chain_id, parent, False))
-    await store.insert_nodes(spine[1:] + siblings)
+    async with store.write() as w:
+        await w.insert_nodes(spine[1:] + siblings)
     return chain_id, spine, siblings
 
 
@@ -94,8 +96,9 @@ async def main(depth: int, repeat: int) -> None:
                 node_id = node.parent_id
 
         async def move_tail() -> None:
-            await store.commit_path(siblings[-1].id, chain_id)
-            await store.commit_path(spine[-1].id, chain_id)
+            for tail in (siblings[-1], spine[-1]):
+                async with store.write() as w:
+                    await w.commit_path(tail.id, chain_id)
 
         t_scan = await timed(lambda: store.list_nodes(chain_id), repeat)
         t_spine = await timed(lambda: store.spine(chain_id), repeat)

@@ -31,7 +31,7 @@ SECONDS = 1.5
 GOOD_NAMES = (
     "wav_s16_44k_stereo", "wav_s24_48k_mono", "wav_f32", "wav_u8_22k_mono", "wav_5_1",
     "wav_384k", "mp3", "mp3_named_flac", "flac_16", "flac_24", "ogg_vorbis", "ogg_opus",
-    "m4a_aac", "aac_adts", "aiff",
+    "m4a_aac", "aac_adts", "aiff", "webm_opus_default", "mka_two_streams",
 )  # fmt: skip
 BAD_NAMES = (
     "empty", "one_byte", "random_0_1", "random_1_100", "random_2_4096", "random_3_100000",
@@ -172,6 +172,16 @@ def make_good_uploads(dirpath: Path) -> dict[str, GoodUpload]:
 
     path = encode("aiff", ".wav", "-ar", "22050", "-ac", "1", "-c:a", "pcm_s16be", "-f", "aiff")
     add("aiff", path, 22050, 1, 16, "pcm_s16be")
+
+    # What browsers' MediaRecorder writes: FFmpeg prints "fltp (default)" for it.
+    path = encode("webm_opus_default", "", "-c:a", "libopus", "-disposition:a:0", "default",
+                  "-f", "webm")  # fmt: skip
+    add("webm_opus_default", path, 48000, 2, 16, "opus", tolerance_s=0.06, exact=False)
+
+    path = dirpath / "mka_two_streams"
+    ffmpeg("-i", str(src), "-i", str(hi_res), "-map", "0:a", "-map", "1:a", "-c:a", "flac",
+           "-f", "matroska", str(path))  # fmt: skip
+    add("mka_two_streams", path, 44100, 2, 16, "flac")  # the first audio stream is used
 
     assert tuple(case.name for case in cases) == GOOD_NAMES
     return {case.name: case for case in cases}

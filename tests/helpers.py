@@ -66,5 +66,6 @@ async def add_child(
         updated_at=now,
         **fields,
     )
-    await svc.chains.store.insert_nodes([node])
+    async with svc.chains.store.write() as w:
+        await w.insert_nodes([node])
     return node

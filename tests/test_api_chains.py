@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import httpx
@@ -297,3 +298,27 @@ async def test_cors_in_development_allows_any_origin_without_credentials(
     response = await client.get("/api/chains", headers={"Origin": "http://localhost:5173"})
     assert response.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in response.headers
+
+
+async def test_commit_racing_discard_never_breaks_the_spine(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """Either the commit wins (the discard is then a 409) or the discard does (404)."""
+    body = await make_chain(client)
+    chain_id, root_id = body["chain"]["id"], body["root"]["id"]  # type: ignore[index]
+    pairs = []
+    for _ in range(40):
+        x = await add_child(app, root_id, seconds=0.1)
+        pairs.append((x, await add_child(app, x.id, seconds=0.1)))
+
+    for x, y in pairs:
+        commit, discard = await asyncio.gather(
+            client.post(f"/api/nodes/{y.id}/commit"), client.post(f"/api/nodes/{x.id}/discard")
+        )
+        outcome = (commit.status_code, discard.status_code)
+        assert outcome in {(200, 409), (404, 200)}, outcome
+        spine = (await client.get(f"/api/chains/{chain_id}/spine")).json()["nodes"]
+        ids = [e["node"]["id"] for e in spine]
+        assert ids in ([root_id], [root_id, x.id, y.id])
+        if ids != [root_id]:
+            await client.post(f"/api/nodes/{x.id}/uncommit")

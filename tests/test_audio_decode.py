@@ -341,3 +341,17 @@ def test_probe_parser_reads_ffmpeg_descriptions() -> None:
     assert probe.low_score
     assert probe.duration_s == 62.5
     assert probe.audio == AudioStream("alac", 96000, 6, "5.1(side)", "s32p", 24)
+
+
+@pytest.mark.parametrize(
+    ("line", "fmt"),
+    [
+        ("opus, 48000 Hz, mono, fltp (default)", "fltp"),
+        ("flac, 44100 Hz, stereo, s16 (default) (forced)", "s16"),
+        ("flac, 96000 Hz, stereo, s32 (24 bit) (default)", "s32"),
+    ],
+)
+def test_probe_reads_sample_format_before_disposition_flags(line: str, fmt: str) -> None:
+    probe = parse_probe(f"Input #0, matroska,webm, from 'f':\n  Stream #0:0: Audio: {line}\n")
+    assert probe.audio is not None
+    assert probe.audio.sample_fmt == fmt

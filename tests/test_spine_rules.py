@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import shutil
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, new_id, utc
 from sparrow.errors import Conflict, NotFound
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
-from sparrow.store import ChainStore, Database
+from sparrow.store import ChainStore, ChainWriter, Database
 
 T = TypeVar("T")
 
@@ -66,13 +66,17 @@ class SpineMachine(RuleBasedStateMachine):
         root = make_node(self.chain_id, None, NodeStatus.READY)
         now = utc_now()
         chain = Chain(self.chain_id, "t", root.id, now, now)
-        self.run(self.store.create_chain(chain, root))
+        self.run(self._write(lambda w: w.create_chain(chain, root)))
         self.root = root.id
         self._add(root)
         self.committed.add(root.id)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+    async def _write(self, action: Callable[[ChainWriter], Awaitable[None]]) -> None:
+        async with self.store.write() as w:
+            await action(w)
 
     def teardown(self) -> None:
         self.run(self.db.close())
@@ -110,7 +114,7 @@ class SpineMachine(RuleBasedStateMachine):
         ready = [n for n, s in self.status.items() if s is NodeStatus.READY]
         parent = data.draw(st.sampled_from(ready))
         node = make_node(self.chain_id, parent, status)
-        self.run(self.store.insert_nodes([node]))
+        self.run(self._write(lambda w: w.insert_nodes([node])))
         self._add(node)
 
     @rule(data=st.data())

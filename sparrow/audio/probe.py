@@ -27,7 +27,10 @@ _ANY_STREAM = re.compile(
 _LOW_SCORE = re.compile(r"detected only with low score of \d+, misdetection possible")
 _RATE = re.compile(r"^(\d+) Hz$")
 _CHANNELS = re.compile(r"^(\d+) channels\b")
-_SAMPLE_FMT = re.compile(r"^(?P<fmt>(?:u8|s16|s32|s64|flt|dbl)p?)(?: \((?P<bits>\d+) bit\))?$")
+# The last field may carry disposition flags: "fltp (default)", "s16 (default) (forced)".
+_SAMPLE_FMT = re.compile(
+    r"^(?P<fmt>(?:u8|s16|s32|s64|flt|dbl)p?)(?: \((?P<bits>\d+) bit\))?(?: \([a-z_ ]+\))*$"
+)
 
 # FFmpeg's named layouts (``ffmpeg -layouts``) and their channel counts.
 _LAYOUTS = {

@@ -21,7 +21,7 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.errors import Conflict, NotFound
+from sparrow.errors import Conflict, InvalidInput, NotFound
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
@@ -77,7 +77,8 @@ class ChainService:
                 created_at=now,
                 updated_at=now,
             )
-            await self.store.create_chain(chain, root)
+            async with self.store.write() as w:
+                await w.create_chain(chain, root)
         except BaseException:
             self.media.remove_chain(chain_id)
             raise
@@ -86,7 +87,7 @@ class ChainService:
     async def get_chain(self, chain_id: str) -> Chain:
         chain = await self.store.get_chain(chain_id)
         if chain is None:
-            raise NotFound(f"There is no chain {chain_id!r}.")
+            raise NotFound(f"There is no chain {shown(chain_id)}.")
         return chain
 
     async def chain_with_nodes(self, chain_id: str) -> tuple[Chain, list[Node]]:
@@ -97,54 +98,63 @@ class ChainService:
         return await self.store.list_chains(limit=limit, offset=offset)
 
     async def rename(self, chain_id: str, title: str) -> Chain:
-        chain = await self.store.rename_chain(chain_id, clean_title(title))
+        new_title = given_title(title)
+        async with self.store.write() as w:
+            chain = await w.rename_chain(chain_id, new_title)
         if chain is None:
-            raise NotFound(f"There is no chain {chain_id!r}.")
+            raise NotFound(f"There is no chain {shown(chain_id)}.")
         return chain
 
     async def delete(self, chain_id: str) -> None:
-        if not await self.store.delete_chain(chain_id):
-            raise NotFound(f"There is no chain {chain_id!r}.")
+        async with self.store.write() as w:
+            deleted = await w.delete_chain(chain_id)
+        if not deleted:
+            raise NotFound(f"There is no chain {shown(chain_id)}.")
         await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
 
     # -- nodes and the spine ------------------------------------------------------
 
     async def get_node(self, node_id: str) -> Node:
-        node = await self.store.get_node(node_id)
-        if node is None:
-            raise NotFound(f"There is no node {node_id!r}.")
-        return node
+        return _found(node_id, await self.store.get_node(node_id))
 
     async def spine(self, chain_id: str) -> Spine:
         await self.get_chain(chain_id)
         return Spine.of(await self.store.spine(chain_id))
 
+    # Each rule is checked inside the write transaction that acts on it, so no
+    # other write (a discard racing a commit) can slip between check and act.
+
     async def commit(self, node_id: str) -> Spine:
         """Commit the node and its ancestors; other committed branches are uncommitted."""
-        node = await self.get_node(node_id)
-        if node.status is not NodeStatus.READY:
-            raise Conflict(
-                f"Node {node_id!r} is {node.status}; only a ready node can be committed."
-            )
-        await self.store.commit_path(node.id, node.chain_id)
+        async with self.store.write() as w:
+            node = _found(node_id, await w.get_node(node_id))
+            if node.status is not NodeStatus.READY:
+                raise Conflict(
+                    f"Node {shown(node_id)} is {node.status}; only a ready node can be committed."
+                )
+            await w.commit_path(node.id, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def uncommit(self, node_id: str) -> Spine:
         """Uncommit the node and its committed descendants."""
-        node = await self.get_node(node_id)
-        if node.is_root:
-            raise Conflict("The root node is always committed.")
-        await self.store.uncommit_subtree(node.id, node.chain_id)
+        async with self.store.write() as w:
+            node = _found(node_id, await w.get_node(node_id))
+            if node.is_root:
+                raise Conflict("The root node is always committed.")
+            await w.uncommit_subtree(node.id, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def discard(self, node_id: str) -> list[str]:
         """Delete the node, its subtree and their files; returns the deleted ids."""
-        node = await self.get_node(node_id)
-        if node.is_root:
-            raise Conflict("The root node cannot be discarded; delete the chain instead.")
-        if node.committed:
-            raise Conflict(f"Node {node_id!r} is on the spine; uncommit it before discarding it.")
-        deleted = await self.store.delete_subtree(node.id, node.chain_id)
+        async with self.store.write() as w:
+            node = _found(node_id, await w.get_node(node_id))
+            if node.is_root:
+                raise Conflict("The root node cannot be discarded; delete the chain instead.")
+            if node.committed:
+                raise Conflict(
+                    f"Node {shown(node_id)} is on the spine; uncommit it before discarding it."
+                )
+            deleted = await w.delete_subtree(node.id, node.chain_id)
         await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 
@@ -152,27 +162,58 @@ class ChainService:
         """The canonical WAV of a ready node."""
         node = await self.get_node(node_id)
         if node.status is not NodeStatus.READY:
-            raise Conflict(f"Node {node_id!r} is {node.status}; its audio exists once it is ready.")
+            raise Conflict(f"Node {shown(node_id)} has no audio: {_WHY_NO_AUDIO[node.status]}.")
         path = self.media.node_audio(node.chain_id, node.id)
         if not path.is_file():
             # Deleted between the row read and now (discard racing a download).
-            raise NotFound(f"There is no node {node_id!r}.")
+            raise NotFound(f"There is no node {shown(node_id)}.")
         return node, path
 
     async def sweep_orphans(self) -> int:
         return self.media.sweep(await self.store.all_chain_ids(), await self.store.all_node_ids())
 
 
+_WHY_NO_AUDIO = {
+    NodeStatus.QUEUED: "it is queued; audio exists once it is ready",
+    NodeStatus.GENERATING: "it is still generating; audio exists once it is ready",
+    NodeStatus.ERROR: "its generation failed",
+    NodeStatus.CANCELLED: "its generation was cancelled",
+}
+
+
+def _found(node_id: str, node: Node | None) -> Node:
+    if node is None:
+        raise NotFound(f"There is no node {shown(node_id)}.")
+    return node
+
+
+def shown(some_id: str) -> str:
+    """An id as error messages quote it: bounded, whatever a client sent."""
+    return repr(some_id if len(some_id) <= 40 else some_id[:40] + "…")
+
+
 def clean_title(title: str) -> str:
-    cleaned = " ".join("".join(ch for ch in title if ch.isprintable()).split())
-    return cleaned[:TITLE_MAX] or "Untitled"
+    """Control characters (tabs, newlines …) become spaces; runs of space collapse."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in title).split())
+
+
+def given_title(title: str) -> str:
+    """A title the client chose: cleaned, and refused when empty or too long."""
+    cleaned = clean_title(title)
+    if not cleaned:
+        raise InvalidInput("The title is empty.")
+    if len(cleaned) > TITLE_MAX:
+        raise InvalidInput(f"The title is longer than {TITLE_MAX} characters.")
+    return cleaned
 
 
 def choose_title(title: str | None, filename: str | None) -> str:
     """The given title, else the uploaded file's name without its extension."""
-    if title and title.strip():
-        return clean_title(title)
+    if title is not None:
+        return given_title(title)
     if filename:
         name = Path(filename.replace("\\", "/")).name
-        return clean_title(name.rsplit(".", 1)[0] if "." in name[1:] else name)
+        stem = clean_title(name.rsplit(".", 1)[0] if "." in name[1:] else name)
+        if stem:
+            return stem[:TITLE_MAX]
     return "Untitled"

@@ -1,5 +1,10 @@
 """The repository of chains and nodes: every SQL statement about them.
 
+Reads go through ``ChainStore`` on the reader connection. Writes go through a
+``ChainWriter`` from ``ChainStore.write()``: one serialized transaction in which
+the caller can read the rows it is about to change, check its rules and act,
+with no other write in between (a commit cannot race a discard).
+
 The spine and the commit rules are written as recursive CTEs over the
 ``parent_id`` tree, so each operation is one round of statements whatever the
 depth of the chain.
@@ -8,7 +13,8 @@ depth of the chain.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiosqlite
@@ -109,6 +115,8 @@ def _node_values(node: Node) -> dict[str, Any]:
     }
 
 
+_SELECT_NODE = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?"
+
 _INSERT_NODE = (
     f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES ("
     + ", ".join(f":{c.strip()}" for c in _NODE_COLUMNS.split(","))
@@ -116,31 +124,15 @@ _INSERT_NODE = (
 )
 
 
-async def _touch(tx: aiosqlite.Connection, chain_id: str, now: str) -> None:
-    await tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (now, chain_id))
-
-
 class ChainStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    # -- chains ---------------------------------------------------------------
-
-    async def create_chain(self, chain: Chain, root: Node) -> None:
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[ChainWriter]:
+        """One atomic, serialized write transaction; an exception rolls it back."""
         async with self.db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO chains (id, title, owner, root_node_id, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    chain.id,
-                    chain.title,
-                    chain.owner,
-                    chain.root_node_id,
-                    chain.created_at,
-                    chain.updated_at,
-                ),
-            )
-            await tx.execute(_INSERT_NODE, _node_values(root))
+            yield ChainWriter(tx)
 
     async def get_chain(self, chain_id: str) -> Chain | None:
         row = await self.db.fetchone("SELECT * FROM chains WHERE id = ?", (chain_id,))
@@ -154,35 +146,8 @@ class ChainStore:
         total = await self.db.fetchone("SELECT count(*) FROM chains")
         return [_chain(r) for r in rows], int(total[0]) if total else 0
 
-    async def rename_chain(self, chain_id: str, title: str) -> Chain | None:
-        async with (
-            self.db.transaction() as tx,
-            tx.execute(
-                "UPDATE chains SET title = ?, updated_at = ? WHERE id = ? RETURNING *",
-                (title, utc_now(), chain_id),
-            ) as cur,
-        ):
-            row = await cur.fetchone()
-        return _chain(row) if row else None
-
-    async def delete_chain(self, chain_id: str) -> bool:
-        async with self.db.transaction() as tx:
-            # Children before parents is not needed: the FK cascade from chains covers all.
-            cur = await tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
-            return cur.rowcount > 0
-
-    async def touch_chain(self, chain_id: str) -> None:
-        async with self.db.transaction() as tx:
-            await tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (utc_now(), chain_id))
-
-    # -- nodes ----------------------------------------------------------------
-
-    async def insert_nodes(self, nodes: Sequence[Node]) -> None:
-        async with self.db.transaction() as tx:
-            await tx.executemany(_INSERT_NODE, [_node_values(n) for n in nodes])
-
     async def get_node(self, node_id: str) -> Node | None:
-        row = await self.db.fetchone(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,))
+        row = await self.db.fetchone(_SELECT_NODE, (node_id,))
         return _node(row) if row else None
 
     async def list_nodes(self, chain_id: str) -> list[Node]:
@@ -191,8 +156,6 @@ class ChainStore:
             (chain_id,),
         )
         return [_node(r) for r in rows]
-
-    # -- the spine --------------------------------------------------------------
 
     async def spine(self, chain_id: str) -> list[Node]:
         """The committed path of a chain, root first."""
@@ -209,6 +172,56 @@ class ChainStore:
         )
         return [r[0] for r in rows]
 
+    async def all_node_ids(self) -> set[str]:
+        return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes")}
+
+    async def all_chain_ids(self) -> set[str]:
+        return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}
+
+
+class ChainWriter:
+    """The writes, bound to one open transaction (see ``ChainStore.write``)."""
+
+    def __init__(self, tx: aiosqlite.Connection) -> None:
+        self.tx = tx
+
+    async def get_node(self, node_id: str) -> Node | None:
+        """The node as this transaction sees it."""
+        async with self.tx.execute(_SELECT_NODE, (node_id,)) as cur:
+            row = await cur.fetchone()
+        return _node(row) if row else None
+
+    async def create_chain(self, chain: Chain, root: Node) -> None:
+        await self.tx.execute(
+            "INSERT INTO chains (id, title, owner, root_node_id, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                chain.id,
+                chain.title,
+                chain.owner,
+                chain.root_node_id,
+                chain.created_at,
+                chain.updated_at,
+            ),
+        )
+        await self.tx.execute(_INSERT_NODE, _node_values(root))
+
+    async def rename_chain(self, chain_id: str, title: str) -> Chain | None:
+        async with self.tx.execute(
+            "UPDATE chains SET title = ?, updated_at = ? WHERE id = ? RETURNING *",
+            (title, utc_now(), chain_id),
+        ) as cur:
+            row = await cur.fetchone()
+        return _chain(row) if row else None
+
+    async def delete_chain(self, chain_id: str) -> bool:
+        # The foreign keys cascade to every node of the chain.
+        cur = await self.tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
+        return cur.rowcount > 0
+
+    async def insert_nodes(self, nodes: Sequence[Node]) -> None:
+        await self.tx.executemany(_INSERT_NODE, [_node_values(n) for n in nodes])
+
     async def commit_path(self, node_id: str, chain_id: str) -> list[str]:
         """Commit the node and its ancestors; uncommit every committed node off that path.
 
@@ -216,58 +229,50 @@ class ChainStore:
         """
         now = utc_now()
         params = {"node_id": node_id, "chain_id": chain_id, "now": now}
-        async with self.db.transaction() as tx:
-            # Uncommit first: the unique index allows one committed child per node at all
-            # times. The node's own committed descendants stay (commit is idempotent).
-            async with tx.execute(
-                f"{_with(_ANCESTORS, _SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
-                "WHERE chain_id = :chain_id AND committed = 1 "
-                "AND id NOT IN (SELECT id FROM ancestors) "
-                "AND id NOT IN (SELECT id FROM subtree) RETURNING id",
-                params,
-            ) as cur:
-                off = [r[0] for r in await cur.fetchall()]
-            async with tx.execute(
-                f"{_with(_ANCESTORS)} UPDATE nodes SET committed = 1, updated_at = :now "
-                "WHERE id IN (SELECT id FROM ancestors) AND committed = 0 RETURNING id",
-                params,
-            ) as cur:
-                on = [r[0] for r in await cur.fetchall()]
-            if off or on:
-                await _touch(tx, chain_id, now)
+        # Uncommit first: the unique index allows one committed child per node at all
+        # times. The node's own committed descendants stay (commit is idempotent).
+        off = await self._ids(
+            f"{_with(_ANCESTORS, _SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
+            "WHERE chain_id = :chain_id AND committed = 1 "
+            "AND id NOT IN (SELECT id FROM ancestors) "
+            "AND id NOT IN (SELECT id FROM subtree) RETURNING id",
+            params,
+        )
+        on = await self._ids(
+            f"{_with(_ANCESTORS)} UPDATE nodes SET committed = 1, updated_at = :now "
+            "WHERE id IN (SELECT id FROM ancestors) AND committed = 0 RETURNING id",
+            params,
+        )
+        if off or on:
+            await self._touch(chain_id, now)
         return off + on
 
     async def uncommit_subtree(self, node_id: str, chain_id: str) -> list[str]:
         """Uncommit the node and its committed descendants; returns the ids changed."""
         now = utc_now()
-        async with self.db.transaction() as tx:
-            async with tx.execute(
-                f"{_with(_SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
-                "WHERE id IN (SELECT id FROM subtree) AND committed = 1 RETURNING id",
-                {"node_id": node_id, "now": now},
-            ) as cur:
-                changed = [r[0] for r in await cur.fetchall()]
-            if changed:
-                await _touch(tx, chain_id, now)
+        changed = await self._ids(
+            f"{_with(_SUBTREE)} UPDATE nodes SET committed = 0, updated_at = :now "
+            "WHERE id IN (SELECT id FROM subtree) AND committed = 1 RETURNING id",
+            {"node_id": node_id, "now": now},
+        )
+        if changed:
+            await self._touch(chain_id, now)
         return changed
 
     async def delete_subtree(self, node_id: str, chain_id: str) -> list[str]:
         """Delete the node and its descendants; returns their ids, parents first."""
-        async with self.db.transaction() as tx:
-            async with tx.execute(
-                f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", {"node_id": node_id}
-            ) as cur:
-                ids = [r[0] for r in await cur.fetchall()]
-            await tx.execute(
-                f"{_with(_SUBTREE)} DELETE FROM nodes WHERE id IN (SELECT id FROM subtree)",
-                {"node_id": node_id},
-            )
-            if ids:
-                await _touch(tx, chain_id, utc_now())
+        params = {"node_id": node_id}
+        ids = await self._ids(f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", params)
+        await self.tx.execute(
+            f"{_with(_SUBTREE)} DELETE FROM nodes WHERE id IN (SELECT id FROM subtree)", params
+        )
+        if ids:
+            await self._touch(chain_id, utc_now())
         return ids
 
-    async def all_node_ids(self) -> set[str]:
-        return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes")}
+    async def _ids(self, sql: str, params: dict[str, str]) -> list[str]:
+        async with self.tx.execute(sql, params) as cur:
+            return [r[0] for r in await cur.fetchall()]
 
-    async def all_chain_ids(self) -> set[str]:
-        return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}
+    async def _touch(self, chain_id: str, now: str) -> None:
+        await self.tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (now, chain_id))
