@@ -10,6 +10,7 @@ stream events). One handler in ``sparrow.api.errors`` renders them as
     ├── Unauthorized          401 unauthorized
     ├── PaymentRequired       402 payment_required
     ├── NotFound              404 not_found
+    ├── RequestTimeout        408 request_timeout
     ├── Conflict              409 conflict
     ├── PayloadTooLarge       413 payload_too_large
     ├── UnsupportedMedia      415 unsupported_media
@@ -52,6 +53,11 @@ class NotFound(SparrowError):
     code = "not_found"
 
 
+class RequestTimeout(SparrowError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class Conflict(SparrowError):
     status_code = 409
     code = "conflict"
@@ -86,6 +92,7 @@ ALL_ERRORS: tuple[type[SparrowError], ...] = (
     Unauthorized,
     PaymentRequired,
     NotFound,
+    RequestTimeout,
     Conflict,
     PayloadTooLarge,
     UnsupportedMedia,

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     decode_concurrency: int = Field(
         default=2, ge=1, description="Uploads decoded at the same time; others wait."
     )
+    upload_idle_timeout_s: float = Field(
+        default=30, gt=0, description="An upload that sends nothing this long is dropped (408)."
+    )
+    max_concurrent_uploads: int = Field(
+        default=16, ge=1, description="Uploads received at once; more get 429."
+    )
 
     # Also accepted: CF_MUSICGEN_MOCK=1 selects the mock engine.
     cf_musicgen_mock: bool = Field(default=False, validation_alias="CF_MUSICGEN_MOCK")

@@ -237,7 +237,12 @@ async def test_peaks(client: httpx.AsyncClient) -> None:
     assert_error(await client.get(url, params=both), 422, "invalid_input")
     assert_error(await client.get(url, params={"samples_per_pixel": 1}), 422, "invalid_input")
     assert_error(await client.get(url, params={"pixels_per_second": -1}), 422, "invalid_input")
-    assert_error(await client.get(url, params={"pixels_per_second": "nan"}), 422, "invalid_input")
+    for pps in ("nan", "1e-14", "0", "2.5", "inf"):
+        response = await client.get(url, params={"pixels_per_second": pps})
+        assert_error(response, 422, "invalid_input")
+    assert_error(await client.get(url, params={"samples_per_pixel": 2**25}), 422, "invalid_input")
+    rounded = (await client.get(url, params={"pixels_per_second": 29})).json()
+    assert rounded["samples_per_pixel"] == 44100 // 29  # audiowaveform rounds down
 
 
 async def test_health_and_readiness(client: httpx.AsyncClient, app: FastAPI) -> None:

@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from sparrow import __version__
 from sparrow.api import chains, health, nodes
 from sparrow.api.errors import install_error_handlers
+from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
+from sparrow.api.upload import UploadSlots
 from sparrow.domain.chains import ChainService
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
@@ -34,6 +35,7 @@ class Services:
     db: Database
     media: MediaStore
     chains: ChainService
+    uploads: UploadSlots
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,7 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         media.ensure()
         service = ChainService(ChainStore(db), media, settings)
         await service.sweep_orphans()
-        app.state.services = Services(settings=settings, db=db, media=media, chains=service)
+        app.state.services = Services(
+            settings=settings,
+            db=db,
+            media=media,
+            chains=service,
+            uploads=UploadSlots(settings.max_concurrent_uploads),
+        )
         try:
             yield
         finally:
@@ -62,7 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     install_error_handlers(app)
-    _install_cors(app, settings)
+    app.add_middleware(BodyLimitMiddleware, exempt={"POST /api/chains"})
+    app.add_middleware(HeadMiddleware)
+    _install_cors(app, settings)  # outermost, so that every answer carries CORS headers
     app.include_router(health.router)
     app.include_router(chains.router, prefix="/api")
     app.include_router(nodes.router, prefix="/api")
@@ -71,22 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _install_cors(app: FastAPI, settings: Settings) -> None:
     origins = settings.cors_origin_list
-    if not origins or origins == ["*"]:
-        # Development: any origin may read, but no credentials are ever allowed with "*".
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=["*"],
-            allow_credentials=False,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=["ETag", "Content-Range", "Accept-Ranges", "Retry-After"],
-        )
-    else:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_credentials=True,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=["ETag", "Content-Range", "Accept-Ranges", "Retry-After"],
-        )
+    # Development (no list, or "*"): any origin may read, never with credentials.
+    explicit = bool(origins) and origins != ["*"]
+    app.add_middleware(
+        JSONCORSMiddleware,
+        allow_origins=origins if explicit else ["*"],
+        allow_credentials=explicit,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["ETag", "Content-Range", "Accept-Ranges", "Retry-After", "Location"],
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from sparrow.api.deps import Chains, get_services
@@ -50,21 +51,24 @@ _UPLOAD_BODY = {
     description="The clip becomes the chain's root node, decoded to a canonical WAV and "
     "`ready` when this returns.",
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=responses(413, 415),
+    responses=responses(408, 413, 415, 429),
 )
-async def create_chain(request: Request, chains: Chains) -> ChainCreated:
+async def create_chain(request: Request, response: Response, chains: Chains) -> ChainCreated:
     services = get_services(request)
-    upload = await receive_upload(
-        request,
-        services.media.new_upload_path(),
-        max_file_bytes=services.settings.max_upload_bytes,
-    )
+    with services.uploads.hold():
+        upload = await receive_upload(
+            request,
+            services.media.new_upload_path(),
+            max_file_bytes=services.settings.max_upload_bytes,
+            idle_timeout_s=services.settings.upload_idle_timeout_s,
+        )
     try:
         chain, root = await chains.create_from_upload(
             upload.path, title=upload.fields.get("title"), filename=upload.filename
         )
     finally:
-        upload.path.unlink(missing_ok=True)
+        await anyio.Path(upload.path).unlink(missing_ok=True)
+    response.headers["Location"] = f"/api/chains/{chain.id}"
     return ChainCreated(chain=ChainOut.of(chain), root=NodeOut.of(root))
 
 

@@ -15,9 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from sparrow.api.schemas import ErrorOut
-from sparrow.errors import Overloaded, SparrowError
+from sparrow.errors import Overloaded, PayloadTooLarge, RequestTimeout, SparrowError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 async def _sparrow_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SparrowError)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, PayloadTooLarge | RequestTimeout):
+        # The rest of the body will not be read: end the connection rather than drain it.
+        headers = {"Connection": "close"}
     return error_response(exc.status_code, exc.code, exc.detail, headers)
 
 
@@ -57,13 +63,30 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_input", _describe_validation(exc))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
+    headers = dict(exc.headers or {})
     if exc.status_code == 404 and detail == "Not Found":
         detail = "There is no such resource."
-    return error_response(exc.status_code, code, detail, dict(exc.headers or {}) or None)
+    if exc.status_code == 405:
+        # Starlette names only the first route's methods; the path may have several routes.
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed here; use {', '.join(allowed)}."
+    return error_response(exc.status_code, code, detail, headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.insert(allowed.index("GET") + 1, "HEAD")  # HeadMiddleware serves it
+    return allowed
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -82,6 +105,7 @@ _DESCRIPTIONS = {
     401: "Missing or invalid API key.",
     402: "The key's tier does not include this feature.",
     404: "No such resource (or it belongs to another key).",
+    408: "The upload stalled: nothing arrived for the idle timeout.",
     409: "The resource is not in a state that allows this.",
     413: "The upload or request is over a configured limit.",
     415: "The upload is not audio that FFmpeg can read.",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from sparrow.api.deps import Chains
 from sparrow.api.errors import responses
@@ -18,6 +18,7 @@ from sparrow.errors import InvalidInput
 router = APIRouter(tags=["nodes"])
 
 MAX_PEAK_PIXELS = 2_000_000
+MAX_SAMPLES_PER_PIXEL = 2**24
 
 
 @router.get("/nodes/{node_id}", summary="One node", responses=responses(404))
@@ -91,17 +92,18 @@ async def node_audio(node_id: str, request: Request, chains: Chains) -> Response
     "/nodes/{node_id}/peaks",
     summary="Waveform peaks (BBC audiowaveform JSON v2, 8-bit)",
     response_model=Peaks,
-    description="For wavesurfer.js and peaks.js. Give `pixels_per_second` or "
-    "`samples_per_pixel` (default: 256 samples per pixel). Channels are merged into one "
-    "unless `split_channels=true`.",
+    description="For wavesurfer.js and peaks.js. Give `pixels_per_second` (samples per "
+    "pixel = sample rate // pixels per second, as audiowaveform computes it) or "
+    "`samples_per_pixel` (default: 256). Channels are merged into one unless "
+    "`split_channels=true`.",
     responses={304: {"description": "Not modified (the ETag matched)."}, **responses(404, 409)},
 )
 async def node_peaks(
     node_id: str,
     request: Request,
     chains: Chains,
-    pixels_per_second: Annotated[float | None, Query(gt=0, le=192_000)] = None,
-    samples_per_pixel: Annotated[int | None, Query(ge=2, le=2**24)] = None,
+    pixels_per_second: Annotated[int | None, Query(ge=1, le=192_000)] = None,
+    samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
 ) -> Response:
     if pixels_per_second is not None and samples_per_pixel is not None:
@@ -109,7 +111,7 @@ async def node_peaks(
     node, path = await chains.audio_file(node_id)
     sample_rate = node.sample_rate or 1
     if pixels_per_second is not None:
-        spp = max(2, round(sample_rate / pixels_per_second))
+        spp = max(2, sample_rate // pixels_per_second)
     else:
         spp = samples_per_pixel or 256
     if (node.frames or 0) / spp > MAX_PEAK_PIXELS:
@@ -117,10 +119,14 @@ async def node_peaks(
             f"That zoom gives more than {MAX_PEAK_PIXELS} pixels; use fewer pixels per second."
         )
     etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if etag_matches(request, etag):
-        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
-    peaks = await run_in_threadpool(
-        compute_peaks, path, samples_per_pixel=spp, split_channels=split_channels
-    )
-    # Built by our own code, so it skips re-validation: a long clip has millions of values.
-    return JSONResponse(peaks, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
+        return Response(status_code=304, headers=headers)
+
+    def render() -> bytes:
+        # Computed and serialized off the event loop: a long clip has millions of values.
+        peaks = compute_peaks(path, samples_per_pixel=spp, split_channels=split_channels)
+        return json.dumps(peaks, separators=(",", ":")).encode()
+
+    body = await run_in_threadpool(render)
+    return Response(body, media_type="application/json", headers=headers)

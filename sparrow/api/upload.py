@@ -9,18 +9,48 @@ of the body is read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from sparrow.errors import InvalidInput, PayloadTooLarge
+from sparrow.errors import (
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    SparrowError,
+)
 
 FIELD_MAX_BYTES = 4096  # for the small text fields (title)
+KNOWN_FIELDS = ("file", "title")
 MAX_PARTS = 8
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries, part headers and small fields
+
+
+class UploadSlots:
+    """A bound on uploads being received at once: each holds an open file in ``tmp/``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.in_use >= self.limit:
+            raise Overloaded(
+                f"{self.limit} uploads are already being received; try again shortly.",
+                retry_after_s=2,
+            )
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
 
 
 @dataclass
@@ -94,6 +124,11 @@ class _Receiver:
         else:
             self._part.data += data[start:end]
             if len(self._part.data) > FIELD_MAX_BYTES:
+                if self._part.name not in KNOWN_FIELDS:
+                    raise InvalidInput(
+                        f"Sparrow does not read a form field named {self._part.name[:40]!r}; "
+                        "send the clip in a field named 'file'."
+                    )
                 raise InvalidInput(
                     f"Form field {self._part.name!r} is longer than {FIELD_MAX_BYTES} bytes."
                 )
@@ -110,10 +145,13 @@ def _text(raw: bytes, what: str) -> str:
         raise InvalidInput(f"The {what} is not valid UTF-8.") from exc
 
 
-async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -> ReceivedUpload:
+async def receive_upload(
+    request: Request, dest: Path, *, max_file_bytes: int, idle_timeout_s: float
+) -> ReceivedUpload:
     """Stream the request's multipart body to ``dest``; raise a SparrowError on bad input.
 
-    On any error ``dest`` is removed.
+    A client that sends nothing for ``idle_timeout_s`` is dropped (408). On any
+    error ``dest`` is removed.
     """
     mb_limit = max_file_bytes / 1_000_000
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
@@ -139,15 +177,24 @@ async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -
                 },
             )
             try:
-                async for chunk in request.stream():
+                chunks = request.stream()
+                while True:
+                    with anyio.fail_after(idle_timeout_s):
+                        chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
                     parser.write(chunk)
                     if receiver.pending:
                         await out.write(b"".join(receiver.pending))
                         receiver.pending.clear()
                 parser.finalize()
+            except TimeoutError as exc:
+                raise RequestTimeout(
+                    f"The upload stalled: nothing arrived for {idle_timeout_s:g} s."
+                ) from exc
             except ClientDisconnect as exc:
                 raise InvalidInput("The client went away before the upload finished.") from exc
-            except (InvalidInput, PayloadTooLarge):
+            except SparrowError:
                 raise
             except Exception as exc:  # python-multipart's parse errors
                 raise InvalidInput("The multipart body is malformed.") from exc
@@ -155,9 +202,14 @@ async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -
         await anyio.Path(dest).unlink(missing_ok=True)
         raise
 
-    if not receiver.file_seen:
+    problem = None
+    if parser.state != MultipartState.END:
+        problem = "The multipart body ended before its closing boundary; the upload is incomplete."
+    elif not receiver.file_seen:
+        problem = "The form has no 'file' field."
+    if problem:
         await anyio.Path(dest).unlink(missing_ok=True)
-        raise InvalidInput("The form has no 'file' field.")
+        raise InvalidInput(problem)
     return ReceivedUpload(
         path=dest, filename=receiver.filename, bytes=receiver.file_bytes, fields=receiver.fields
     )

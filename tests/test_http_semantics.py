@@ -1,0 +1,152 @@
+"""HTTP details a professional client relies on: HEAD, Allow, body limits, CORS refusals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from corpus import GoodUpload
+from fastapi import FastAPI
+from helpers import SAMPLE, upload
+
+from sparrow.api import create_app
+from sparrow.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_head_works_wherever_get_does(client: httpx.AsyncClient) -> None:
+    created = await upload(client, SAMPLE)
+    chain_id = created.json()["chain"]["id"]
+    for path in ("/healthz", "/readyz", "/api/chains", f"/api/chains/{chain_id}/spine"):
+        get, head = await client.get(path), await client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"]
+    assert (await client.head("/api/chains/nope")).status_code == 404
+
+
+async def test_405_names_every_allowed_method(client: httpx.AsyncClient) -> None:
+    response = await client.request("PUT", "/api/chains")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, POST"
+    assert response.json()["error"] == "method_not_allowed"
+    response = await client.request("POST", "/api/chains/abc")
+    assert response.headers["allow"] == "DELETE, GET, HEAD, PATCH"
+
+
+async def test_created_chain_has_a_location(client: httpx.AsyncClient) -> None:
+    response = await upload(client, SAMPLE)
+    assert response.headers["location"] == f"/api/chains/{response.json()['chain']['id']}"
+
+
+async def test_json_bodies_are_bounded(client: httpx.AsyncClient) -> None:
+    created = (await upload(client, SAMPLE)).json()
+    url = f"/api/chains/{created['chain']['id']}"
+    huge = b'{"title": "' + b"x" * 200_000 + b'"}'
+    response = await client.patch(url, content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+    assert response.headers["connection"] == "close"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"title": "'
+        for _ in range(20):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    response = await client.patch(
+        url, content=chunked(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    ok = await client.patch(url, json={"title": "fine"})
+    assert ok.status_code == 200
+
+
+async def test_incomplete_multipart_body_is_refused(
+    client: httpx.AsyncClient, good_uploads: dict[str, GoodUpload]
+) -> None:
+    wav = good_uploads["wav_s16_44k_stereo"].path.read_bytes()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + wav[: len(wav) // 2]
+    )  # no closing boundary: the client was cut off
+    response = await client.post(
+        "/api/chains", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 422
+    assert "incomplete" in response.json()["detail"]
+    assert (await client.get("/api/chains")).json()["total"] == 0
+
+
+async def test_unknown_large_field_gets_a_helpful_message(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/chains", files={"audio": ("a.wav", SAMPLE.read_bytes())})
+    assert response.status_code == 422
+    assert "field named 'file'" in response.json()["detail"]
+
+
+@pytest.fixture
+async def strict_cors_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
+    app = create_app(Settings(data_dir=tmp_path, cors_origins="https://editor.example"))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def test_refused_cors_preflight_is_json(strict_cors_app: FastAPI) -> None:
+    transport = httpx.ASGITransport(app=strict_cors_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
+        response = await client.options(
+            "/api/chains",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "DELETE"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_input"
+    assert "origin" in response.json()["detail"].lower()
+
+
+@pytest.fixture
+async def one_upload_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
+    settings = Settings(data_dir=tmp_path, max_concurrent_uploads=1, upload_idle_timeout_s=0.5)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def test_stalled_upload_times_out_and_extra_uploads_get_429(
+    one_upload_app: FastAPI,
+) -> None:
+    import anyio
+
+    transport = httpx.ASGITransport(app=one_upload_app)
+    release = anyio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nRIFF'
+        await release.wait()  # then nothing more: the server must give up on its own
+        yield b""
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
+        results: dict[str, httpx.Response] = {}
+
+        async def first() -> None:
+            results["stalled"] = await client.post(
+                "/api/chains",
+                content=stalled(),
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await anyio.sleep(0.1)
+            second = await upload(client, SAMPLE)
+            assert second.status_code == 429
+            assert second.headers["retry-after"] == "2"
+            await anyio.sleep(1.0)  # past the 0.5 s idle timeout
+            release.set()
+        assert results["stalled"].status_code == 408, results["stalled"].text
+        assert results["stalled"].json()["error"] == "request_timeout"
+        assert (await upload(client, SAMPLE)).status_code == 201
+        leftovers = list((one_upload_app.state.services.media.tmp_dir).iterdir())
+        assert leftovers == []
