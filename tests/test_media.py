@@ -1,0 +1,31 @@
+"""The start-up sweep removes exactly what no row refers to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparrow.media import MediaStore
+
+
+def test_sweep_keeps_known_files_and_removes_the_rest(tmp_path: Path) -> None:
+    media = MediaStore(tmp_path)
+    media.ensure()
+    kept = media.node_audio("c1", "n1")
+    kept.parent.mkdir()
+    kept.write_bytes(b"RIFF")
+    leftovers = [
+        media.node_audio("c1", "gone"),  # its row was discarded
+        media.chain_dir("c1") / ".n2.wav.1a2b.tmp",  # a decode killed mid-write
+        media.node_audio("c9", "n9"),  # a chain that was never created
+        media.tmp_dir / "upload-123",  # an upload in flight
+    ]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+
+    removed = media.sweep({"c1"}, {"n1"})
+
+    assert kept.read_bytes() == b"RIFF"
+    assert not any(p.exists() for p in leftovers)
+    assert not media.chain_dir("c9").exists()
+    assert removed == 4
