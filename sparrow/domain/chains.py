@@ -42,6 +42,7 @@ class ChainService:
         self, upload: Path, *, title: str | None, filename: str | None
     ) -> tuple[Chain, Node]:
         """Decode an uploaded clip into a new chain whose root is that clip, ready."""
+        chain_title = choose_title(title, filename)  # refused before any decoding work
         chain_id, node_id = new_id(), new_id()
         dst = self.media.node_audio(chain_id, node_id)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ class ChainService:
             )
             chain = Chain(
                 id=chain_id,
-                title=choose_title(title, filename),
+                title=chain_title,
                 root_node_id=node_id,
                 created_at=now,
                 updated_at=now,

@@ -22,16 +22,6 @@ class NodeStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-# The only transitions a node may take (SPEC §1). Terminal states have none.
-TRANSITIONS: dict[NodeStatus, frozenset[NodeStatus]] = {
-    NodeStatus.QUEUED: frozenset({NodeStatus.GENERATING, NodeStatus.ERROR, NodeStatus.CANCELLED}),
-    NodeStatus.GENERATING: frozenset({NodeStatus.READY, NodeStatus.ERROR, NodeStatus.CANCELLED}),
-    NodeStatus.READY: frozenset(),
-    NodeStatus.ERROR: frozenset(),
-    NodeStatus.CANCELLED: frozenset(),
-}
-
-
 def new_id() -> str:
     """A random, URL-safe identifier (128 bits)."""
     return secrets.token_hex(16)
