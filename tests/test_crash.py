@@ -79,12 +79,16 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
                 + body[: len(body) // 2]
             )
-            time.sleep(0.3 + 0.1 * round_)
+            media = MediaStore(data_dir)
+            deadline = time.monotonic() + 10
+            while not any(media.tmp_dir.iterdir()):  # the upload is being written
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.05 * round_)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             sock.close()
 
-    media = MediaStore(data_dir)
     assert any(media.tmp_dir.iterdir()), "the killed upload should have left a temp file"
     # A crash between publishing a file and inserting its row leaves an orphan: fake one.
     orphan = media.node_audio("f" * 32, "e" * 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from corpus import GoodUpload
@@ -117,17 +118,17 @@ async def one_upload_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
 async def test_stalled_upload_times_out_and_extra_uploads_get_429(
     one_upload_app: FastAPI,
 ) -> None:
-    import anyio
-
     transport = httpx.ASGITransport(app=one_upload_app)
+    slots = one_upload_app.state.services.uploads
     release = anyio.Event()
 
     async def stalled() -> AsyncIterator[bytes]:
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nRIFF'
-        await release.wait()  # then nothing more: the server must give up on its own
+        await release.wait()  # nothing more until the test ends: the server must give up
         yield b""
 
     async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
+        done = anyio.Event()
         results: dict[str, httpx.Response] = {}
 
         async def first() -> None:
@@ -136,17 +137,21 @@ async def test_stalled_upload_times_out_and_extra_uploads_get_429(
                 content=stalled(),
                 headers={"content-type": "multipart/form-data; boundary=b"},
             )
+            done.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(first)
-            await anyio.sleep(0.1)
+            with anyio.fail_after(10):
+                while slots.in_use == 0:  # noqa: ASYNC110 - polling another task's state
+                    await anyio.sleep(0.01)
             second = await upload(client, SAMPLE)
             assert second.status_code == 429
             assert second.headers["retry-after"] == "2"
-            await anyio.sleep(1.0)  # past the 0.5 s idle timeout
+            with anyio.fail_after(10):
+                await done.wait()
             release.set()
         assert results["stalled"].status_code == 408, results["stalled"].text
         assert results["stalled"].json()["error"] == "request_timeout"
+        assert slots.in_use == 0
         assert (await upload(client, SAMPLE)).status_code == 201
-        leftovers = list((one_upload_app.state.services.media.tmp_dir).iterdir())
-        assert leftovers == []
+        assert list(one_upload_app.state.services.media.tmp_dir.iterdir()) == []
