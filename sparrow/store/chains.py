@@ -61,25 +61,33 @@ _NODE_COLUMNS = (
 )
 
 
+_KINDS = {k.value: k for k in NodeKind}
+_STATUSES = {s.value: s for s in NodeStatus}
+
+
 def _node(row: Row) -> Node:
-    error = json.loads(row["error"]) if row["error"] else None
+    # Positional, in _NODE_COLUMNS order: a long spine decodes thousands of rows.
+    (
+        id_, chain_id, parent_id, kind, status, committed, duration_s, sample_rate,
+        channels, frames, prompt, params, error, audio_sha256, created_at, updated_at,
+    ) = row  # fmt: skip
     return Node(
-        id=row["id"],
-        chain_id=row["chain_id"],
-        parent_id=row["parent_id"],
-        kind=NodeKind(row["kind"]),
-        status=NodeStatus(row["status"]),
-        committed=bool(row["committed"]),
-        duration_s=row["duration_s"],
-        sample_rate=row["sample_rate"],
-        channels=row["channels"],
-        frames=row["frames"],
-        prompt=row["prompt"],
-        params=json.loads(row["params"]) if row["params"] else None,
-        error=NodeError(**error) if error else None,
-        audio_sha256=row["audio_sha256"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        id=id_,
+        chain_id=chain_id,
+        parent_id=parent_id,
+        kind=_KINDS[kind],
+        status=_STATUSES[status],
+        committed=bool(committed),
+        duration_s=duration_s,
+        sample_rate=sample_rate,
+        channels=channels,
+        frames=frames,
+        prompt=prompt,
+        params=json.loads(params) if params else None,
+        error=NodeError(**json.loads(error)) if error else None,
+        audio_sha256=audio_sha256,
+        created_at=created_at,
+        updated_at=updated_at,
     )
 
 
