@@ -14,8 +14,10 @@ stream events). One handler in ``sparrow.api.errors`` renders them as
     ├── Conflict              409 conflict
     ├── PayloadTooLarge       413 payload_too_large
     ├── UnsupportedMedia      415 unsupported_media
+    ├── RangeNotSatisfiable   416 range_not_satisfiable
     ├── Overloaded            429 overloaded
-    └── EngineUnavailable     503 engine_unavailable
+    ├── EngineUnavailable     503 engine_unavailable
+    └── StorageUnavailable    503 storage_unavailable
 
 Errors of the libraries underneath (sqlite, FFmpeg, torch) are translated into
 these where they are caught, never in the routes.
@@ -73,6 +75,15 @@ class UnsupportedMedia(SparrowError):
     code = "unsupported_media"
 
 
+class RangeNotSatisfiable(SparrowError):
+    status_code = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
+
+
 class Overloaded(SparrowError):
     status_code = 429
     code = "overloaded"
@@ -87,15 +98,8 @@ class EngineUnavailable(SparrowError):
     code = "engine_unavailable"
 
 
-ALL_ERRORS: tuple[type[SparrowError], ...] = (
-    InvalidInput,
-    Unauthorized,
-    PaymentRequired,
-    NotFound,
-    RequestTimeout,
-    Conflict,
-    PayloadTooLarge,
-    UnsupportedMedia,
-    Overloaded,
-    EngineUnavailable,
-)
+class StorageUnavailable(SparrowError):
+    """The database cannot be written or read right now (disk full, I/O error, locked)."""
+
+    status_code = 503
+    code = "storage_unavailable"

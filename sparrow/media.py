@@ -11,6 +11,7 @@ Paths are built only from ids the database issued, never from client input.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,17 @@ class MediaStore:
 
     def chain_dir(self, chain_id: str) -> Path:
         return self.audio_dir / chain_id
+
+    def make_chain_dir(self, chain_id: str) -> Path:
+        """Create a chain's folder durably: its entry in ``audio/`` is fsynced too."""
+        path = self.chain_dir(chain_id)
+        path.mkdir(exist_ok=True)
+        fd = os.open(self.audio_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
 
     def node_audio(self, chain_id: str, node_id: str) -> Path:
         return self.chain_dir(chain_id) / f"{node_id}.wav"

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         default=30, gt=0, description="An upload that sends nothing this long is dropped (408)."
     )
     max_concurrent_uploads: int = Field(
-        default=16, ge=1, description="Uploads received at once; more get 429."
+        default=16, ge=1, description="Uploads received or decoded at once; more get 429."
     )
 
     # Also accepted: CF_MUSICGEN_MOCK=1 selects the mock engine.
@@ -70,17 +70,18 @@ class Settings(BaseSettings):
             self.engine = "mock"
         return self
 
+    @model_validator(mode="after")
+    def _cors_wildcard_alone(self) -> Settings:
+        # "*" means development (no credentials); mixed into a list it would let any
+        # origin send credentials.
+        origins = self.cors_origin_list
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("SPARROW_CORS_ORIGINS: use '*' alone or a list of origins")
+        return self
+
     @property
     def db_path(self) -> Path:
         return self.database_path or self.data_dir / "sparrow.db"
-
-    @property
-    def audio_dir(self) -> Path:
-        return self.data_dir / "audio"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.data_dir / "tmp"
 
     @property
     def max_upload_bytes(self) -> int:

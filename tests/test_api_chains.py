@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -252,7 +253,21 @@ async def test_health_and_readiness(client: httpx.AsyncClient, app: FastAPI) -> 
     await services(app).db.close()
     not_ready = await client.get("/readyz")
     assert not_ready.status_code == 503
-    assert not_ready.json() == {"status": "not_ready", "checks": {"database": False}}
+    assert not_ready.json() == {
+        "status": "not_ready",
+        "checks": {"database": False, "ffmpeg": True},
+    }
+
+
+async def test_missing_ffmpeg_is_503_not_a_client_error(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SPARROW_FFMPEG", str(tmp_path / "no-such-ffmpeg"))
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"] == {"database": True, "ffmpeg": False}
+    assert_error(await upload(client, SAMPLE), 503, "engine_unavailable")
+    assert (await client.get("/api/chains")).json()["total"] == 0
 
 
 async def test_method_not_allowed_is_json(client: httpx.AsyncClient) -> None:
@@ -293,8 +308,9 @@ async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient
                 assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
     upload_body = operations[("POST", "/api/chains")]["requestBody"]["content"]
     assert "file" in upload_body["multipart/form-data"]["schema"]["properties"]
-    for status in ("409", "413", "415"):
-        assert status in operations[("POST", "/api/chains")]["responses"] or status == "409"
+    assert set(operations[("POST", "/api/chains")]["responses"]) == {
+        "201", "408", "413", "415", "422", "429", "503",
+    }  # fmt: skip
 
 
 async def test_cors_in_development_allows_any_origin_without_credentials(

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,11 +26,14 @@ from sparrow.media import MediaStore
 
 
 @contextmanager
-def server_process(data_dir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(
+    data_dir: Path, port: int, **extra_env: str
+) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
         "SPARROW_DATA_DIR": str(data_dir),
         "SPARROW_PORT": str(port),
+        **extra_env,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparrow", "serve"],
@@ -98,8 +102,8 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
     with server_process(data_dir, port), httpx.Client(base_url=base, timeout=30) as client:
         listed = client.get("/api/chains").json()
         assert listed["total"] == len(acknowledged) == 3
-        for body in acknowledged:
-            root = body["root"]
+        for created_body in acknowledged:
+            root = created_body["root"]
             assert isinstance(root, dict)
             audio = client.get(f"/api/nodes/{root['id']}/audio")
             assert audio.status_code == 200
@@ -109,3 +113,46 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
     with sqlite3.connect(data_dir / "sparrow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_kill_during_decoding_leaves_no_chain_and_no_file(tmp_path: Path) -> None:
+    """FFmpeg made slow by a wrapper, so the kill lands while the upload is being decoded."""
+    from sparrow.audio import ffmpeg_exe
+
+    marker = tmp_path / "decoding"
+    wrapper = tmp_path / "slow-ffmpeg"
+    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 1\nexec "{ffmpeg_exe()}" "$@"\n')
+    wrapper.chmod(0o755)
+    data_dir = tmp_path / "data"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with server_process(data_dir, port, SPARROW_FFMPEG=str(wrapper)) as proc:
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                httpx.post(
+                    f"{base}/api/chains",
+                    files={"file": ("sample.flac", SAMPLE.read_bytes())},
+                    timeout=30,
+                )
+            except httpx.TransportError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        sender.join(30)
+        assert errors, "the upload must not have been acknowledged"
+
+    media = MediaStore(data_dir)
+    assert any(media.audio_dir.iterdir()), "the chain folder was made before the kill"
+    with server_process(data_dir, port), httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/api/chains").json()["total"] == 0
+        assert list(media.audio_dir.iterdir()) == []
+        assert list(media.tmp_dir.iterdir()) == []

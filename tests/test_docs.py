@@ -37,3 +37,9 @@ def test_mock_alias_selects_the_mock_engine(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SPARROW_ENGINE", "tensorflow")
     with pytest.raises(pydantic.ValidationError):
         Settings()
+
+
+def test_a_wildcard_mixed_into_a_cors_list_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Settings(cors_origins="*, https://editor.example")
+    assert Settings(cors_origins="*").cors_origin_list == ["*"]

@@ -44,19 +44,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.db_path)
-        await db.open()
-        media = MediaStore(settings.data_dir)
-        media.ensure()
-        service = ChainService(ChainStore(db), media, settings)
-        await service.sweep_orphans()
-        app.state.services = Services(
-            settings=settings,
-            db=db,
-            media=media,
-            chains=service,
-            uploads=UploadSlots(settings.max_concurrent_uploads),
-        )
         try:
+            await db.open()
+            media = MediaStore(settings.data_dir)
+            media.ensure()
+            service = ChainService(ChainStore(db), media, settings)
+            await service.sweep_orphans()
+            app.state.services = Services(
+                settings=settings,
+                db=db,
+                media=media,
+                chains=service,
+                uploads=UploadSlots(settings.max_concurrent_uploads),
+            )
             yield
         finally:
             await db.close()

@@ -51,10 +51,11 @@ _UPLOAD_BODY = {
     description="The clip becomes the chain's root node, decoded to a canonical WAV and "
     "`ready` when this returns.",
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=responses(408, 413, 415, 429),
+    responses=responses(408, 413, 415, 429, 503),
 )
 async def create_chain(request: Request, response: Response, chains: Chains) -> ChainCreated:
     services = get_services(request)
+    # The slot is held until the decode is done: it bounds the files waiting in tmp/.
     with services.uploads.hold():
         upload = await receive_upload(
             request,
@@ -62,12 +63,12 @@ async def create_chain(request: Request, response: Response, chains: Chains) -> 
             max_file_bytes=services.settings.max_upload_bytes,
             idle_timeout_s=services.settings.upload_idle_timeout_s,
         )
-    try:
-        chain, root = await chains.create_from_upload(
-            upload.path, title=upload.fields.get("title"), filename=upload.filename
-        )
-    finally:
-        await anyio.Path(upload.path).unlink(missing_ok=True)
+        try:
+            chain, root = await chains.create_from_upload(
+                upload.path, title=upload.fields.get("title"), filename=upload.filename
+            )
+        finally:
+            await anyio.Path(upload.path).unlink(missing_ok=True)
     response.headers["Location"] = f"/api/chains/{chain.id}"
     return ChainCreated(chain=ChainOut.of(chain), root=NodeOut.of(root))
 

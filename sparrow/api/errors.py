@@ -18,7 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from sparrow.api.schemas import ErrorOut
-from sparrow.errors import Overloaded, PayloadTooLarge, RequestTimeout, SparrowError
+from sparrow.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    RequestTimeout,
+    SparrowError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ async def _sparrow_error(_: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, RangeNotSatisfiable):
+        headers = {"Content-Range": f"bytes */{exc.size}"}
     elif isinstance(exc, PayloadTooLarge | RequestTimeout):
         # The rest of the body will not be read: end the connection rather than drain it.
         headers = {"Connection": "close"}
@@ -111,8 +119,8 @@ _DESCRIPTIONS = {
     415: "The upload is not audio that FFmpeg can read.",
     416: "The requested byte range is outside the file.",
     422: "The request or the uploaded audio is invalid.",
-    429: "The queue is full; retry after `Retry-After` seconds.",
-    503: "The engine cannot run.",
+    429: "Too busy; retry after `Retry-After` seconds.",
+    503: "A component (engine, FFmpeg or the database) cannot be used right now.",
 }
 
 

@@ -15,12 +15,13 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
-    JSONResponse,
     MalformedRangeHeader,
     RangeNotSatisfiable,
     Response,
 )
 from starlette.types import Receive, Scope, Send
+
+from sparrow.errors import RangeNotSatisfiable as RangeOutsideFile
 
 CACHE_CONTROL = "private, max-age=86400"
 
@@ -37,17 +38,11 @@ class _RangeAwareFileResponse(FileResponse):
                     **scope,
                     "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"],
                 }
-            except RangeNotSatisfiable:
-                response = JSONResponse(
-                    {
-                        "error": "range_not_satisfiable",
-                        "detail": f"The file has {size} bytes; the requested range is outside it.",
-                    },
-                    status_code=416,
-                    headers={"Content-Range": f"bytes */{size}"},
-                )
-                await response(scope, receive, send)
-                return
+            except RangeNotSatisfiable as exc:
+                # Rendered by the API's error handler (the response has not started).
+                raise RangeOutsideFile(
+                    f"The file has {size} bytes; the requested range is outside it.", size
+                ) from exc
         await super().__call__(scope, receive, send)
 
 

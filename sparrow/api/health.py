@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from sparrow.api.deps import get_services
 from sparrow.api.schemas import Health, Readiness
+from sparrow.audio import ffmpeg_available
 
 router = APIRouter(tags=["health"])
 
@@ -18,12 +19,15 @@ async def healthz() -> Health:
 
 @router.get(
     "/readyz",
-    summary="Readiness: the database is open and answers",
+    summary="Readiness: the database answers and FFmpeg can be run",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    checks = {"database": await get_services(request).db.ping()}
+    checks = {
+        "database": await get_services(request).db.ping(),
+        "ffmpeg": ffmpeg_available(),
+    }
     ready = all(checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

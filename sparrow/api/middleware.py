@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sparrow.api.errors import error_response
 from sparrow.errors import PayloadTooLarge
 
 JSON_BODY_LIMIT = 64 * 1024
@@ -26,10 +25,8 @@ JSON_BODY_LIMIT = 64 * 1024
 
 def too_large_response(detail: str) -> JSONResponse:
     # Connection: close, so the server stops reading a body it has refused.
-    return JSONResponse(
-        {"error": PayloadTooLarge.code, "detail": detail},
-        status_code=PayloadTooLarge.status_code,
-        headers={"Connection": "close"},
+    return error_response(
+        PayloadTooLarge.status_code, PayloadTooLarge.code, detail, {"Connection": "close"}
     )
 
 
@@ -116,10 +113,5 @@ class JSONCORSMiddleware(CORSMiddleware):
         headers = {
             k: v for k, v in response.headers.items() if k not in {"content-length", "content-type"}
         }
-        body = {"error": "invalid_input", "detail": f"CORS preflight refused: {reason}."}
-        return Response(
-            json.dumps(body),
-            status_code=response.status_code,
-            headers=headers,
-            media_type="application/json",
-        )
+        detail = f"CORS preflight refused: {reason}."
+        return error_response(response.status_code, "invalid_input", detail, headers)

@@ -13,11 +13,9 @@ from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
 from sparrow.api.schemas import Discarded, NodeOut, Peaks, SpineChange, SpineOut
 from sparrow.audio import compute_peaks
-from sparrow.errors import InvalidInput
 
 router = APIRouter(tags=["nodes"])
 
-MAX_PEAK_PIXELS = 2_000_000
 MAX_SAMPLES_PER_PIXEL = 2**24
 
 
@@ -106,25 +104,19 @@ async def node_peaks(
     samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
 ) -> Response:
-    if pixels_per_second is not None and samples_per_pixel is not None:
-        raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
-    node, path = await chains.audio_file(node_id)
-    sample_rate = node.sample_rate or 1
-    if pixels_per_second is not None:
-        spp = max(2, sample_rate // pixels_per_second)
-    else:
-        spp = samples_per_pixel or 256
-    if (node.frames or 0) / spp > MAX_PEAK_PIXELS:
-        raise InvalidInput(
-            f"That zoom gives more than {MAX_PEAK_PIXELS} pixels; use fewer pixels per second."
-        )
+    node, path, spp = await chains.peaks_source(
+        node_id,
+        pixels_per_second=pixels_per_second,
+        samples_per_pixel=samples_per_pixel,
+        split_channels=split_channels,
+    )
     etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
 
     def render() -> bytes:
-        # Computed and serialized off the event loop: a long clip has millions of values.
+        # In a worker thread; the size is bounded by ChainService.peaks_source.
         peaks = compute_peaks(path, samples_per_pixel=spp, split_channels=split_channels)
         return json.dumps(peaks, separators=(",", ":")).encode()
 

@@ -78,7 +78,10 @@ class ChainDetail(BaseModel):
 
 class ChainPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=200)
+    title: str = Field(
+        description="At most 200 characters once control characters become spaces and "
+        "runs of spaces collapse; not empty."
+    )
 
 
 class SpineEntryOut(BaseModel):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -23,12 +24,12 @@ from sparrow.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
-    SparrowError,
 )
 
 FIELD_MAX_BYTES = 4096  # for the small text fields (title)
 KNOWN_FIELDS = ("file", "title")
 MAX_PARTS = 8
+MAX_BOUNDARY = 70  # RFC 2046
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries, part headers and small fields
 
 
@@ -57,7 +58,6 @@ class UploadSlots:
 class ReceivedUpload:
     path: Path
     filename: str | None
-    bytes: int
     fields: dict[str, str]
 
 
@@ -155,8 +155,11 @@ async def receive_upload(
     """
     mb_limit = max_file_bytes / 1_000_000
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+    boundary = options.get(b"boundary", b"")
+    if content_type != b"multipart/form-data" or not boundary:
         raise InvalidInput("Send the clip as multipart/form-data with a 'file' field.")
+    if len(boundary) > MAX_BOUNDARY:
+        raise InvalidInput(f"The multipart boundary is longer than {MAX_BOUNDARY} characters.")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_file_bytes + ENVELOPE_BYTES:
         raise PayloadTooLarge(f"The upload is larger than the {mb_limit:g} MB limit.")
@@ -165,7 +168,7 @@ async def receive_upload(
     try:
         async with await anyio.open_file(dest, "wb") as out:
             parser = MultipartParser(
-                options[b"boundary"],
+                boundary,
                 {
                     "on_part_begin": receiver.on_part_begin,
                     "on_part_data": receiver.on_part_data,
@@ -187,6 +190,8 @@ async def receive_upload(
                     if receiver.pending:
                         await out.write(b"".join(receiver.pending))
                         receiver.pending.clear()
+                    if parser.state == MultipartState.END:
+                        break  # an epilogue after the closing boundary is not read
                 parser.finalize()
             except TimeoutError as exc:
                 raise RequestTimeout(
@@ -194,9 +199,7 @@ async def receive_upload(
                 ) from exc
             except ClientDisconnect as exc:
                 raise InvalidInput("The client went away before the upload finished.") from exc
-            except SparrowError:
-                raise
-            except Exception as exc:  # python-multipart's parse errors
+            except FormParserError as exc:
                 raise InvalidInput("The multipart body is malformed.") from exc
     except BaseException:
         await anyio.Path(dest).unlink(missing_ok=True)
@@ -210,6 +213,4 @@ async def receive_upload(
     if problem:
         await anyio.Path(dest).unlink(missing_ok=True)
         raise InvalidInput(problem)
-    return ReceivedUpload(
-        path=dest, filename=receiver.filename, bytes=receiver.file_bytes, fields=receiver.fields
-    )
+    return ReceivedUpload(path=dest, filename=receiver.filename, fields=receiver.fields)

@@ -10,9 +10,9 @@ with three bounds, because the input is whatever a client uploaded:
 
 - wall clock: past ``deadline`` the process is killed, reaped, and
   ``FFmpegTimeout`` is raised;
-- memory and CPU: ``RLIMIT_AS`` and ``RLIMIT_CPU`` are set in the child before
-  ``exec`` (and ``RLIMIT_CORE`` to 0), so a decoder bomb fails inside FFmpeg
-  instead of taking the server down;
+- memory and CPU: address-space and CPU limits (and no core files) are set by
+  ``sh``'s ``ulimit`` just before it ``exec``s FFmpeg, so a decoder bomb fails
+  inside FFmpeg instead of taking the server down;
 - output: stderr is drained to the end (a full pipe would stall FFmpeg) but only
   its first ``STDERR_LIMIT`` bytes are kept.
 
@@ -32,6 +32,8 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sparrow.errors import EngineUnavailable
+
 MEMORY_LIMIT_BYTES = 2 << 30
 STDERR_LIMIT = 256 << 10
 _READ_CHUNK = 64 << 10
@@ -41,8 +43,8 @@ class FFmpegTimeout(Exception):
     """FFmpeg ran past its deadline and was killed."""
 
 
-class FFmpegNotFound(RuntimeError):
-    """No FFmpeg binary could be found (a deployment problem, not bad input)."""
+class FFmpegNotFound(EngineUnavailable):
+    """No FFmpeg binary could be run: a deployment problem (503), not bad input."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,14 @@ def ffmpeg_exe() -> str:
     if override:
         return override
     return _default_ffmpeg()
+
+
+def ffmpeg_available() -> bool:
+    """Whether the FFmpeg binary ``ffmpeg_exe()`` names can be found and run."""
+    try:
+        return shutil.which(ffmpeg_exe()) is not None
+    except FFmpegNotFound:
+        return False
 
 
 @functools.cache
@@ -85,10 +95,25 @@ def _capped(kind: int, wanted: int) -> tuple[int, int]:
     return wanted, wanted
 
 
-def _set_limits(limits: tuple[tuple[int, tuple[int, int]], ...]) -> None:
-    # Runs in the child between fork and exec: no allocation-heavy work here.
-    for kind, values in limits:
-        resource.setrlimit(kind, values)
+def _decoder_env() -> dict[str, str]:
+    # A minimal environment for a process that reads hostile input. glibc reserves
+    # 64 MiB of address space per malloc arena, up to 8 per core: without a cap,
+    # thread count alone can hit the memory limit. LC_ALL=C keeps the messages
+    # that probing parses in one language.
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MALLOC_ARENA_MAX": "2", "LC_ALL": "C"}
+
+
+def _limited(argv: Sequence[str], *, memory_bytes: int, cpu_s: int) -> list[str]:
+    """``argv`` run under ``sh``'s ulimit: limits set in the child without ``preexec_fn``.
+
+    ``preexec_fn`` is unsafe in a threaded process (aiosqlite and the thread pool
+    run here) and forces a full fork; ``sh -c 'ulimit …; exec'`` needs neither.
+    """
+    memory_kib = _capped(resource.RLIMIT_AS, memory_bytes)[0] // 1024
+    cpu = _capped(resource.RLIMIT_CPU, cpu_s)[0]
+    # A decoder killed by a limit must not leave core files behind.
+    script = f'ulimit -c 0 && ulimit -t {cpu} && ulimit -v {memory_kib} && exec "$0" "$@"'
+    return ["/bin/sh", "-c", script, *argv]
 
 
 async def run_ffmpeg(
@@ -110,26 +135,27 @@ async def run_ffmpeg(
     # The wall-clock kill is what bounds time; the CPU limit is a backstop should
     # the kill be missed, loose enough for FFmpeg's few pipeline threads.
     cpu_s = math.ceil(2 * remaining) + 1
-    limits = (
-        (resource.RLIMIT_AS, _capped(resource.RLIMIT_AS, memory_bytes)),
-        (resource.RLIMIT_CPU, _capped(resource.RLIMIT_CPU, cpu_s)),
-        # A decoder killed by a limit must not leave core files behind.
-        (resource.RLIMIT_CORE, (0, 0)),
-    )
+    exe = shutil.which(ffmpeg_exe())
+    if exe is None:
+        raise FFmpegNotFound(f"FFmpeg is not available: {ffmpeg_exe()} cannot be run.")
     try:
         proc = await asyncio.create_subprocess_exec(
-            ffmpeg_exe(),
-            *args,
+            *_limited([exe, *args], memory_bytes=memory_bytes, cpu_s=cpu_s),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=functools.partial(_set_limits, limits),
-            # glibc reserves 64 MiB of address space per malloc arena, up to
-            # 8 per core: without a cap, thread count alone can hit RLIMIT_AS.
-            env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+            # A minimal environment for a process that reads hostile input. glibc
+            # reserves 64 MiB of address space per malloc arena, up to 8 per core:
+            # without a cap, thread count alone can hit the memory limit. LC_ALL=C
+            # keeps the messages that probing parses in one language.
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "MALLOC_ARENA_MAX": "2",
+                "LC_ALL": "C",
+            },
         )
     except OSError as exc:
-        raise FFmpegNotFound(f"Cannot run FFmpeg ({ffmpeg_exe()}): {exc}") from exc
+        raise FFmpegNotFound(f"FFmpeg is not available: cannot run {exe} ({exc}).") from exc
     try:
         stderr = await asyncio.wait_for(_collect(proc), timeout=deadline - loop.time())
     except TimeoutError:

@@ -21,9 +21,6 @@ from dataclasses import dataclass
 _INPUT = re.compile(r"^Input #0, (?P<format>[^\s,][^\n]*?), from '", re.M)
 _DURATION = re.compile(r"^  Duration: (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)", re.M)
 _AUDIO = re.compile(r"^(?:  |    )Stream #0:\d+\S*: Audio: (?P<desc>[^\n]*)$", re.M)
-_ANY_STREAM = re.compile(
-    r"^(?:  |    )Stream #0:\d+\S*: (?:Video|Audio|Subtitle|Data|Attachment): ", re.M
-)
 _LOW_SCORE = re.compile(r"detected only with low score of \d+, misdetection possible")
 _RATE = re.compile(r"^(\d+) Hz$")
 _CHANNELS = re.compile(r"^(\d+) channels\b")
@@ -70,7 +67,6 @@ class Probe:
     """FFmpeg guessed the format with a low score and warned about misdetection."""
     duration_s: float | None
     audio: AudioStream | None
-    has_streams: bool
 
 
 def parse_probe(stderr: str) -> Probe:
@@ -83,7 +79,6 @@ def parse_probe(stderr: str) -> Probe:
         low_score=bool(_LOW_SCORE.search(stderr)),
         duration_s=_seconds(duration) if duration else None,
         audio=_parse_audio(audio.group("desc")) if fmt and audio else None,
-        has_streams=bool(_ANY_STREAM.search(stderr)),
     )
 
 

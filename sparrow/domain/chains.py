@@ -27,6 +27,8 @@ from sparrow.settings import Settings
 from sparrow.store import ChainStore
 
 TITLE_MAX = 200
+DEFAULT_SAMPLES_PER_PIXEL = 256  # audiowaveform's default zoom
+MAX_PEAK_VALUES = 1_000_000  # pixels × channels in one peaks answer
 
 
 class ChainService:
@@ -45,8 +47,8 @@ class ChainService:
         chain_title = choose_title(title, filename)  # refused before any decoding work
         chain_id, node_id = new_id(), new_id()
         dst = self.media.node_audio(chain_id, node_id)
-        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.media.make_chain_dir(chain_id)
             async with self._decode_slots:
                 decoded = await decode_upload(
                     upload,
@@ -169,6 +171,32 @@ class ChainService:
             # Deleted between the row read and now (discard racing a download).
             raise NotFound(f"There is no node {shown(node_id)}.")
         return node, path
+
+    async def peaks_source(
+        self,
+        node_id: str,
+        *,
+        pixels_per_second: int | None,
+        samples_per_pixel: int | None,
+        split_channels: bool,
+    ) -> tuple[Node, Path, int]:
+        """The ready node, its file, and the samples per pixel of the asked-for zoom."""
+        if pixels_per_second is not None and samples_per_pixel is not None:
+            raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
+        node, path = await self.audio_file(node_id)
+        if not node.sample_rate or node.frames is None or not node.channels:
+            raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug, not input
+        if pixels_per_second is not None:
+            # As audiowaveform computes it: whole samples per pixel, rounded down.
+            spp = max(2, node.sample_rate // pixels_per_second)
+        else:
+            spp = samples_per_pixel or DEFAULT_SAMPLES_PER_PIXEL
+        series = node.channels if split_channels else 1
+        if -(-node.frames // spp) * series > MAX_PEAK_VALUES:
+            raise InvalidInput(
+                f"That zoom gives more than {MAX_PEAK_VALUES} peaks; use fewer pixels per second."
+            )
+        return node, path, spp
 
     async def sweep_orphans(self) -> int:
         return self.media.sweep(await self.store.all_chain_ids(), await self.store.all_node_ids())

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 
+from sparrow.errors import StorageUnavailable
 from sparrow.store.migrations import MIGRATIONS
 
 Row = sqlite3.Row
@@ -55,10 +56,6 @@ class Database:
                 await conn.close()
         self._reader = self._writer = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._writer is not None and self._reader is not None
-
     async def _migrate(self) -> None:
         assert self._writer is not None
         async with self._writer.execute("PRAGMA user_version") as cur:
@@ -70,29 +67,36 @@ class Database:
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
             )
 
-    @property
-    def schema_version(self) -> int:
-        return len(MIGRATIONS)
-
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Run the enclosed writes as one serialized, atomic transaction."""
+        """Run the enclosed writes as one serialized, atomic transaction.
+
+        Whatever fails (a statement, the caller's code, the COMMIT itself), the
+        transaction is rolled back, so the writer is always clean for the next one.
+        """
         if self._writer is None:
-            raise RuntimeError("database is not open")
+            raise StorageUnavailable("The database is not open.")
+        writer = self._writer
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await writer.execute("BEGIN IMMEDIATE")
+                yield writer
+                await writer.execute("COMMIT")
+            except BaseException as exc:
+                if writer.in_transaction:
+                    await writer.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise _unavailable(exc) from exc
                 raise
-            await self._writer.execute("COMMIT")
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         if self._reader is None:
-            raise RuntimeError("database is not open")
-        async with self._reader.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+            raise StorageUnavailable("The database is not open.")
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
 
     async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         rows = await self.fetchall(sql, params)
@@ -101,6 +105,11 @@ class Database:
     async def ping(self) -> bool:
         try:
             await self.fetchone("SELECT 1")
-        except (sqlite3.Error, RuntimeError, ValueError):
+        except (StorageUnavailable, sqlite3.Error, ValueError):
             return False
         return True
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> StorageUnavailable:
+    # Disk full, I/O error, a lock held too long: the server's trouble, not the client's.
+    return StorageUnavailable(f"The database cannot be used right now ({exc}); try again later.")
