@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     demucs_repo: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
+    ffmpeg: str | None = Field(
+        default=None, description="FFmpeg binary; default: ffmpeg on PATH, else the bundled one"
+    )
+
     # Security.
     auth: Literal["off", "on"] = "off"
 

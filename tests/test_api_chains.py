@@ -11,8 +11,10 @@ import pytest
 from fastapi import FastAPI
 from helpers import SAMPLE, add_child, services, upload
 
+from sparrow.api import create_app
 from sparrow.audio import read_wav_info
 from sparrow.domain.models import NodeStatus
+from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -259,15 +261,16 @@ async def test_health_and_readiness(client: httpx.AsyncClient, app: FastAPI) -> 
     }
 
 
-async def test_missing_ffmpeg_is_503_not_a_client_error(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("SPARROW_FFMPEG", str(tmp_path / "no-such-ffmpeg"))
-    ready = await client.get("/readyz")
-    assert ready.status_code == 503
-    assert ready.json()["checks"] == {"database": True, "ffmpeg": False}
-    assert_error(await upload(client, SAMPLE), 503, "engine_unavailable")
-    assert (await client.get("/api/chains")).json()["total"] == 0
+async def test_missing_ffmpeg_is_503_not_a_client_error(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, ffmpeg=str(tmp_path / "no-such-ffmpeg")))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"] == {"database": True, "ffmpeg": False}
+            assert_error(await upload(client, SAMPLE), 503, "engine_unavailable")
+            assert (await client.get("/api/chains")).json()["total"] == 0
 
 
 async def test_method_not_allowed_is_json(client: httpx.AsyncClient) -> None:

@@ -222,15 +222,17 @@ async def test_timeout_kills_ffmpeg_and_leaves_nothing(tmp_path: Path) -> None:
 
 
 async def test_hung_ffmpeg_is_killed_at_the_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: dict[str, GoodUpload]
+    tmp_path: Path, good: dict[str, GoodUpload]
 ) -> None:
-    monkeypatch.setenv("SPARROW_FFMPEG", str(_fake_ffmpeg(tmp_path, "exec sleep 30")))
+    fake = str(_fake_ffmpeg(tmp_path, "exec sleep 30"))
     out = tmp_path / "out"
     out.mkdir()
     started = time.monotonic()
 
     with pytest.raises(InvalidInput, match=r"^Decoding took longer than 0\.5 s"):
-        await decode_upload(good["flac_16"].path, out / "n.wav", max_duration_s=60, timeout_s=0.5)
+        await decode_upload(
+            good["flac_16"].path, out / "n.wav", max_duration_s=60, timeout_s=0.5, ffmpeg=fake
+        )
 
     assert time.monotonic() - started < 5
     assert _names(out) == []
@@ -238,13 +240,15 @@ async def test_hung_ffmpeg_is_killed_at_the_deadline(
 
 
 async def test_cancelled_decode_leaves_no_process_or_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: dict[str, GoodUpload]
+    tmp_path: Path, good: dict[str, GoodUpload]
 ) -> None:
-    monkeypatch.setenv("SPARROW_FFMPEG", str(_fake_ffmpeg(tmp_path, "exec sleep 30")))
+    fake = str(_fake_ffmpeg(tmp_path, "exec sleep 30"))
     out = tmp_path / "out"
     out.mkdir()
     task = asyncio.create_task(
-        decode_upload(good["flac_16"].path, out / "n.wav", max_duration_s=60, timeout_s=60)
+        decode_upload(
+            good["flac_16"].path, out / "n.wav", max_duration_s=60, timeout_s=60, ffmpeg=fake
+        )
     )
     await asyncio.sleep(0.3)
     task.cancel()
@@ -254,32 +258,30 @@ async def test_cancelled_decode_leaves_no_process_or_file(
     assert _children() == []
 
 
-async def test_flood_of_stderr_is_drained_and_capped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_flood_of_stderr_is_drained_and_capped(tmp_path: Path) -> None:
     flood = "head -c 20000000 /dev/zero | tr '\\0' 'x' >&2; exit 1"
-    monkeypatch.setenv("SPARROW_FFMPEG", str(_fake_ffmpeg(tmp_path, flood)))
+    fake = str(_fake_ffmpeg(tmp_path, flood))
     loop = asyncio.get_running_loop()
 
-    result = await run_ffmpeg([], deadline=loop.time() + 20)
+    result = await run_ffmpeg([], deadline=loop.time() + 20, ffmpeg=fake)
 
     assert result.returncode == 1
     assert len(result.stderr) == 256 * 1024
 
 
-async def test_ffmpeg_runs_under_memory_and_cpu_limits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    script = _fake_ffmpeg(tmp_path, "ulimit -v >&2; ulimit -t >&2; ulimit -c >&2")
-    monkeypatch.setenv("SPARROW_FFMPEG", str(script))
+async def test_ffmpeg_runs_under_memory_and_cpu_limits(tmp_path: Path) -> None:
+    script = _fake_ffmpeg(tmp_path, "ulimit -v >&2; ulimit -t >&2; ulimit -c >&2; env >&2")
     loop = asyncio.get_running_loop()
 
-    result = await run_ffmpeg([], deadline=loop.time() + 10)
+    result = await run_ffmpeg([], deadline=loop.time() + 10, ffmpeg=str(script))
 
-    memory_kib, cpu_s, core = result.stderr.split()
+    memory_kib, cpu_s, core, *environment = result.stderr.split()
     assert int(memory_kib) == 2 * 1024 * 1024
     assert 1 <= int(cpu_s) <= 21
     assert core == "0"
+    # A minimal environment: nothing of the server's reaches the decoder.
+    names = {line.split("=", 1)[0] for line in environment}
+    assert names <= {"PATH", "MALLOC_ARENA_MAX", "LC_ALL", "PWD", "SHLVL", "_", "OLDPWD"}
 
 
 async def test_concurrent_decodes(good: dict[str, GoodUpload], tmp_path: Path) -> None:

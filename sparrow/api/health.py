@@ -24,9 +24,10 @@ async def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
 async def readyz(request: Request) -> JSONResponse:
+    services = get_services(request)
     checks = {
-        "database": await get_services(request).db.ping(),
-        "ffmpeg": ffmpeg_available(),
+        "database": await services.db.ping(),
+        "ffmpeg": ffmpeg_available(services.settings.ffmpeg),
     }
     ready = all(checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)

@@ -106,13 +106,14 @@ class _Plan:
 
 
 async def decode_upload(
-    src: Path, dst: Path, *, max_duration_s: float, timeout_s: float
+    src: Path, dst: Path, *, max_duration_s: float, timeout_s: float, ffmpeg: str | None = None
 ) -> DecodedUpload:
     """Decode the upload at ``src`` into a canonical WAV published at ``dst``.
 
     ``src`` is the raw body on disk (its name is ignored); ``dst`` should end in
     ``.wav`` and its folder must exist. ``timeout_s`` bounds the wall-clock time
-    of both FFmpeg runs together. Raises ``InvalidInput`` (422),
+    of both FFmpeg runs together; ``ffmpeg`` names the binary (see
+    ``ffmpeg.ffmpeg_exe``). Raises ``InvalidInput`` (422),
     ``UnsupportedMedia`` (415) or ``PayloadTooLarge`` (413) for bad input, as
     listed in the module docstring.
     """
@@ -122,12 +123,13 @@ async def decode_upload(
     kind = sniff(head, complete=size <= len(head))
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline)
+        probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)
         probe = parse_probe(probe_run.stderr)
         stream, plan = _plan(probe, kind, probe_run.stderr)
         tmp = temp_path_for(dst)
         try:
-            run = await run_ffmpeg(_decode_args(src, tmp, plan, max_duration_s), deadline=deadline)
+            args = _decode_args(src, tmp, plan, max_duration_s)
+            run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
             if run.returncode != 0:
                 raise _cannot_decode(kind, probe, _short_reason(run.stderr))
             info = await _finish_in_thread(tmp, dst, probe, kind, max_duration_s)

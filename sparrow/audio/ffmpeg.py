@@ -1,7 +1,7 @@
 """Finding the FFmpeg binary and running it on untrusted input.
 
-``ffmpeg_exe()`` picks the binary: ``$SPARROW_FFMPEG`` when set (read on every
-call, so tests and operators can point at another build), else ``ffmpeg`` on
+``ffmpeg_exe(configured)`` picks the binary: the configured one
+(``Settings.ffmpeg``, ``SPARROW_FFMPEG``) when given, else ``ffmpeg`` on
 ``PATH``, else the static binary shipped in the ``imageio-ffmpeg`` wheel — so a
 plain ``pip install`` always has one.
 
@@ -54,22 +54,19 @@ class FFmpegResult:
     """The first ``STDERR_LIMIT`` bytes of stderr, decoded leniently."""
 
 
-def ffmpeg_exe() -> str:
-    """Path of the FFmpeg binary to run.
+def ffmpeg_exe(configured: str | None = None) -> str:
+    """Path (or name) of the FFmpeg binary to run.
 
-    ``$SPARROW_FFMPEG`` wins when set; otherwise the first lookup of ``ffmpeg``
-    on ``PATH`` / the bundled binary is cached for the life of the process.
+    ``configured`` wins when given; otherwise the first lookup of ``ffmpeg`` on
+    ``PATH`` / the bundled binary is cached for the life of the process.
     """
-    override = os.environ.get("SPARROW_FFMPEG")
-    if override:
-        return override
-    return _default_ffmpeg()
+    return configured or _default_ffmpeg()
 
 
-def ffmpeg_available() -> bool:
-    """Whether the FFmpeg binary ``ffmpeg_exe()`` names can be found and run."""
+def ffmpeg_available(configured: str | None = None) -> bool:
+    """Whether the FFmpeg binary ``ffmpeg_exe(configured)`` names can be found and run."""
     try:
-        return shutil.which(ffmpeg_exe()) is not None
+        return shutil.which(ffmpeg_exe(configured)) is not None
     except FFmpegNotFound:
         return False
 
@@ -121,6 +118,7 @@ async def run_ffmpeg(
     *,
     deadline: float,
     memory_bytes: int = MEMORY_LIMIT_BYTES,
+    ffmpeg: str | None = None,
 ) -> FFmpegResult:
     """Run ``ffmpeg *args`` with stdin and stdout closed; collect (capped) stderr.
 
@@ -135,9 +133,9 @@ async def run_ffmpeg(
     # The wall-clock kill is what bounds time; the CPU limit is a backstop should
     # the kill be missed, loose enough for FFmpeg's few pipeline threads.
     cpu_s = math.ceil(2 * remaining) + 1
-    exe = shutil.which(ffmpeg_exe())
+    exe = shutil.which(ffmpeg_exe(ffmpeg))
     if exe is None:
-        raise FFmpegNotFound(f"FFmpeg is not available: {ffmpeg_exe()} cannot be run.")
+        raise FFmpegNotFound(f"FFmpeg is not available: {ffmpeg_exe(ffmpeg)} cannot be run.")
     try:
         proc = await asyncio.create_subprocess_exec(
             *_limited([exe, *args], memory_bytes=memory_bytes, cpu_s=cpu_s),

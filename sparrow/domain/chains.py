@@ -55,6 +55,7 @@ class ChainService:
                     dst,
                     max_duration_s=self.settings.max_upload_s,
                     timeout_s=self.settings.decode_timeout_s,
+                    ffmpeg=self.settings.ffmpeg,
                 )
             info = decoded.info
             now = utc_now()
