@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,10 +20,10 @@ from sparrow.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-async def make_chain(client: httpx.AsyncClient, title: str | None = None) -> dict[str, object]:
+async def make_chain(client: httpx.AsyncClient, title: str | None = None) -> dict[str, Any]:
     response = await upload(client, SAMPLE, title=title)
     assert response.status_code == 201, response.text
-    body: dict[str, object] = response.json()
+    body: dict[str, Any] = response.json()
     return body
 
 
@@ -62,9 +63,9 @@ async def test_list_newest_first_with_paging(client: httpx.AsyncClient) -> None:
 
 async def test_get_rename_delete(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
-    chain_id = body["chain"]["id"]  # type: ignore[index]
+    chain_id = body["chain"]["id"]
     got = (await client.get(f"/api/chains/{chain_id}")).json()
-    assert [n["id"] for n in got["nodes"]] == [body["root"]["id"]]  # type: ignore[index]
+    assert [n["id"] for n in got["nodes"]] == [body["root"]["id"]]
 
     renamed = await client.patch(f"/api/chains/{chain_id}", json={"title": "  Night  drive "})
     assert renamed.status_code == 200
@@ -89,7 +90,7 @@ async def test_get_rename_delete(client: httpx.AsyncClient, app: FastAPI) -> Non
     assert not chain_dir.exists()
     assert_error(await client.get(f"/api/chains/{chain_id}"), 404, "not_found")
     assert_error(await client.delete(f"/api/chains/{chain_id}"), 404, "not_found")
-    assert_error(await client.get(f"/api/nodes/{body['root']['id']}"), 404, "not_found")  # type: ignore[index]
+    assert_error(await client.get(f"/api/nodes/{body['root']['id']}"), 404, "not_found")
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ async def test_unknown_ids_are_404_json(client: httpx.AsyncClient, path: str) ->
 
 async def test_spine_commit_uncommit_discard(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
-    chain_id, root_id = body["chain"]["id"], body["root"]["id"]  # type: ignore[index]
+    chain_id, root_id = body["chain"]["id"], body["root"]["id"]
     a = await add_child(app, root_id, seconds=1.0)
     b = await add_child(app, a.id, seconds=2.0)
     a2 = await add_child(app, root_id, seconds=0.5)
@@ -166,13 +167,13 @@ async def test_spine_commit_uncommit_discard(client: httpx.AsyncClient, app: Fas
 
 async def test_audio_range_etag_head(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
-    root_id = body["root"]["id"]  # type: ignore[index]
+    root_id = body["root"]["id"]
     url = f"/api/nodes/{root_id}/audio"
     full = await client.get(url)
     assert full.status_code == 200
     assert full.headers["content-type"] == "audio/wav"
     assert full.headers["accept-ranges"] == "bytes"
-    path = services(app).media.node_audio(body["chain"]["id"], root_id)  # type: ignore[index]
+    path = services(app).media.node_audio(body["chain"]["id"], root_id)
     assert full.content == path.read_bytes()
     assert read_wav_info(path).frames == 8 * 44100
     etag = full.headers["etag"]
@@ -208,14 +209,14 @@ async def test_audio_of_a_node_that_is_not_ready_is_409(
     client: httpx.AsyncClient, app: FastAPI
 ) -> None:
     body = await make_chain(client)
-    queued = await add_child(app, body["root"]["id"], status=NodeStatus.QUEUED)  # type: ignore[index]
+    queued = await add_child(app, body["root"]["id"], status=NodeStatus.QUEUED)
     assert_error(await client.get(f"/api/nodes/{queued.id}/audio"), 409, "conflict")
     assert_error(await client.get(f"/api/nodes/{queued.id}/peaks"), 409, "conflict")
 
 
 async def test_peaks(client: httpx.AsyncClient) -> None:
     body = await make_chain(client)
-    url = f"/api/nodes/{body['root']['id']}/peaks"  # type: ignore[index]
+    url = f"/api/nodes/{body['root']['id']}/peaks"
     default = await client.get(url)
     assert default.status_code == 200
     peaks = default.json()
@@ -329,7 +330,7 @@ async def test_commit_racing_discard_never_breaks_the_spine(
 ) -> None:
     """Either the commit wins (the discard is then a 409) or the discard does (404)."""
     body = await make_chain(client)
-    chain_id, root_id = body["chain"]["id"], body["root"]["id"]  # type: ignore[index]
+    chain_id, root_id = body["chain"]["id"], body["root"]["id"]
     pairs = []
     for _ in range(40):
         x = await add_child(app, root_id, seconds=0.1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from sparrow.api.deps import Chains
 from sparrow.api.errors import responses
@@ -120,5 +120,5 @@ async def node_peaks(
         peaks = compute_peaks(path, samples_per_pixel=spp, split_channels=split_channels)
         return json.dumps(peaks, separators=(",", ":")).encode()
 
-    body = await run_in_threadpool(render)
+    body = await anyio.to_thread.run_sync(render)
     return Response(body, media_type="application/json", headers=headers)
