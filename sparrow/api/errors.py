@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
+from sparrow.api.routing import serves
 from sparrow.api.schemas import ErrorOut
 from sparrow.errors import (
     Overloaded,
@@ -87,11 +87,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    allowed = []
-    for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"):
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
-            allowed.append(method)
+    methods = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+    allowed = [m for m in methods if serves(request.app, request.scope, m)]
     if "GET" in allowed and "HEAD" not in allowed:
         allowed.insert(allowed.index("GET") + 1, "HEAD")  # HeadMiddleware serves it
     return allowed

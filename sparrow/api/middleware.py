@@ -14,10 +14,10 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparrow.api.errors import error_response
+from sparrow.api.routing import serves
 from sparrow.errors import PayloadTooLarge
 
 JSON_BODY_LIMIT = 64 * 1024
@@ -82,7 +82,11 @@ class HeadMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD" or _has_head_route(scope):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "HEAD"
+            or serves(scope["app"], scope, "HEAD")
+        ):
             await self.app(scope, receive, send)
             return
 
@@ -92,16 +96,6 @@ class HeadMiddleware:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
-
-
-def _has_head_route(scope: Scope) -> bool:
-    app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", ()):
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return True
-    return False
 
 
 class JSONCORSMiddleware(CORSMiddleware):

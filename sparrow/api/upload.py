@@ -34,7 +34,7 @@ ENVELOPE_BYTES = 64 * 1024  # multipart boundaries, part headers and small field
 
 
 class UploadSlots:
-    """A bound on uploads being received at once: each holds an open file in ``tmp/``."""
+    """A bound on uploads being received or decoded at once: each holds a file in ``tmp/``."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -44,7 +44,7 @@ class UploadSlots:
     def hold(self) -> Iterator[None]:
         if self.in_use >= self.limit:
             raise Overloaded(
-                f"{self.limit} uploads are already being received; try again shortly.",
+                f"{self.limit} uploads are already being received or decoded; try again shortly.",
                 retry_after_s=2,
             )
         self.in_use += 1
