@@ -17,6 +17,7 @@ stream events). One handler in ``sparrow.api.errors`` renders them as
     ├── RangeNotSatisfiable   416 range_not_satisfiable
     ├── Overloaded            429 overloaded
     ├── EngineUnavailable     503 engine_unavailable
+    ├── GenerationFailed      500 generation_failed   (recorded on a node, never an HTTP answer)
     └── StorageUnavailable    503 storage_unavailable
 
 Errors of the libraries underneath (sqlite, FFmpeg, torch) are translated into
@@ -96,6 +97,16 @@ class Overloaded(SparrowError):
 class EngineUnavailable(SparrowError):
     status_code = 503
     code = "engine_unavailable"
+
+
+class GenerationFailed(SparrowError):
+    """The engine failed while generating (out of memory, a numerical fault …).
+
+    Jobs record it on their nodes as ``error.code``; no route raises it.
+    """
+
+    status_code = 500
+    code = "generation_failed"
 
 
 class StorageUnavailable(SparrowError):

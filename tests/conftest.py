@@ -11,6 +11,7 @@ from corpus import BadUpload, GoodUpload
 from fastapi import FastAPI
 
 from sparrow.api import create_app
+from sparrow.engines.tiny import TinyModels, make_tiny_models
 from sparrow.settings import Settings
 
 
@@ -57,3 +58,9 @@ def good_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GoodUplo
 def bad_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadUpload]:
     """The hostile and broken upload cases, built once per test session."""
     return {c.name: c for c in corpus.make_bad_uploads(tmp_path_factory.mktemp("bad"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Tiny random-weight MusicGen and Demucs models on disk, built once per session."""
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
