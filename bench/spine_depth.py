@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.events import EventHub
 from sparrow.store import ChainStore, Database
 
 
@@ -77,7 +78,7 @@ async def main(depth: int, repeat: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = Database(Path(tmp) / "bench.db")
         await db.open()
-        store = ChainStore(db)
+        store = ChainStore(db, EventHub())
         started = time.perf_counter()
         chain_id, spine, siblings = await build(store, depth)
         print(

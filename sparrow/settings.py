@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     demucs_model: str = "htdemucs"
     demucs_repo: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    preload_model: bool = Field(
+        default=False, description="Load the model at start-up instead of at the first job."
+    )
 
     ffmpeg: str | None = Field(
         default=None, description="FFmpeg binary; default: ffmpeg on PATH, else the bundled one"
@@ -63,6 +66,15 @@ class Settings(BaseSettings):
     )
     max_concurrent_uploads: int = Field(
         default=16, ge=1, description="Uploads received or decoded at once; more get 429."
+    )
+
+    # Events.
+    event_retention: int = Field(
+        default=1000, ge=1, description="Events kept per chain for Last-Event-ID replay."
+    )
+    sse_keepalive_s: float = Field(default=15, gt=0, description="Keepalive comment interval.")
+    sse_queue_limit: int = Field(
+        default=256, ge=2, description="Events buffered per subscriber before it is cut off."
     )
 
     # Also accepted: CF_MUSICGEN_MOCK=1 selects the mock engine.

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from corpus import BadUpload, GoodUpload
 from fastapi import FastAPI
+from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
 from sparrow.engines.tiny import TinyModels, make_tiny_models
@@ -26,6 +27,12 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SPARROW_") or name == "CF_MUSICGEN_MOCK":
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _sse_not_exiting() -> None:
+    """sse-starlette keeps a process-wide exit flag that nothing resets between tests."""
+    AppStatus.should_exit = False
 
 
 @pytest.fixture

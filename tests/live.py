@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
 from sparrow.settings import Settings
@@ -39,5 +40,9 @@ def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        # sse-starlette ends its streams on a process-wide flag (uvicorn's signal
+        # handler sets it in a real server); set it, then reset it for the next test.
+        AppStatus.should_exit = True
         server.should_exit = True
         thread.join(timeout_s)
+        AppStatus.should_exit = False

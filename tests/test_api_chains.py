@@ -258,7 +258,7 @@ async def test_health_and_readiness(client: httpx.AsyncClient, app: FastAPI) -> 
     assert not_ready.status_code == 503
     assert not_ready.json() == {
         "status": "not_ready",
-        "checks": {"database": False, "ffmpeg": True},
+        "checks": {"database": False, "worker": True, "ffmpeg": True},
     }
 
 
@@ -269,7 +269,7 @@ async def test_missing_ffmpeg_is_503_not_a_client_error(tmp_path: Path) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
-            assert ready.json()["checks"] == {"database": True, "ffmpeg": False}
+            assert ready.json()["checks"] == {"database": True, "worker": True, "ffmpeg": False}
             assert_error(await upload(client, SAMPLE), 503, "engine_unavailable")
             assert (await client.get("/api/chains")).json()["total"] == 0
 

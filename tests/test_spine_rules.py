@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sparrow.domain.chains import ChainService
 from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.errors import Conflict, NotFound
+from sparrow.events import EventHub
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter, Database
@@ -56,7 +57,7 @@ class SpineMachine(RuleBasedStateMachine):
         self.run(self.db.open())
         media = MediaStore(self.tmp)
         media.ensure()
-        self.store = ChainStore(self.db)
+        self.store = ChainStore(self.db, EventHub())
         self.service = ChainService(self.store, media, Settings(data_dir=self.tmp))
         # The model: parent, status and committed flag of every live node.
         self.parent: dict[str, str | None] = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparrow.domain.models import Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.events import EventHub
 from sparrow.store import ChainStore, Database
 from sparrow.store.migrations import MIGRATIONS
 
@@ -28,7 +29,7 @@ async def test_migrations_run_once_and_record_the_version(tmp_path: Path) -> Non
 async def test_a_failed_commit_leaves_the_writer_usable(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.db")
     await db.open()
-    store = ChainStore(db)
+    store = ChainStore(db, EventHub())
     now = utc_now()
     orphan = Node(
         id=new_id(),

@@ -1,28 +1,39 @@
 """The application factory and its lifespan.
 
 ``create_app(settings)`` builds nothing until the server starts: the lifespan
-opens the database, sweeps files left by a crash, and hands the services to
-the routes as typed state (``sparrow.api.deps``).
+opens the database, sweeps files left by a crash, ends the work a crash
+interrupted, starts the worker, and hands the services to the routes as typed
+state (``sparrow.api.deps``). On shutdown the worker stops the running job at
+its next decoding step and every event stream ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
 from fastapi import FastAPI
 
 from sparrow import __version__
-from sparrow.api import chains, health, nodes
+from sparrow.api import chains, events, health, nodes, system
 from sparrow.api.errors import install_error_handlers
 from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
 from sparrow.api.upload import UploadSlots
 from sparrow.domain.chains import ChainService
+from sparrow.domain.generation import GenerationService
+from sparrow.domain.models import JobKind
+from sparrow.engines import GenerationEngine, build_engine
+from sparrow.events import EventHub
+from sparrow.jobs import Worker
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, Database
+from sparrow.store.events import EventLog
+from sparrow.store.jobs import JobReads
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,12 @@ class Services:
     db: Database
     media: MediaStore
     chains: ChainService
+    generation: GenerationService
+    engine: GenerationEngine
+    worker: Worker
+    hub: EventHub
+    events: EventLog
+    jobs: JobReads
     uploads: UploadSlots
 
 
@@ -44,21 +61,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.db_path)
+        hub = EventHub(settings.sse_queue_limit)
+        worker: Worker | None = None
+        preloading: set[asyncio.Task[None]] = set()
         try:
             await db.open()
             media = MediaStore(settings.data_dir)
             media.ensure()
-            service = ChainService(ChainStore(db), media, settings)
+            store = ChainStore(db, hub, event_retention=settings.event_retention)
+            engine = build_engine(settings)
+            worker = jobs = Worker(store, {})
+            generation = GenerationService(
+                store,
+                media,
+                engine,
+                settings,
+                wake=jobs.wake,
+                forget=jobs.forget,
+                retry_after_s=lambda: jobs.mean_job_s,
+            )
+            jobs.runners[JobKind.GENERATE] = generation.run
+            service = ChainService(store, media, settings, forget=jobs.forget)
+            await jobs.recover()
             await service.sweep_orphans()
+            jobs.start()
+            if settings.preload_model:
+                preloading.add(asyncio.create_task(_preload(engine)))
             app.state.services = Services(
                 settings=settings,
                 db=db,
                 media=media,
                 chains=service,
+                generation=generation,
+                engine=engine,
+                worker=jobs,
+                hub=hub,
+                events=EventLog(db),
+                jobs=JobReads(db),
                 uploads=UploadSlots(settings.max_concurrent_uploads),
             )
             yield
         finally:
+            hub.close()
+            if worker is not None:
+                await worker.stop()
             await db.close()
 
     app = FastAPI(
@@ -76,7 +122,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chains.router, prefix="/api")
     app.include_router(nodes.router, prefix="/api")
+    app.include_router(events.router, prefix="/api")
+    app.include_router(system.router, prefix="/api")
     return app
+
+
+async def _preload(engine: GenerationEngine) -> None:
+    try:
+        await anyio.to_thread.run_sync(engine.load)
+    except Exception as exc:  # the first job reports it too, on its nodes
+        log.error("the model could not be loaded at start-up: %s", exc)
 
 
 def _install_cors(app: FastAPI, settings: Settings) -> None:

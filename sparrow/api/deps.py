@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from sparrow.domain.chains import ChainService
+from sparrow.domain.generation import GenerationService
 
 if TYPE_CHECKING:
     from sparrow.api.app import Services
@@ -22,3 +23,10 @@ def get_chains(request: Request) -> ChainService:
 
 
 Chains = Annotated[ChainService, Depends(get_chains)]
+
+
+def get_generation(request: Request) -> GenerationService:
+    return get_services(request).generation
+
+
+Generation = Annotated[GenerationService, Depends(get_generation)]

@@ -19,7 +19,7 @@ async def healthz() -> Health:
 
 @router.get(
     "/readyz",
-    summary="Readiness: the database answers and FFmpeg can be run",
+    summary="Readiness: the database answers, the worker runs and FFmpeg can be run",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
@@ -27,6 +27,7 @@ async def readyz(request: Request) -> JSONResponse:
     services = get_services(request)
     checks = {
         "database": await services.db.ping(),
+        "worker": services.worker.alive,
         "ffmpeg": ffmpeg_available(services.settings.ffmpeg),
     }
     ready = all(checks.values())

@@ -1,4 +1,4 @@
-"""Node routes: read, commit, uncommit, discard, audio and waveform peaks."""
+"""Node routes: read, branch, cancel, commit, uncommit, discard, audio and waveform peaks."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from sparrow.api.deps import Chains
+from sparrow.api.deps import Chains, Generation
 from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
-from sparrow.api.schemas import Discarded, NodeOut, Peaks, SpineChange, SpineOut
+from sparrow.api.schemas import (
+    BranchIn,
+    BranchOut,
+    Discarded,
+    NodeOut,
+    Peaks,
+    SpineChange,
+    SpineOut,
+)
 from sparrow.audio import compute_peaks
+from sparrow.domain.generation import BranchRequest
 
 router = APIRouter(tags=["nodes"])
 
@@ -22,6 +31,35 @@ MAX_SAMPLES_PER_PIXEL = 2**24
 @router.get("/nodes/{node_id}", summary="One node", responses=responses(404))
 async def get_node(node_id: str, chains: Chains) -> NodeOut:
     return NodeOut.of(await chains.get_node(node_id))
+
+
+@router.post(
+    "/nodes/{parent_id}/branch",
+    status_code=202,
+    summary="Generate sibling continuations of a ready node",
+    description="Creates `count` continuation nodes under the parent, all `queued`, and "
+    "queues one job that generates them as one batch. Each is conditioned on the last "
+    "`context_s` seconds of the path root→parent and the text prompt; each node's "
+    "`params` record the settings and its own seed. Follow their progress on the chain's "
+    "event stream. 409 if the parent is not ready; 429 with `Retry-After` when the "
+    "queue is full.",
+    responses=responses(404, 409, 422, 429),
+)
+async def branch_node(parent_id: str, body: BranchIn, generation: Generation) -> BranchOut:
+    nodes = await generation.branch(parent_id, BranchRequest(**body.model_dump()))
+    return BranchOut(nodes=[NodeOut.of(n) for n in nodes])
+
+
+@router.post(
+    "/nodes/{node_id}/cancel",
+    summary="Cancel a queued or generating node",
+    description="The node becomes `cancelled` now; a running batch stops within one "
+    "decoding step once none of its nodes is wanted. Idempotent; 409 for a node that "
+    "is ready or failed.",
+    responses=responses(404, 409),
+)
+async def cancel_node(node_id: str, generation: Generation) -> NodeOut:
+    return NodeOut.of(await generation.cancel(node_id))
 
 
 @router.post(

@@ -29,6 +29,10 @@ class ChainOut(BaseModel):
     created_at: str
     updated_at: str
     root_node_id: str
+    last_event_id: int = Field(
+        description="Id of the chain's latest event: open the event stream with "
+        "`?last_event_id=` set to it to receive exactly what happens after this read."
+    )
 
     @classmethod
     def of(cls, chain: Chain) -> ChainOut:
@@ -124,6 +128,55 @@ class Peaks(BaseModel):
     data: list[int] = Field(
         description="min, max per pixel (per channel, interleaved, when split)."
     )
+
+
+class BranchIn(BaseModel):
+    """A branch request. Ranges that depend on the server's limits (``duration_s`` up
+    to ``SPARROW_MAX_BRANCH_S``, ``count`` up to ``SPARROW_MAX_COUNT``) answer 422."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(default="", max_length=2000, description="Text describing the music.")
+    duration_s: float = Field(default=10.0, ge=0.5, description="Seconds of new audio per node.")
+    count: int = Field(default=1, ge=1, description="Sibling alternatives, generated as one batch.")
+    context_s: float = Field(
+        default=10.0, ge=0, le=30, description="Seconds of the path root→parent to continue."
+    )
+    temperature: float = Field(default=1.0, gt=0, le=10)
+    top_k: int = Field(default=250, ge=0, le=10_000, description="0 disables top-k.")
+    top_p: float = Field(default=0.0, ge=0, le=1, description="0 disables top-p.")
+    cfg_coef: float = Field(default=3.0, ge=0, le=30, description="Classifier-free guidance.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed of the first sibling; sibling i gets seed + i. Random if omitted.",
+    )
+
+
+class BranchOut(BaseModel):
+    nodes: list[NodeOut] = Field(description="The new nodes, all `queued`.")
+
+
+class RunningJobOut(BaseModel):
+    job_id: str
+    kind: str
+    chain_id: str
+    node_ids: list[str]
+    progress: float
+    started_at: str | None
+
+
+class GpuOut(BaseModel):
+    engine: str = Field(description="`musicgen` or `mock`.")
+    model: str
+    device: str
+    dtype: str | None
+    loaded: bool
+    vram_total_bytes: int | None = Field(description="Null when the device is not a GPU.")
+    vram_used_bytes: int | None
+    queue_depth: int = Field(description="Jobs waiting.")
+    running: list[RunningJobOut]
 
 
 class Health(BaseModel):

@@ -7,6 +7,7 @@ to change rows, and keeps the files on disk in step with them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import anyio
@@ -22,9 +23,10 @@ from sparrow.domain.models import (
     utc_now,
 )
 from sparrow.errors import Conflict, InvalidInput, NotFound
+from sparrow.events import ChainDeleted, NodesDeleted, SpineChanged
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
-from sparrow.store import ChainStore
+from sparrow.store import ChainStore, ChainWriter
 
 TITLE_MAX = 200
 DEFAULT_SAMPLES_PER_PIXEL = 256  # audiowaveform's default zoom
@@ -32,10 +34,19 @@ MAX_PEAK_VALUES = 1_000_000  # pixels × channels in one peaks answer
 
 
 class ChainService:
-    def __init__(self, store: ChainStore, media: MediaStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: ChainStore,
+        media: MediaStore,
+        settings: Settings,
+        *,
+        forget: Callable[[Collection[str]], None] = lambda node_ids: None,
+    ) -> None:
+        """``forget`` is told the ids of deleted nodes, so that work on them stops."""
         self.store = store
         self.media = media
         self.settings = settings
+        self._forget = forget
         self._decode_slots = asyncio.Semaphore(settings.decode_concurrency)
 
     # -- chains ---------------------------------------------------------------
@@ -110,10 +121,14 @@ class ChainService:
         return chain
 
     async def delete(self, chain_id: str) -> None:
+        """Delete the chain, its nodes, files, events and jobs; its streams end."""
         async with self.store.write() as w:
-            deleted = await w.delete_chain(chain_id)
-        if not deleted:
-            raise NotFound(f"There is no chain {shown(chain_id)}.")
+            if await w.get_chain(chain_id) is None:
+                raise NotFound(f"There is no chain {shown(chain_id)}.")
+            # Emitted first (the log goes with the chain), published once deleted.
+            await w.emit(ChainDeleted(chain_id))
+            node_ids = await w.delete_chain(chain_id) or []
+        self._forget(node_ids)
         await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
 
     # -- nodes and the spine ------------------------------------------------------
@@ -136,7 +151,8 @@ class ChainService:
                 raise Conflict(
                     f"Node {shown(node_id)} is {node.status}; only a ready node can be committed."
                 )
-            await w.commit_path(node.id, node.chain_id)
+            if await w.commit_path(node.id, node.chain_id):
+                await self._spine_changed(w, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def uncommit(self, node_id: str) -> Spine:
@@ -145,8 +161,12 @@ class ChainService:
             node = _found(node_id, await w.get_node(node_id))
             if node.is_root:
                 raise Conflict("The root node is always committed.")
-            await w.uncommit_subtree(node.id, node.chain_id)
+            if await w.uncommit_subtree(node.id, node.chain_id):
+                await self._spine_changed(w, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
+
+    async def _spine_changed(self, w: ChainWriter, chain_id: str) -> None:
+        await w.emit(SpineChanged(chain_id, tuple(await w.spine_ids(chain_id))))
 
     async def discard(self, node_id: str) -> list[str]:
         """Delete the node, its subtree and their files; returns the deleted ids."""
@@ -159,6 +179,8 @@ class ChainService:
                     f"Node {shown(node_id)} is on the spine; uncommit it before discarding it."
                 )
             deleted = await w.delete_subtree(node.id, node.chain_id)
+            await w.emit(NodesDeleted(node.chain_id, tuple(deleted)))
+        self._forget(deleted)
         await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 

@@ -22,6 +22,24 @@ class NodeStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# The lifecycle (SPEC §1): queued → generating → ready | error | cancelled, and a
+# queued node may be cancelled or fail before it starts. No other transitions.
+TRANSITIONS: dict[NodeStatus, frozenset[NodeStatus]] = {
+    NodeStatus.QUEUED: frozenset({NodeStatus.GENERATING, NodeStatus.CANCELLED, NodeStatus.ERROR}),
+    NodeStatus.GENERATING: frozenset({NodeStatus.READY, NodeStatus.ERROR, NodeStatus.CANCELLED}),
+    NodeStatus.READY: frozenset(),
+    NodeStatus.ERROR: frozenset(),
+    NodeStatus.CANCELLED: frozenset(),
+}
+
+ACTIVE = frozenset({NodeStatus.QUEUED, NodeStatus.GENERATING})
+
+
+def sources_of(status: NodeStatus) -> frozenset[NodeStatus]:
+    """The statuses a node may move to ``status`` from."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if status in targets)
+
+
 def new_id() -> str:
     """A random, URL-safe identifier (128 bits)."""
     return secrets.token_hex(16)
@@ -46,6 +64,7 @@ class Chain:
     created_at: str
     updated_at: str
     owner: str | None = None
+    last_event_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class Node:
     params: dict[str, Any] | None = None
     error: NodeError | None = None
     audio_sha256: str | None = None
+    job_id: str | None = None
 
     @property
     def is_root(self) -> bool:
@@ -99,3 +119,20 @@ class Spine:
             entries.append(SpineEntry(node=node, offset_s=offset))
             offset += node.duration_s or 0.0
         return cls(entries)
+
+
+class JobKind(StrEnum):
+    GENERATE = "generate"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Work for the worker: a row from the request until the job ends."""
+
+    id: str
+    chain_id: str
+    kind: JobKind
+    request: dict[str, Any]
+    created_at: str
+    owner: str | None = None
+    started_at: str | None = None

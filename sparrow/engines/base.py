@@ -27,7 +27,7 @@ import numpy.typing as npt
 Audio = npt.NDArray[np.float32]  # (frames, channels)
 
 
-class Cancelled(Exception):  # noqa: N818 - a signal, not a failure
+class Cancelled(Exception):
     """Raised by a progress callback to stop the running batch."""
 
 

@@ -12,15 +12,17 @@ depth of the chain.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiosqlite
 
-from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
-from sparrow.store.db import Database, Row
+from sparrow.domain.models import Chain, Node, utc_now
+from sparrow.events import EventHub, StoredEvent
+from sparrow.store.db import Database
+from sparrow.store.events import EventWrites
+from sparrow.store.jobs import JobWrites
+from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
 
 # The path from a node up to the root, the node included.
 _ANCESTORS = """
@@ -28,6 +30,15 @@ _ANCESTORS = """
         SELECT id, parent_id FROM nodes WHERE id = :node_id
         UNION ALL
         SELECT n.id, n.parent_id FROM nodes AS n JOIN ancestors AS a ON n.id = a.parent_id
+    )
+"""
+
+# The same, with each node's distance from the start.
+_ANCESTORS_DEPTH = """
+    ancestors(id, up, depth) AS (
+        SELECT id, parent_id, 0 FROM nodes WHERE id = :node_id
+        UNION ALL
+        SELECT n.id, n.parent_id, a.depth + 1 FROM nodes AS n JOIN ancestors AS a ON n.id = a.up
     )
 """
 
@@ -55,96 +66,36 @@ def _with(*ctes: str) -> str:
     return "WITH RECURSIVE " + ",".join(ctes)
 
 
-_NODE_COLUMNS = (
-    "id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels, "
-    "frames, prompt, params, error, audio_sha256, created_at, updated_at"
-)
-
-
-_KINDS = {k.value: k for k in NodeKind}
-_STATUSES = {s.value: s for s in NodeStatus}
-
-
-def _node(row: Row) -> Node:
-    # Positional, in _NODE_COLUMNS order: a long spine decodes thousands of rows.
-    (
-        id_, chain_id, parent_id, kind, status, committed, duration_s, sample_rate,
-        channels, frames, prompt, params, error, audio_sha256, created_at, updated_at,
-    ) = row  # fmt: skip
-    return Node(
-        id=id_,
-        chain_id=chain_id,
-        parent_id=parent_id,
-        kind=_KINDS[kind],
-        status=_STATUSES[status],
-        committed=bool(committed),
-        duration_s=duration_s,
-        sample_rate=sample_rate,
-        channels=channels,
-        frames=frames,
-        prompt=prompt,
-        params=json.loads(params) if params else None,
-        error=NodeError(**json.loads(error)) if error else None,
-        audio_sha256=audio_sha256,
-        created_at=created_at,
-        updated_at=updated_at,
-    )
-
-
-def _chain(row: Row) -> Chain:
-    return Chain(
-        id=row["id"],
-        title=row["title"],
-        owner=row["owner"],
-        root_node_id=row["root_node_id"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-def _node_values(node: Node) -> dict[str, Any]:
-    return {
-        "id": node.id,
-        "chain_id": node.chain_id,
-        "parent_id": node.parent_id,
-        "kind": node.kind.value,
-        "status": node.status.value,
-        "committed": int(node.committed),
-        "duration_s": node.duration_s,
-        "sample_rate": node.sample_rate,
-        "channels": node.channels,
-        "frames": node.frames,
-        "prompt": node.prompt,
-        "params": json.dumps(node.params) if node.params is not None else None,
-        "error": json.dumps(node.error.__dict__) if node.error else None,
-        "audio_sha256": node.audio_sha256,
-        "created_at": node.created_at,
-        "updated_at": node.updated_at,
-    }
-
-
-_SELECT_NODE = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?"
+_SELECT_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?"
 
 _INSERT_NODE = (
-    f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES ("
-    + ", ".join(f":{c.strip()}" for c in _NODE_COLUMNS.split(","))
+    f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES ("
+    + ", ".join(f":{c.strip()}" for c in NODE_COLUMNS.split(","))
     + ")"
 )
 
 
 class ChainStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, hub: EventHub, *, event_retention: int = 1000) -> None:
         self.db = db
+        self.hub = hub
+        self.event_retention = event_retention
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[ChainWriter]:
-        """One atomic, serialized write transaction; an exception rolls it back."""
-        async with self.db.transaction() as tx:
-            yield ChainWriter(tx)
+        """One atomic, serialized write transaction; an exception rolls it back.
+
+        The events the writer emits are published to subscribers once the
+        transaction has committed, in commit order; a rolled-back transaction
+        publishes nothing.
+        """
+        emitted: list[StoredEvent] = []
+        async with self.db.transaction(on_commit=lambda: self.hub.publish(emitted)) as tx:
+            yield ChainWriter(tx, emitted, self.event_retention)
 
     async def get_chain(self, chain_id: str) -> Chain | None:
         row = await self.db.fetchone("SELECT * FROM chains WHERE id = ?", (chain_id,))
-        return _chain(row) if row else None
+        return chain_from_row(row) if row else None
 
     async def list_chains(self, *, limit: int, offset: int) -> tuple[list[Chain], int]:
         rows = await self.db.fetchall(
@@ -152,27 +103,36 @@ class ChainStore:
             (limit, offset),
         )
         total = await self.db.fetchone("SELECT count(*) FROM chains")
-        return [_chain(r) for r in rows], int(total[0]) if total else 0
+        return [chain_from_row(r) for r in rows], int(total[0]) if total else 0
 
     async def get_node(self, node_id: str) -> Node | None:
         row = await self.db.fetchone(_SELECT_NODE, (node_id,))
-        return _node(row) if row else None
+        return node_from_row(row) if row else None
 
     async def list_nodes(self, chain_id: str) -> list[Node]:
         rows = await self.db.fetchall(
-            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE chain_id = ? ORDER BY created_at, rowid",
+            f"SELECT {NODE_COLUMNS} FROM nodes WHERE chain_id = ? ORDER BY created_at, rowid",
             (chain_id,),
         )
-        return [_node(r) for r in rows]
+        return [node_from_row(r) for r in rows]
 
     async def spine(self, chain_id: str) -> list[Node]:
         """The committed path of a chain, root first."""
         rows = await self.db.fetchall(
-            f"{_with(_SPINE)} SELECT {_NODE_COLUMNS} "
+            f"{_with(_SPINE)} SELECT {NODE_COLUMNS} "
             "FROM spine JOIN nodes USING (id) ORDER BY spine.depth",
             {"chain_id": chain_id},
         )
-        return [_node(r) for r in rows]
+        return [node_from_row(r) for r in rows]
+
+    async def path_to(self, node_id: str) -> list[Node]:
+        """The nodes from the root down to the node, the node included."""
+        rows = await self.db.fetchall(
+            f"{_with(_ANCESTORS_DEPTH)} SELECT {NODE_COLUMNS} "
+            "FROM ancestors JOIN nodes USING (id) ORDER BY ancestors.depth DESC",
+            {"node_id": node_id},
+        )
+        return [node_from_row(r) for r in rows]
 
     async def spine_ids(self, chain_id: str) -> list[str]:
         rows = await self.db.fetchall(
@@ -187,17 +147,26 @@ class ChainStore:
         return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}
 
 
-class ChainWriter:
+class ChainWriter(EventWrites, JobWrites):
     """The writes, bound to one open transaction (see ``ChainStore.write``)."""
 
-    def __init__(self, tx: aiosqlite.Connection) -> None:
+    def __init__(
+        self, tx: aiosqlite.Connection, emitted: list[StoredEvent], retention: int
+    ) -> None:
         self.tx = tx
+        self.emitted = emitted
+        self.retention = retention
 
     async def get_node(self, node_id: str) -> Node | None:
         """The node as this transaction sees it."""
         async with self.tx.execute(_SELECT_NODE, (node_id,)) as cur:
             row = await cur.fetchone()
-        return _node(row) if row else None
+        return node_from_row(row) if row else None
+
+    async def get_chain(self, chain_id: str) -> Chain | None:
+        async with self.tx.execute("SELECT * FROM chains WHERE id = ?", (chain_id,)) as cur:
+            row = await cur.fetchone()
+        return chain_from_row(row) if row else None
 
     async def create_chain(self, chain: Chain, root: Node) -> None:
         await self.tx.execute(
@@ -212,7 +181,7 @@ class ChainWriter:
                 chain.updated_at,
             ),
         )
-        await self.tx.execute(_INSERT_NODE, _node_values(root))
+        await self.tx.execute(_INSERT_NODE, node_values(root))
 
     async def rename_chain(self, chain_id: str, title: str) -> Chain | None:
         async with self.tx.execute(
@@ -220,15 +189,25 @@ class ChainWriter:
             (title, utc_now(), chain_id),
         ) as cur:
             row = await cur.fetchone()
-        return _chain(row) if row else None
+        return chain_from_row(row) if row else None
 
-    async def delete_chain(self, chain_id: str) -> bool:
-        # The foreign keys cascade to every node of the chain.
+    async def delete_chain(self, chain_id: str) -> list[str] | None:
+        """Delete the chain with its nodes, jobs and events; returns its node ids,
+        or None if there is no such chain."""
+        async with self.tx.execute("SELECT id FROM nodes WHERE chain_id = ?", (chain_id,)) as cur:
+            node_ids = [r[0] for r in await cur.fetchall()]
+        # The foreign keys cascade to the chain's nodes, jobs and events.
         cur = await self.tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
-        return cur.rowcount > 0
+        return node_ids if cur.rowcount > 0 else None
+
+    async def spine_ids(self, chain_id: str) -> list[str]:
+        """The spine as this transaction sees it, root first."""
+        return await self._ids(
+            f"{_with(_SPINE)} SELECT id FROM spine ORDER BY depth", {"chain_id": chain_id}
+        )
 
     async def insert_nodes(self, nodes: Sequence[Node]) -> None:
-        await self.tx.executemany(_INSERT_NODE, [_node_values(n) for n in nodes])
+        await self.tx.executemany(_INSERT_NODE, [node_values(n) for n in nodes])
 
     async def commit_path(self, node_id: str, chain_id: str) -> list[str]:
         """Commit the node and its ancestors; uncommit every committed node off that path.

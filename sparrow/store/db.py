@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -68,11 +68,15 @@ class Database:
             )
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(
+        self, on_commit: Callable[[], None] | None = None
+    ) -> AsyncIterator[aiosqlite.Connection]:
         """Run the enclosed writes as one serialized, atomic transaction.
 
         Whatever fails (a statement, the caller's code, the COMMIT itself), the
         transaction is rolled back, so the writer is always clean for the next one.
+        ``on_commit`` runs after a successful COMMIT while the write lock is still
+        held, so whatever it announces is announced in commit order.
         """
         if self._writer is None:
             raise StorageUnavailable("The database is not open.")
@@ -82,6 +86,8 @@ class Database:
                 await writer.execute("BEGIN IMMEDIATE")
                 yield writer
                 await writer.execute("COMMIT")
+                if on_commit is not None:
+                    on_commit()
             except BaseException as exc:
                 if writer.in_transaction:
                     await writer.execute("ROLLBACK")

@@ -47,4 +47,37 @@ MIGRATIONS: list[str] = [
     -- The spine's shape, enforced by the database: at most one committed child per node.
     CREATE UNIQUE INDEX nodes_one_committed_child ON nodes (parent_id) WHERE committed = 1;
     """,
+    # 2: the per-chain event log and the durable job queue.
+    """
+    ALTER TABLE chains ADD COLUMN last_event_id INTEGER NOT NULL DEFAULT 0;
+
+    -- Every event a chain's subscribers see, with a per-chain increasing id
+    -- (chains.last_event_id is the counter). Old events are pruned past the
+    -- configured retention; a client asking for a pruned id gets a reset.
+    CREATE TABLE events (
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        id            INTEGER NOT NULL,
+        type          TEXT NOT NULL,
+        data          TEXT NOT NULL,   -- JSON object
+        created_at    TEXT NOT NULL,
+        PRIMARY KEY (chain_id, id)
+    ) WITHOUT ROWID;
+
+    -- Work waiting for, or held by, the worker. A row lives from the request
+    -- until the job ends; its outcome is recorded on its nodes.
+    CREATE TABLE jobs (
+        id            TEXT PRIMARY KEY,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        kind          TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('queued', 'running')),
+        owner         TEXT,
+        request       TEXT NOT NULL,   -- JSON object: what the job needs besides its nodes
+        created_at    TEXT NOT NULL,
+        started_at    TEXT
+    );
+    CREATE INDEX jobs_queue ON jobs (status, created_at);
+
+    ALTER TABLE nodes ADD COLUMN job_id TEXT REFERENCES jobs (id) ON DELETE SET NULL;
+    CREATE INDEX nodes_job ON nodes (job_id) WHERE job_id IS NOT NULL;
+    """,
 ]

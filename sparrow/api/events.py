@@ -1,0 +1,139 @@
+"""The chain's event stream: ``GET /api/chains/{chain_id}/events`` (SPEC §4).
+
+A stream first subscribes, then reads the log, so nothing committed in between
+is missed; live events at or below what was already sent are skipped, so
+nothing is sent twice. Where it starts:
+
+- ``Last-Event-ID`` (or ``?last_event_id=``, for a first connection, since
+  ``EventSource`` cannot set headers): every retained event after that id,
+  then live events. An id that is older than the retained log, in the future,
+  or not an id at all gets one ``reset`` event carrying the current id: the
+  client reloads the chain and carries on from there.
+- neither: live events from now on.
+
+The stream ends when the chain is deleted (after ``chain-deleted``), when the
+subscriber fell too far behind (it reconnects with ``Last-Event-ID`` and
+receives what it missed), and at server shutdown, after a ``shutdown`` event
+that has no id, so the client's position is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from sparrow.api.deps import get_services
+from sparrow.api.errors import responses
+from sparrow.domain.chains import shown
+from sparrow.errors import NotFound
+from sparrow.events import StoredEvent, Subscription
+from sparrow.store.events import EventLog
+
+router = APIRouter(tags=["events"])
+
+RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
+SEND_TIMEOUT_S = 30  # a client that takes no bytes this long is disconnected
+SHUTDOWN_GRACE_S = 1.0
+
+_STREAM = {
+    "description": "Server-Sent Events: `node-status`, `node-progress`, `node-deleted`, "
+    "`spine-changed`, `chain-deleted`, and `reset` (reload the chain). Every event "
+    "has an integer `id`; the data is JSON.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+@router.get(
+    "/chains/{chain_id}/events",
+    summary="The chain's events, live (Server-Sent Events)",
+    description="Reconnect with `Last-Event-ID` (browsers do) to receive every missed "
+    "event in order, exactly once; a first connection can pass `?last_event_id=` "
+    "(the chain's `last_event_id`). Keepalive comments every 15 s.",
+    response_class=EventSourceResponse,
+    responses={200: _STREAM, **responses(404)},
+)
+async def chain_events(
+    chain_id: str,
+    request: Request,
+    last_event_id: Annotated[
+        str | None, Query(max_length=40, description="Where to resume.")
+    ] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    services = get_services(request)
+    if await services.events.window(chain_id) is None:
+        raise NotFound(f"There is no chain {shown(chain_id)}.")
+    cursor = last_event_id_header if last_event_id_header is not None else last_event_id
+    shutdown = anyio.Event()
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        with services.hub.subscribe(chain_id) as sub:
+            stopper = asyncio.create_task(_end_on(shutdown, sub))
+            try:
+                async for event in _events(services.events, sub, chain_id, cursor):
+                    yield event
+                if shutdown.is_set():
+                    yield ServerSentEvent(
+                        data=json.dumps({"reason": "the server is shutting down"}),
+                        event="shutdown",
+                        retry=RETRY_MS,
+                    )
+            finally:
+                stopper.cancel()
+
+    return EventSourceResponse(
+        stream(),
+        headers={"Cache-Control": "no-cache"},
+        ping=services.settings.sse_keepalive_s,
+        send_timeout=SEND_TIMEOUT_S,
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )
+
+
+async def _events(
+    log: EventLog, sub: Subscription, chain_id: str, cursor: str | None
+) -> AsyncIterator[ServerSentEvent]:
+    window = await log.window(chain_id)  # read after subscribing: nothing falls in between
+    if window is None:
+        return
+    oldest, last = window
+    yield ServerSentEvent(comment="connected", retry=RETRY_MS)
+    start = _parse_id(cursor)
+    if cursor is None:
+        sent = last
+    elif start is None or start < oldest - 1 or start > last:
+        sent = last
+        yield _sse(
+            StoredEvent(chain_id, last, "reset", {"chain_id": chain_id, "last_event_id": last})
+        )
+    else:
+        sent = start
+        for event in await log.after(chain_id, start):
+            yield _sse(event)
+            sent = event.id
+    while (live := await sub.next()) is not None:
+        if live.id > sent:
+            yield _sse(live)
+            sent = live.id
+
+
+def _sse(event: StoredEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(event.data), event=event.name, id=str(event.id))
+
+
+def _parse_id(value: str | None) -> int | None:
+    if value is None or not (value.isascii() and value.strip().isdigit()):
+        return None
+    return int(value)
+
+
+async def _end_on(shutdown: anyio.Event, sub: Subscription) -> None:
+    await shutdown.wait()
+    sub.end()

@@ -1,0 +1,353 @@
+"""Branching: continuation nodes from a request, and the job that generates them.
+
+``branch`` validates a request once into rows (nodes ``queued``, one job) in one
+transaction, with the events that announce them; the worker later calls
+``run`` with that job. ``run`` moves the nodes to ``generating``, conditions
+the engine on the end of the path root→parent, writes each sibling's audio
+atomically, and only then marks the node ``ready``. Every outcome is a status
+change guarded by the lifecycle, so a node cancelled or discarded meanwhile
+stays as the user left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+
+from sparrow.audio import write_wav
+from sparrow.audio.tail import Segment, read_tail
+from sparrow.domain.chains import shown
+from sparrow.domain.models import (
+    ACTIVE,
+    Job,
+    JobKind,
+    Node,
+    NodeError,
+    NodeKind,
+    NodeStatus,
+    new_id,
+    utc_now,
+)
+from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
+from sparrow.errors import Conflict, InvalidInput, NotFound, Overloaded, SparrowError
+from sparrow.events import NodeProgress, NodeStatusChanged
+from sparrow.jobs import INTERRUPTED, JobControl
+from sparrow.media import MediaStore
+from sparrow.settings import Settings
+from sparrow.store import ChainStore, ChainWriter
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**31 - 1
+MAX_CONTEXT_S = 30.0
+# node-progress is sent when progress moved this much or this long has passed (SPEC §4).
+PROGRESS_STEP = 0.05
+PROGRESS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class BranchRequest:
+    """A branch request as the API parsed it; ranges that depend on settings are checked here."""
+
+    prompt: str = ""
+    duration_s: float = 10.0
+    count: int = 1
+    context_s: float = 10.0
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    cfg_coef: float = 3.0
+    seed: int | None = None
+
+
+class GenerationService:
+    def __init__(
+        self,
+        store: ChainStore,
+        media: MediaStore,
+        engine: GenerationEngine,
+        settings: Settings,
+        *,
+        wake: Callable[[], None],
+        forget: Callable[[Collection[str]], None],
+        retry_after_s: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.media = media
+        self.engine = engine
+        self.settings = settings
+        self._wake = wake
+        self._forget = forget
+        self._retry_after_s = retry_after_s
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def branch(self, parent_id: str, request: BranchRequest) -> list[Node]:
+        """Queue ``count`` sibling continuations of a ready node; returns them, queued."""
+        self._check_limits(request)
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
+        async with self.store.write() as w:
+            parent = await w.get_node(parent_id)
+            if parent is None:
+                raise NotFound(f"There is no node {shown(parent_id)}.")
+            if parent.status is not NodeStatus.READY:
+                raise Conflict(
+                    f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
+                    "branched from."
+                )
+            queued = await w.queued_jobs()
+            if queued >= self.settings.queue_limit:
+                raise Overloaded(
+                    f"The generation queue is full ({queued} jobs waiting); try again later.",
+                    retry_after_s=max(1, math.ceil(self._retry_after_s())),
+                )
+            job, nodes = self._rows_for(parent, request, base_seed)
+            await w.insert_job(job)
+            await w.insert_nodes(nodes)
+            for node in nodes:
+                await w.emit(NodeStatusChanged(node.chain_id, node.id, node.status))
+        self._wake()
+        return nodes
+
+    async def cancel(self, node_id: str) -> Node:
+        """Cancel a queued or generating node; cancelling a cancelled node changes nothing."""
+        async with self.store.write() as w:
+            node = await w.get_node(node_id)
+            if node is None:
+                raise NotFound(f"There is no node {shown(node_id)}.")
+            if node.status is NodeStatus.CANCELLED:
+                return node
+            if node.status not in ACTIVE:
+                raise Conflict(
+                    f"Node {shown(node_id)} is {node.status}; there is nothing to cancel."
+                )
+            cancelled = await self._set(w, node.id, NodeStatus.CANCELLED)
+            assert cancelled is not None  # checked above, in the same transaction
+        self._forget([node_id])
+        return cancelled
+
+    def _check_limits(self, request: BranchRequest) -> None:
+        limits = self.settings
+        if not 0.5 <= request.duration_s <= limits.max_branch_s:
+            raise InvalidInput(f"duration_s must be between 0.5 and {limits.max_branch_s:g}.")
+        if not 1 <= request.count <= limits.max_count:
+            raise InvalidInput(f"count must be between 1 and {limits.max_count}.")
+        if request.seed is not None and request.seed + request.count - 1 > MAX_SEED:
+            raise InvalidInput(f"seed + count - 1 must not exceed {MAX_SEED}.")
+
+    def _rows_for(
+        self, parent: Node, request: BranchRequest, base_seed: int
+    ) -> tuple[Job, list[Node]]:
+        now = utc_now()
+        job = Job(
+            id=new_id(),
+            chain_id=parent.chain_id,
+            kind=JobKind.GENERATE,
+            request={"parent_id": parent.id},
+            created_at=now,
+        )
+        info = self.engine.info()
+        shared = {k: v for k, v in asdict(request).items() if k not in ("prompt", "count", "seed")}
+        nodes = [
+            Node(
+                id=new_id(),
+                chain_id=parent.chain_id,
+                parent_id=parent.id,
+                kind=NodeKind.CONTINUATION,
+                status=NodeStatus.QUEUED,
+                committed=False,
+                prompt=request.prompt,
+                # Siblings get consecutive seeds: each node's audio depends on its seed only.
+                params={
+                    **shared,
+                    "seed": base_seed + i,
+                    "engine": info.engine,
+                    "model": info.model,
+                },
+                job_id=job.id,
+                created_at=now,
+                updated_at=now,
+            )
+            for i in range(request.count)
+        ]
+        return job, nodes
+
+    # -- the job ------------------------------------------------------------------------
+
+    async def run(self, job: Job, control: JobControl) -> None:
+        """Generate the job's nodes that are still queued (the worker's runner)."""
+        async with self.store.write() as w:
+            started = [
+                node
+                for node_id in await w.job_node_ids(job.id, NodeStatus.QUEUED)
+                if (node := await self._set(w, node_id, NodeStatus.GENERATING)) is not None
+            ]
+        if not started:
+            return
+        control.node_ids.update(n.id for n in started)
+        try:
+            outputs = await self._generate(job, started, control)
+        except Cancelled:
+            if control.shutting_down:
+                await self._end(started, NodeStatus.ERROR, INTERRUPTED)
+            else:  # cancelled by the user, who has already seen each node's new status
+                await self._end(started, NodeStatus.CANCELLED, None)
+            return
+        except SparrowError as exc:
+            await self._end(started, NodeStatus.ERROR, NodeError(exc.code, exc.detail))
+            return
+        except Exception as exc:
+            log.exception("generation job %s failed", job.id)
+            error = NodeError("generation_failed", f"Generation failed ({type(exc).__name__}).")
+            await self._end(started, NodeStatus.ERROR, error)
+            return
+        for node, audio in zip(started, outputs, strict=True):
+            if node.id in control.node_ids:
+                await self._publish_audio(node, audio)
+
+    async def _generate(self, job: Job, nodes: list[Node], control: JobControl) -> list[Audio]:
+        first = nodes[0]
+        params: dict[str, Any] = first.params or {}
+        await anyio.to_thread.run_sync(self.engine.load)
+        context = await self._context(job.request["parent_id"], float(params["context_s"]))
+        request = Continuation(
+            context=context,
+            prompt=first.prompt or "",
+            duration_s=float(params["duration_s"]),
+            seeds=tuple(int((n.params or {})["seed"]) for n in nodes),
+            temperature=float(params["temperature"]),
+            top_k=int(params["top_k"]),
+            top_p=float(params["top_p"]),
+            cfg_coef=float(params["cfg_coef"]),
+        )
+        reporter = _ProgressReporter(self, nodes, control, asyncio.get_running_loop())
+        try:
+            return await anyio.to_thread.run_sync(self.engine.generate, request, reporter)
+        finally:
+            await reporter.flush()
+
+    async def _context(self, parent_id: str, seconds: float) -> Audio:
+        path = await self.store.path_to(parent_id)
+        segments = [
+            Segment(self.media.node_audio(n.chain_id, n.id), n.duration_s or 0.0) for n in path
+        ]
+        return await read_tail(
+            segments,
+            min(seconds, MAX_CONTEXT_S),
+            sample_rate=self.engine.sample_rate,
+            channels=self.engine.channels,
+            tmp_dir=self.media.tmp_dir,
+            ffmpeg=self.settings.ffmpeg,
+        )
+
+    async def _publish_audio(self, node: Node, audio: Audio) -> None:
+        path = self.media.node_audio(node.chain_id, node.id)
+        try:
+            info = await anyio.to_thread.run_sync(
+                write_wav, path, np.asarray(audio), self.engine.sample_rate
+            )
+        except FileNotFoundError:
+            return  # the chain was deleted meanwhile
+        except OSError as exc:
+            log.error("cannot write the audio of node %s: %s", node.id, exc)
+            await self._end([node], NodeStatus.ERROR, _storage_error())
+            return
+        facts = {
+            "duration_s": info.duration_s,
+            "sample_rate": info.sample_rate,
+            "channels": info.channels,
+            "frames": info.frames,
+            "audio_sha256": info.sha256,
+        }
+        async with self.store.write() as w:
+            ready = await self._set(w, node.id, NodeStatus.READY, audio=facts)
+        if ready is None:  # cancelled or discarded while its file was being written
+            path.unlink(missing_ok=True)
+
+    async def _end(self, nodes: list[Node], status: NodeStatus, error: NodeError | None) -> None:
+        async with self.store.write() as w:
+            for node in nodes:
+                await self._set(w, node.id, status, error=error)
+
+    async def _set(
+        self,
+        w: ChainWriter,
+        node_id: str,
+        status: NodeStatus,
+        *,
+        error: NodeError | None = None,
+        audio: dict[str, Any] | None = None,
+    ) -> Node | None:
+        """Change a node's status and announce it, if the lifecycle allows the change."""
+        node = await w.set_status(node_id, status, error=error, audio=audio)
+        if node is not None:
+            await w.emit(NodeStatusChanged(node.chain_id, node.id, node.status, node.error))
+        return node
+
+    async def progress(
+        self, nodes: list[Node], control: JobControl, fraction: float, eta_s: float | None
+    ) -> None:
+        """Announce the running job's progress for the nodes still wanted."""
+        try:
+            async with self.store.write() as w:
+                for node in nodes:
+                    if node.id in control.node_ids:
+                        await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))
+        except (SparrowError, LookupError) as exc:  # the chain is gone, or the disk is busy
+            log.debug("progress not recorded: %s", exc)
+
+
+class _ProgressReporter:
+    """The engine's progress callback: runs in the engine's thread.
+
+    It stops the batch (``Cancelled``) once the job is cancelled, and sends a
+    throttled ``node-progress`` through the event loop.
+    """
+
+    def __init__(
+        self,
+        service: GenerationService,
+        nodes: list[Node],
+        control: JobControl,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.service = service
+        self.nodes = nodes
+        self.control = control
+        self.loop = loop
+        self.sent_fraction = 0.0
+        self.sent_at = time.monotonic()
+        self.pending: list[Future[None]] = []
+
+    def __call__(self, fraction: float) -> None:
+        if self.control.cancel.is_set():
+            raise Cancelled
+        self.control.progress = fraction
+        now = time.monotonic()
+        due = fraction >= 1.0 or fraction - self.sent_fraction >= PROGRESS_STEP
+        if not due and now - self.sent_at < PROGRESS_INTERVAL_S:
+            return
+        self.sent_fraction, self.sent_at = fraction, now
+        elapsed = now - self.control.started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+        coro = self.service.progress(self.nodes, self.control, fraction, eta)
+        self.pending.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def flush(self) -> None:
+        """Wait until every progress event sent so far is recorded (before the final status)."""
+        if self.pending:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self.pending))
+
+
+def _storage_error() -> NodeError:
+    return NodeError("storage_unavailable", "The generated audio could not be saved.")

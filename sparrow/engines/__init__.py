@@ -1,0 +1,74 @@
+"""Generation engines behind one small interface (``sparrow.engines.base``)."""
+
+from __future__ import annotations
+
+from sparrow.engines.base import (
+    Audio,
+    Cancelled,
+    Continuation,
+    EngineInfo,
+    GenerationEngine,
+    Progress,
+    frames_for,
+)
+from sparrow.errors import EngineUnavailable
+from sparrow.settings import Settings
+
+
+def build_engine(settings: Settings) -> GenerationEngine:
+    """The engine the settings name; nothing is loaded yet.
+
+    The MusicGen engine's module (and torch) is imported only when it is chosen,
+    so the mock runs on an install without the ``ml`` extra.
+    """
+    if settings.engine == "mock":
+        from sparrow.engines.mock import MockEngine
+
+        return MockEngine(settings.mock_step_ms)
+    try:
+        from sparrow.engines.musicgen import MusicGenEngine
+    except ImportError as exc:
+        # Without the ``ml`` extra the server still starts; every job says why it cannot run.
+        return UnavailableEngine(
+            "musicgen",
+            settings.musicgen_model,
+            f"The musicgen engine needs torch and transformers (pip install 'sparrow[ml]'): {exc}.",
+        )
+    return MusicGenEngine(settings.musicgen_model, device=settings.device)
+
+
+class UnavailableEngine:
+    """An engine whose code cannot even be imported: it fails every job, never silently."""
+
+    def __init__(self, engine: str, model: str, reason: str) -> None:
+        self._info = EngineInfo(engine=engine, model=model, device="none", loaded=False)
+        self.reason = reason
+
+    @property
+    def sample_rate(self) -> int:
+        raise EngineUnavailable(self.reason)
+
+    @property
+    def channels(self) -> int:
+        raise EngineUnavailable(self.reason)
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def load(self) -> None:
+        raise EngineUnavailable(self.reason)
+
+    def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
+        raise EngineUnavailable(self.reason)
+
+
+__all__ = [
+    "Audio",
+    "Cancelled",
+    "Continuation",
+    "EngineInfo",
+    "GenerationEngine",
+    "Progress",
+    "build_engine",
+    "frames_for",
+]

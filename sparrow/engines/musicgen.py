@@ -1,0 +1,403 @@
+"""MusicGen through transformers: audio-prompted continuation of a path's tail.
+
+The model is a hub id or a ``save_pretrained`` folder; it loads once, on the first
+``load()`` (or the first use of ``sample_rate``/``channels``/``generate``): on CUDA
+in bfloat16 (float16 without bf16 support) with SDPA attention, Encodec in float32;
+on CPU in float32. A model that cannot load is ``EngineUnavailable``; an error while
+generating is ``GenerationFailed``; a ``Cancelled`` from progress passes untouched.
+
+Siblings are one batch: the prompt repeated once per seed (``num_return_sequences``
+is broken in transformers 5.23), always with a text (empty allowed). The output
+holds the re-decoded prompt, which is cut at the prompt's code boundary; the prompt
+is first trimmed at its start to whole codes (640 samples at 32 kHz), so the new
+audio starts exactly where the context ends. The delay pattern costs
+``num_codebooks - 1`` extra steps, so a window asks for ``codes + num_codebooks - 1``
+new tokens.
+
+Seeds. transformers samples with the process-wide RNG, which would make a sibling's
+audio depend on its place in the batch. So generation runs greedily and a logits
+processor, placed after MusicGen's classifier-free guidance, samples each sibling's
+rows (``num_codebooks`` rows each) with that sibling's own ``torch.Generator``, and
+leaves only the sampled token finite. The same seed then gives the same codes alone
+or as the third of four siblings; each sibling's audio is also decoded on its own.
+
+Windows. MusicGen sees at most ``window`` codes, prompt included: the generation
+config's ``max_length`` less the delay pattern (1503 → 1500 codes, 30 s). A longer
+request is generated in windows, each conditioned on the tail of what came before
+(the context, then the audio generated so far — so even with no context, later
+windows continue the earlier ones). A window's prompt is that tail, capped at
+``window - min(remaining, stride)`` codes with ``stride`` 60 % of the window (18 s of
+30 s, audiocraft's default): a window adds all that remains if it fits beside the
+prompt, and otherwise at least ``stride``. Within a node, each window's first
+samples are joined to the previous window's audio with a 20 ms crossfade from the
+previous audio into the re-decoded prompt (they differ slightly). Progress counts
+decoding steps over all windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MusicgenForConditionalGeneration,
+    MusicgenProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from sparrow.engines.base import Audio, Cancelled, Continuation, EngineInfo, Progress, frames_for
+from sparrow.errors import EngineUnavailable, GenerationFailed
+
+STRIDE = 0.6  # share of a window that is new audio when more remains after it
+JOIN_S = 0.02  # crossfade between windows of one node
+# Encodec has no SDPA path; the text encoder and the decoder (where the time goes) do.
+_SDPA = {"text_encoder": "sdpa", "decoder": "sdpa"}
+
+
+@dataclass(frozen=True)
+class Window:
+    prompt: int  # codes of prompt
+    new: int  # codes of new audio
+
+
+def plan_windows(context: int, total: int, window: int) -> list[Window]:
+    """The windows that generate ``total`` codes after ``context`` codes of prompt."""
+    stride = max(1, round(window * STRIDE))
+    plan: list[Window] = []
+    available, remaining = context, total
+    while remaining > 0:
+        prompt = min(available, window - min(remaining, stride))
+        new = min(remaining, window - prompt)
+        plan.append(Window(prompt, new))
+        available, remaining = available + new, remaining - new
+    return plan
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    model: MusicgenForConditionalGeneration
+    processor: MusicgenProcessor
+    greedy: GenerationConfig  # the checkpoint's config with sampling left to _SiblingSampler
+    sample_rate: int
+    channels: int
+    hop: int  # samples per code
+    codebooks: int
+    window: int  # codes per window, prompt included
+
+
+class MusicGenEngine:
+    """A GenerationEngine over MusicGen; ``device`` is auto, cpu, cuda or cuda:N."""
+
+    def __init__(self, model: str, device: str = "auto") -> None:
+        self.model = model
+        self.device = _resolve_device(device)
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: MusicgenForConditionalGeneration,
+        processor: MusicgenProcessor,
+        *,
+        name: str,
+        device: str = "auto",
+    ) -> MusicGenEngine:
+        """An engine over a model built in memory (benchmarks), placed as ``load()`` would."""
+        engine = cls(name, device)
+        engine._check_device()
+        torch.nn.Module.to(model, device=engine.device, dtype=_dtype_for(engine.device))
+        engine._loaded = engine._install(model, processor)
+        return engine
+
+    @property
+    def sample_rate(self) -> int:
+        return self._ready().sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self._ready().channels
+
+    def info(self) -> EngineInfo:
+        loaded = self._loaded
+        dtype = str(loaded.model.decoder.dtype).removeprefix("torch.") if loaded else None
+        return EngineInfo("musicgen", self.model, self.device, loaded is not None, dtype)
+
+    def load(self) -> None:
+        self._ready()
+
+    def _ready(self) -> _Loaded:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def _load(self) -> _Loaded:
+        where = f"MusicGen model {self.model!r}"
+        path = Path(self.model).expanduser()
+        # A path-like name must be a folder: never let it fall through to the hub.
+        path_like = (
+            path.is_absolute() or self.model.startswith((".", "~")) or self.model.count("/") > 1
+        )
+        if path_like and not path.is_dir():
+            raise EngineUnavailable(f"The {where} is not a folder.")
+        self._check_device()
+        try:
+            model = MusicgenForConditionalGeneration.from_pretrained(
+                self.model, dtype=_dtype_for(self.device), attn_implementation=_SDPA
+            )
+            processor = AutoProcessor.from_pretrained(self.model)  # type: ignore[no-untyped-call]
+            if not isinstance(processor, MusicgenProcessor):
+                raise TypeError(f"its processor is a {type(processor).__name__}")
+            torch.nn.Module.to(model, device=self.device)
+            return self._install(model, processor)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineUnavailable(f"The {where} could not be loaded: {reason[:300]}") from exc
+
+    def _check_device(self) -> None:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineUnavailable(
+                f"The MusicGen model {self.model!r} cannot load on {self.device}: no CUDA device."
+            )
+
+    def _install(
+        self, model: MusicgenForConditionalGeneration, processor: MusicgenProcessor
+    ) -> _Loaded:
+        model.train(False)
+        # Encodec stays in float32: a small share of the time, and the audio's precision.
+        torch.nn.Module.float(model.audio_encoder)
+        codec: Any = model.config.audio_encoder
+        decoder: Any = model.config.decoder
+        _run_rowwise(model.audio_encoder)
+        greedy = copy.deepcopy(model.generation_config)
+        # Sampling happens in _SiblingSampler. Installed as the model's own config too, since
+        # generate() fills a passed config's unset fields from it (and would warn about top_k).
+        greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
+        model.generation_config = greedy
+        codebooks = int(decoder.num_codebooks) // int(decoder.audio_channels)
+        return _Loaded(
+            model=model,
+            processor=processor,
+            greedy=greedy,
+            sample_rate=int(codec.sampling_rate),
+            # Stereo checkpoints code each channel with a mono Encodec: the decoder knows.
+            channels=int(decoder.audio_channels),
+            hop=int(np.prod(codec.upsampling_ratios)),
+            codebooks=codebooks,
+            window=(greedy.max_length or 1503) - (codebooks - 1),
+        )
+
+    def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
+        m = self._ready()
+        samples = frames_for(request.duration_s, m.sample_rate)
+        if request.context.ndim != 2 or request.context.shape[1] != m.channels:
+            raise GenerationFailed(
+                f"The context has shape {request.context.shape}; the model takes {m.channels} "
+                "channel(s) as (frames, channels)."
+            )
+        windows = plan_windows(len(request.context) // m.hop, math.ceil(samples / m.hop), m.window)
+        if not windows:
+            return [np.zeros((0, m.channels), np.float32) for _ in request.seeds]
+        steps_total = sum(w.new + m.codebooks - 1 for w in windows)
+        steps_done = 0
+
+        def on_step() -> None:
+            nonlocal steps_done
+            steps_done += 1
+            progress(min(1.0, steps_done / steps_total))
+
+        whole = len(request.context) - len(request.context) % m.hop
+        tails = [request.context[len(request.context) - whole :]] * request.count
+        made: list[list[Audio]] = [[] for _ in request.seeds]
+        try:
+            generators = [
+                torch.Generator(m.model.device).manual_seed(seed) for seed in request.seeds
+            ]
+            for w in windows:
+                prompts = [tail[len(tail) - w.prompt * m.hop :] for tail in tails]
+                batch = self._window(m, request, prompts, w.new, generators, on_step)
+                start = w.prompt * m.hop
+                for i, audio in enumerate(batch):  # audio: (samples, channels)
+                    new = audio[start : start + w.new * m.hop]
+                    if made[i] and start:
+                        _crossfade_into(made[i][-1], audio[:start], int(JOIN_S * m.sample_rate))
+                    made[i].append(new)
+                    tails[i] = np.concatenate([tails[i], new])[-m.window * m.hop :]
+        except Cancelled:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise GenerationFailed("MusicGen ran out of GPU memory; try fewer siblings.") from exc
+        except Exception as exc:
+            raise GenerationFailed(f"MusicGen failed while generating: {_sentence(exc)}") from exc
+        return [np.concatenate(parts)[:samples].astype(np.float32, copy=False) for parts in made]
+
+    def _window(
+        self,
+        m: _Loaded,
+        request: Continuation,
+        prompts: list[Audio],
+        new_codes: int,
+        generators: list[torch.Generator],
+        on_step: Callable[[], None],
+    ) -> list[Audio]:
+        """One generate() call for the batch: each sibling's prompt + new audio, decoded alone."""
+        kwargs: dict[str, Any] = {"text": [request.prompt] * len(prompts), "padding": True}
+        if len(prompts[0]):
+            kwargs["audio"] = [p[:, 0] if m.channels == 1 else p.T for p in prompts]
+            kwargs["sampling_rate"] = m.sample_rate
+        inputs = m.processor(**kwargs, return_tensors="pt")
+        inputs = inputs.to(m.model.device)
+        config = copy.deepcopy(m.greedy)
+        config.max_new_tokens = new_codes + m.codebooks - 1
+        config.guidance_scale = request.cfg_coef
+        sampler = _SiblingSampler(generators, m.codebooks * m.channels, request)
+        result = m.model.generate(
+            **inputs,
+            generation_config=config,
+            logits_processor=_SamplerLast([sampler]),
+            stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
+        )
+        return [a.T for a in result.float().cpu().numpy()]
+
+
+class _SiblingSampler(LogitsProcessor):
+    """Temperature, top-k, top-p, then one draw per row from that sibling's generator.
+
+    Returns scores that are -inf except at the drawn token, so greedy search picks it.
+    """
+
+    def __init__(
+        self, generators: Sequence[torch.Generator], rows_per_sibling: int, request: Continuation
+    ) -> None:
+        if request.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.generators = generators
+        self.rows = rows_per_sibling
+        self.temperature, self.top_k, self.top_p = request.temperature, request.top_k, request.top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators) * self.rows:
+            # Rows still doubled: classifier-free guidance has not run before this processor.
+            raise RuntimeError(f"sampler got {scores.shape[0]} rows, expected guided rows")
+        logits = scores.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if 0 < self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(dim=-1)
+            beyond = probs.cumsum(dim=-1) - probs > self.top_p  # keeps at least the best token
+            logits = logits.scatter(-1, order, ordered.masked_fill(beyond, -math.inf))
+        probs = logits.softmax(dim=-1)
+        tokens = torch.cat(
+            [
+                torch.multinomial(probs[i * self.rows : (i + 1) * self.rows], 1, generator=g)
+                for i, g in enumerate(self.generators)
+            ]
+        )
+        chosen = torch.full_like(scores, -math.inf)
+        return chosen.scatter_(-1, tokens, 0.0)  # type: ignore[return-value]
+
+
+class _SamplerLast(LogitsProcessorList):
+    """MusicGen.generate appends its classifier-free-guidance processor to the caller's
+    list (transformers 5.23, step 8 of its generate); keep the sampler after it."""
+
+    def append(self, processor: Any) -> None:
+        self.insert(len(self) - 1, processor)
+
+
+class _StepHook(StoppingCriteria):
+    """Called once per decoding step: the only per-step hook MusicGen honours.
+
+    It never stops generation (returning True breaks the delay-pattern reshape); a
+    cancel is a ``Cancelled`` raised by the progress callback, passing through generate.
+    """
+
+    def __init__(self, on_step: Callable[[], None]) -> None:
+        self.on_step = on_step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.on_step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+def _run_rowwise(codec: Any) -> None:
+    """Make the model's Encodec encode and decode one batch row at a time.
+
+    Batched convolutions round differently from single-row ones (by ~1e-7), which
+    would make a sibling's audio depend on the batch it was generated in. The codec
+    is a small share of the time; the decoder's steps stay batched.
+    """
+    encode, decode = codec.encode, codec.decode
+
+    def rowwise_encode(input_values: torch.Tensor, padding_mask: Any = None, **kw: Any) -> Any:
+        rows: list[Any] = []
+        for i in range(len(input_values)):
+            if i and torch.equal(input_values[i], input_values[i - 1]):
+                rows.append(rows[-1])  # siblings share the first window's prompt: encode it once
+            else:
+                rows.append(encode(input_values[i : i + 1], _row(padding_mask, i), **kw))
+        first = rows[0]
+        first.audio_codes = torch.cat([r.audio_codes for r in rows], dim=1)
+        first.audio_scales = _cat_scales([r.audio_scales for r in rows])
+        return first
+
+    def rowwise_decode(audio_codes: torch.Tensor, audio_scales: Any, *args: Any, **kw: Any) -> Any:
+        rows = [
+            decode(audio_codes[:, i : i + 1], [_row(s, i) for s in audio_scales], *args, **kw)
+            for i in range(audio_codes.shape[1])
+        ]
+        first = rows[0]
+        first.audio_values = torch.cat([r.audio_values for r in rows])
+        return first
+
+    codec.encode, codec.decode = rowwise_encode, rowwise_decode
+
+
+def _row(value: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if value is None else value[i : i + 1]
+
+
+def _cat_scales(rows: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+    # Encodec's per-chunk scales: None unless it normalises (MusicGen's does not).
+    return [None if s[0] is None else torch.cat(s) for s in zip(*rows, strict=True)]
+
+
+def _crossfade_into(previous: Audio, redecoded_prompt: Audio, length: int) -> None:
+    """Fade the end of ``previous`` into the re-decoded prompt's end, in place."""
+    n = min(length, len(previous), len(redecoded_prompt))
+    if n:
+        ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None]
+        previous[-n:] = previous[-n:] * (1 - ramp) + redecoded_prompt[-n:] * ramp
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _dtype_for(device: str) -> torch.dtype:
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

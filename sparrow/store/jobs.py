@@ -1,0 +1,144 @@
+"""The durable job queue and node status changes: every SQL statement about them.
+
+A job row lives from the request until the job ends (its outcome is recorded on
+its nodes), so the table is the queue: ``queued`` rows wait, at most one row is
+``running``. Status changes are guarded by the lifecycle in SQL: a change from a
+status the lifecycle does not allow changes nothing, so a node cancelled while
+its audio was being written is never made ready.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from sparrow.domain.models import Job, JobKind, Node, NodeError, NodeStatus, sources_of, utc_now
+from sparrow.store.db import Database, Row
+from sparrow.store.rows import NODE_COLUMNS, node_from_row
+
+AUDIO_FACTS = frozenset({"duration_s", "sample_rate", "channels", "frames", "audio_sha256"})
+
+_JOB_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at"
+
+
+def _job(row: Row) -> Job:
+    id_, chain_id, kind, owner, request, created_at, started_at = row
+    return Job(
+        id=id_,
+        chain_id=chain_id,
+        kind=JobKind(kind),
+        owner=owner,
+        request=json.loads(request),
+        created_at=created_at,
+        started_at=started_at,
+    )
+
+
+class JobWrites:
+    """Job and node-status writes inside a write transaction (mixed into ``ChainWriter``)."""
+
+    tx: aiosqlite.Connection
+
+    async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
+        async with self.tx.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def insert_job(self, job: Job) -> None:
+        await self.tx.execute(
+            f"INSERT INTO jobs ({_JOB_COLUMNS}, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
+            (
+                job.id,
+                job.chain_id,
+                job.kind.value,
+                job.owner,
+                json.dumps(job.request),
+                job.created_at,
+                job.started_at,
+            ),
+        )
+
+    async def queued_jobs(self, owner: str | None = None) -> int:
+        sql = "SELECT count(*) FROM jobs WHERE status = 'queued'"
+        rows = await (self._rows(sql + " AND owner IS ?", (owner,)) if owner else self._rows(sql))
+        return int(rows[0][0])
+
+    async def claim_next_job(self) -> Job | None:
+        """Mark the oldest queued job running and return it."""
+        rows = await self._rows(
+            f"UPDATE jobs SET status = 'running', started_at = ? WHERE id = ("
+            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            f") RETURNING {_JOB_COLUMNS}",
+            (utc_now(),),
+        )
+        return _job(rows[0]) if rows else None
+
+    async def running_jobs(self) -> list[Job]:
+        rows = await self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running'")
+        return [_job(r) for r in rows]
+
+    async def delete_job(self, job_id: str) -> None:
+        await self.tx.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    async def job_node_ids(self, job_id: str, status: NodeStatus) -> list[str]:
+        rows = await self._rows(
+            "SELECT id FROM nodes WHERE job_id = ? AND status = ? ORDER BY rowid",
+            (job_id, status.value),
+        )
+        return [r[0] for r in rows]
+
+    async def stranded_node_ids(self) -> list[str]:
+        """Queued or generating nodes that no job will finish: their job was running
+        when the process died, or is gone."""
+        rows = await self._rows(
+            "SELECT id FROM nodes WHERE status IN ('queued', 'generating') AND ("
+            "job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'running')) "
+            "ORDER BY rowid"
+        )
+        return [r[0] for r in rows]
+
+    async def delete_running_jobs(self) -> None:
+        await self.tx.execute("DELETE FROM jobs WHERE status = 'running'")
+
+    async def set_status(
+        self,
+        node_id: str,
+        status: NodeStatus,
+        *,
+        error: NodeError | None = None,
+        audio: dict[str, Any] | None = None,
+    ) -> Node | None:
+        """Move the node to ``status`` if the lifecycle allows it from where it is.
+
+        ``audio`` sets the audio facts (duration_s, sample_rate, channels, frames,
+        audio_sha256) with the change. Returns the changed node, or None when the
+        node is gone or its status does not allow the change.
+        """
+        facts = audio or {}
+        if not facts.keys() <= AUDIO_FACTS:
+            raise ValueError(f"not audio facts: {sorted(facts.keys() - AUDIO_FACTS)}")
+        assignments = "".join(f", {column} = :{column}" for column in facts)
+        sources = ", ".join(f"'{s.value}'" for s in sorted(sources_of(status)))
+        rows = await self._rows(
+            f"UPDATE nodes SET status = :status, error = :error, updated_at = :now{assignments} "
+            f"WHERE id = :id AND status IN ({sources}) RETURNING {NODE_COLUMNS}",
+            {
+                "status": status.value,
+                "error": json.dumps(error.__dict__) if error else None,
+                "now": utc_now(),
+                "id": node_id,
+                **facts,
+            },
+        )
+        return node_from_row(rows[0]) if rows else None
+
+
+class JobReads:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def queue_depth(self) -> int:
+        row = await self.db.fetchone("SELECT count(*) FROM jobs WHERE status = 'queued'")
+        return int(row[0]) if row else 0
