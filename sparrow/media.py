@@ -59,9 +59,11 @@ class MediaStore:
         shutil.rmtree(self.chain_dir(chain_id), ignore_errors=True)
 
     def sweep(self, chain_ids: set[str], node_ids: set[str]) -> int:
-        """Delete what no database row refers to: left by a crash between a write and its row.
+        """Delete every file that is not the audio of a known chain's ready node.
 
-        Returns the number of files and folders removed.
+        ``node_ids`` are the nodes that own a file (the ready ones): anything else
+        was left by a crash between writing a file and recording it. Returns the
+        number of files and folders removed.
         """
         removed = 0
         for leftover in self.tmp_dir.iterdir():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,25 @@ async def add_child(
     async with svc.chains.store.write() as w:
         await w.insert_nodes([node])
     return node
+
+
+async def branch(client: httpx.AsyncClient, parent_id: str, **body: Any) -> list[dict[str, Any]]:
+    """Branch and return the new nodes (asserting the 202)."""
+    response = await client.post(f"/api/nodes/{parent_id}/branch", json=body)
+    assert response.status_code == 202, response.text
+    nodes: list[dict[str, Any]] = response.json()["nodes"]
+    return nodes
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, node_ids: list[str], *statuses: str, timeout_s: float = 20
+) -> list[dict[str, Any]]:
+    """Poll until every node has one of ``statuses``; returns the nodes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = [(await client.get(f"/api/nodes/{n}")).json() for n in node_ids]
+        if all(n.get("status") in statuses for n in nodes):
+            return nodes
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nodes did not reach {statuses}: {nodes}")
+        await asyncio.sleep(0.02)

@@ -30,14 +30,14 @@ class Stream:
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
-        self._lines = response.iter_lines()
+        self.lines = response.iter_lines()
         self.comments: list[str] = []
         self.retry: int | None = None
 
     def __iter__(self) -> Iterator[Message]:
         msg = Message()
         has_data = False
-        for line in self._lines:
+        for line in self.lines:
             if line == "":
                 if has_data or msg.id is not None:
                     yield msg

@@ -9,7 +9,7 @@ nothing is sent twice. Where it starts:
   then live events. An id that is older than the retained log, in the future,
   or not an id at all gets one ``reset`` event carrying the current id: the
   client reloads the chain and carries on from there.
-- neither: live events from now on.
+- neither: the events from the moment of the request on.
 
 The stream ends when the chain is deleted (after ``chain-deleted``), when the
 subscriber fell too far behind (it reconnects with ``Last-Event-ID`` and
@@ -67,16 +67,20 @@ async def chain_events(
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     services = get_services(request)
-    if await services.events.window(chain_id) is None:
+    window = await services.events.window(chain_id)
+    if window is None:
         raise NotFound(f"There is no chain {shown(chain_id)}.")
     cursor = last_event_id_header if last_event_id_header is not None else last_event_id
+    # Without a cursor the stream starts at this request: the events committed before
+    # the stream subscribes (its headers are already on their way) are replayed.
+    resume_after = window[1] if cursor is None else _parse_id(cursor)
     shutdown = anyio.Event()
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         with services.hub.subscribe(chain_id) as sub:
             stopper = asyncio.create_task(_end_on(shutdown, sub))
             try:
-                async for event in _events(services.events, sub, chain_id, cursor):
+                async for event in _events(services.events, sub, chain_id, resume_after):
                     yield event
                 if shutdown.is_set():
                     yield ServerSentEvent(
@@ -98,17 +102,15 @@ async def chain_events(
 
 
 async def _events(
-    log: EventLog, sub: Subscription, chain_id: str, cursor: str | None
+    log: EventLog, sub: Subscription, chain_id: str, start: int | None
 ) -> AsyncIterator[ServerSentEvent]:
+    """Replay the log after ``start`` (None: not a usable id), then the live events."""
     window = await log.window(chain_id)  # read after subscribing: nothing falls in between
     if window is None:
         return
     oldest, last = window
     yield ServerSentEvent(comment="connected", retry=RETRY_MS)
-    start = _parse_id(cursor)
-    if cursor is None:
-        sent = last
-    elif start is None or start < oldest - 1 or start > last:
+    if start is None or start < oldest - 1 or start > last:
         sent = last
         yield _sse(
             StoredEvent(chain_id, last, "reset", {"chain_id": chain_id, "last_event_id": last})

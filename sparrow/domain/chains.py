@@ -222,7 +222,7 @@ class ChainService:
         return node, path, spp
 
     async def sweep_orphans(self) -> int:
-        return self.media.sweep(await self.store.all_chain_ids(), await self.store.all_node_ids())
+        return self.media.sweep(await self.store.all_chain_ids(), await self.store.ids_with_audio())
 
 
 _WHY_NO_AUDIO = {

@@ -140,8 +140,10 @@ class ChainStore:
         )
         return [r[0] for r in rows]
 
-    async def all_node_ids(self) -> set[str]:
-        return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes")}
+    async def ids_with_audio(self) -> set[str]:
+        """The nodes that own a file: the ready ones. A file of any other node was
+        left by a crash between writing it and marking the node ready."""
+        return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes WHERE status = 'ready'")}
 
     async def all_chain_ids(self) -> set[str]:
         return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}

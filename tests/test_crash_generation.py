@@ -1,0 +1,317 @@
+"""kill -9 during generation: after a restart nothing is left generating (SPEC §5, §6).
+
+The real ``sparrow serve`` runs in a child process on 127.0.0.1 with the mock
+engine at real time (``SPARROW_MOCK_STEP_MS=20``: a 10 s branch takes ~10 s).
+Each round queues two branches, A then B, waits until A is generating with
+progress, and kills the process with SIGKILL while B is still queued. The
+restart (with a fast mock) must end A's nodes ``error``/``interrupted``, run B
+to ``ready``, answer 409 for every node that is not ready and a complete WAV of
+exactly ``frames`` for every one that is, leave no temporary file behind, keep
+the database intact, and replay the event log from the last id seen before the
+kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from helpers import SAMPLE
+from live import free_port
+from sse import Message, open_stream
+
+from sparrow.audio import write_wav
+from sparrow.audio.atomic import temp_path_for
+from sparrow.media import MediaStore
+
+SLOW_STEP_MS = "20"  # one 20 ms frame per 20 ms: real time
+FAST_STEP_MS = "1"
+BRANCH_S = 10.0
+SAMPLE_RATE = 32_000  # the mock engine's
+KILL_AT = (0.0, 0.15, 0.3)  # A's progress past which each round's kill lands
+
+
+@contextmanager
+def serve(data_dir: Path, log: Path, step_ms: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``sparrow serve`` with the mock engine; yields the process and its base URL."""
+    port = free_port()
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
+        },
+        "SPARROW_DATA_DIR": str(data_dir),
+        "SPARROW_PORT": str(port),
+        "SPARROW_ENGINE": "mock",
+        "SPARROW_MOCK_STEP_MS": step_ms,
+    }
+    base = f"http://127.0.0.1:{port}"
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sparrow", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"sparrow serve did not become ready:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def kill_9(proc: subprocess.Popen[bytes]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+
+
+def integrity_ok(data_dir: Path) -> None:
+    with contextlib.closing(sqlite3.connect(data_dir / "sparrow.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def wav_frames(content: bytes) -> int:
+    """Frames of a complete RIFF/WAVE file; fails on a truncated or inconsistent one."""
+    assert content[:4] == b"RIFF" and content[8:12] == b"WAVE", content[:12]
+    (riff_size,) = struct.unpack_from("<I", content, 4)
+    assert riff_size == len(content) - 8, "the RIFF size does not match the file: partial"
+    block_align: int | None = None
+    pos = 12
+    while pos + 8 <= len(content):
+        chunk, size = struct.unpack_from("<4sI", content, pos)
+        body = pos + 8
+        assert body + size <= len(content), f"chunk {chunk!r} runs past the end: partial"
+        if chunk == b"fmt ":
+            (block_align,) = struct.unpack_from("<H", content, body + 12)
+        elif chunk == b"data":
+            assert block_align, "data before fmt"
+            assert size % block_align == 0
+            frames: int = size // block_align
+            return frames
+        pos = body + size + (size & 1)
+    raise AssertionError("no data chunk")
+
+
+def check_audio(client: httpx.Client, node: dict[str, Any]) -> None:
+    """A node's audio route, given the node as read just before: 409 while the node is
+    not ready; once it is, the whole file of exactly ``frames`` and nothing else."""
+    response = client.get(f"/api/nodes/{node['id']}/audio")
+    if node["status"] != "ready" and response.status_code != 200:
+        assert response.status_code == 409, (node["status"], response.status_code)
+        return
+    assert response.status_code == 200, (node["status"], response.status_code)
+    if node["status"] != "ready":  # it became ready after it was read
+        node = client.get(f"/api/nodes/{node['id']}").json()
+        assert node["status"] == "ready"
+    assert wav_frames(response.content) == node["frames"]
+    assert response.headers["etag"] == f'"{hashlib.sha256(response.content).hexdigest()}"'
+
+
+def branch(client: httpx.Client, parent_id: str, seed: int) -> list[str]:
+    response = client.post(
+        f"/api/nodes/{parent_id}/branch", json={"count": 2, "duration_s": BRANCH_S, "seed": seed}
+    )
+    assert response.status_code == 202, response.text
+    nodes = response.json()["nodes"]
+    assert [n["status"] for n in nodes] == ["queued", "queued"]
+    return [n["id"] for n in nodes]
+
+
+def statuses_of(messages: list[Message], node_ids: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {n: [] for n in node_ids}
+    for m in messages:
+        if m.event == "node-status" and m.json["node_id"] in out:
+            out[m.json["node_id"]].append(m.json["status"])
+    return out
+
+
+def progressed_past(messages: list[Message], node_ids: list[str], fraction: float) -> bool:
+    return any(
+        m.event == "node-progress"
+        and m.json["node_id"] in node_ids
+        and m.json["progress"] > fraction
+        for m in messages
+    )
+
+
+@dataclass(frozen=True)
+class Crash:
+    chain_id: str
+    job_a: list[str]  # running at the kill
+    job_b: list[str]  # queued at the kill
+    last_seen: int  # the last event id a client saw before the kill
+
+
+def crash_while_generating(
+    data_dir: Path, log: Path, parent_id: str | None, seed: int, kill_at: float
+) -> Crash:
+    """Branch twice from ``parent_id`` (from a new chain when None) and kill -9 the
+    server once the first job's progress passed ``kill_at``."""
+    with (
+        serve(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        if parent_id is None:
+            created = client.post(
+                "/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())}
+            )
+            assert created.status_code == 201, created.text
+            parent_id = created.json()["root"]["id"]
+        chain_id = client.get(f"/api/nodes/{parent_id}").json()["chain_id"]
+        start_id = client.get(f"/api/chains/{chain_id}").json()["chain"]["last_event_id"]
+        with open_stream(base, chain_id, last_event_id=str(start_id)) as stream:
+            job_a = branch(client, parent_id, seed=seed)
+            job_b = branch(client, parent_id, seed=seed + 50)
+            seen = stream.collect(lambda got: progressed_past(got, job_a, kill_at), timeout_s=15)
+            gpu = client.get("/api/gpu").json()
+            nodes = {n: client.get(f"/api/nodes/{n}").json() for n in job_a + job_b}
+            for node in nodes.values():
+                check_audio(client, node)
+            kill_9(proc)
+    assert [m.id for m in seen] == [str(i) for i in range(start_id + 1, start_id + 1 + len(seen))]
+    assert statuses_of(seen, job_a) == {n: ["queued", "generating"] for n in job_a}
+    assert statuses_of(seen, job_b) == {n: ["queued"] for n in job_b}
+    assert [nodes[n]["status"] for n in job_a] == ["generating", "generating"]
+    assert [nodes[n]["status"] for n in job_b] == ["queued", "queued"]
+    assert [r["node_ids"] for r in gpu["running"]] == [sorted(job_a)]
+    assert gpu["running"][0]["progress"] > kill_at
+    assert gpu["queue_depth"] == 1
+    return Crash(chain_id, job_a, job_b, int(seen[-1].id or 0))
+
+
+def restart_and_check(data_dir: Path, log: Path, crash: Crash, interrupted: list[str]) -> None:
+    """Restart fast; B must run to ready, ``interrupted`` stay ended, nothing partial show."""
+    media = MediaStore(data_dir)
+    chain_id, job_a, job_b = crash.chain_id, crash.job_a, crash.job_b
+    with (
+        serve(data_dir, log, FAST_STEP_MS) as (_proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        deadline = time.monotonic() + 20
+        while True:
+            nodes = {n: client.get(f"/api/nodes/{n}").json() for n in job_a + job_b}
+            for node in nodes.values():
+                check_audio(client, node)
+            if all(nodes[n]["status"] == "ready" for n in job_b):
+                break
+            assert all(nodes[n]["status"] in ("queued", "generating") for n in job_b)
+            assert time.monotonic() < deadline, nodes
+            time.sleep(0.02)
+
+        detail = client.get(f"/api/chains/{chain_id}").json()
+        by_id = {n["id"]: n for n in detail["nodes"]}
+        for node in detail["nodes"]:
+            assert node["status"] not in ("queued", "generating"), node
+            check_audio(client, node)
+        for node_id in interrupted:
+            assert by_id[node_id]["status"] == "error"
+            assert by_id[node_id]["error"]["code"] == "interrupted"
+            assert by_id[node_id]["frames"] is None
+        for node_id in job_b:
+            assert by_id[node_id]["frames"] == BRANCH_S * SAMPLE_RATE
+            assert by_id[node_id]["sample_rate"] == SAMPLE_RATE
+        ready = {n["id"] for n in detail["nodes"] if n["status"] == "ready"}
+        chain_dir = media.chain_dir(chain_id)
+        assert sorted(p.name for p in chain_dir.iterdir()) == sorted(f"{n}.wav" for n in ready)
+        for node_id in ready:
+            content = media.node_audio(chain_id, node_id).read_bytes()
+            assert wav_frames(content) == by_id[node_id]["frames"]
+        assert list(media.tmp_dir.iterdir()) == []
+        gpu = client.get("/api/gpu").json()
+        assert gpu["running"] == [] and gpu["queue_depth"] == 0
+
+        # The event log survived: everything after the last id seen, in order, once.
+        done = {n: ["generating", "ready"] for n in job_b}
+        with open_stream(base, chain_id, last_event_id=str(crash.last_seen)) as stream:
+            replay = stream.collect(lambda got: statuses_of(got, job_b) == done, timeout_s=15)
+    first = crash.last_seen + 1
+    assert [m.id for m in replay] == [str(i) for i in range(first, first + len(replay))]
+    assert detail["chain"]["last_event_id"] == int(replay[-1].id or 0)
+    ends = [
+        i for i, m in enumerate(replay) if m.event == "node-status" and m.json["node_id"] in job_a
+    ]
+    assert len(ends) == 2
+    for i in ends:
+        assert replay[i].json["status"] == "error"
+        assert replay[i].json["error"]["code"] == "interrupted"
+    b_events = [i for i, m in enumerate(replay) if m.json.get("node_id") in job_b]
+    assert max(ends) < min(b_events)
+    assert progressed_past(replay, job_b, 0.99)
+
+
+def test_kill_during_generation_interrupts_running_and_runs_queued(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "server.log"
+    media = MediaStore(data_dir)
+    parent_id: str | None = None
+    interrupted: list[str] = []  # every A node, over all rounds
+    for round_, kill_at in enumerate(KILL_AT):
+        crash = crash_while_generating(data_dir, log, parent_id, 100 * round_ + 1, kill_at)
+        interrupted += crash.job_a
+        integrity_ok(data_dir)
+        # What a kill in the middle of writing files leaves: a temporary name in the
+        # chain's folder, and an upload being received.
+        partial = temp_path_for(media.node_audio(crash.chain_id, crash.job_a[0]))
+        partial.write_bytes(b"RIFF\xff\xff\xff\x7fWAVEfmt ")
+        (media.tmp_dir / f"upload-{round_}").write_bytes(b"half an upload")
+
+        restart_and_check(data_dir, log, crash, interrupted)
+        integrity_ok(data_dir)
+        parent_id = crash.job_b[0]  # the next round continues from generated audio
+
+
+def test_file_of_an_interrupted_node_is_not_kept(tmp_path: Path) -> None:
+    """A kill between publishing a node's file and marking it ready leaves a complete
+    file under the node's final name; the node ends interrupted, so the file is
+    never served, and the start-up sweep should remove it."""
+    data_dir = tmp_path / "data"
+    log = tmp_path / "server.log"
+    media = MediaStore(data_dir)
+    with (
+        serve(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        created = client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})
+        assert created.status_code == 201, created.text
+        chain_id = created.json()["chain"]["id"]
+        node_ids = branch(client, created.json()["root"]["id"], seed=7)
+        deadline = time.monotonic() + 15
+        while client.get("/api/gpu").json()["running"] == []:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        kill_9(proc)
+    published = media.node_audio(chain_id, node_ids[0])
+    write_wav(published, [0.0] * SAMPLE_RATE, SAMPLE_RATE)
+    with (
+        serve(data_dir, log, FAST_STEP_MS) as (_proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        node = client.get(f"/api/nodes/{node_ids[0]}").json()
+        assert node["status"] == "error" and node["error"]["code"] == "interrupted"
+        assert client.get(f"/api/nodes/{node_ids[0]}/audio").status_code == 409
+    assert not published.exists()

@@ -1,0 +1,317 @@
+"""Branching through the API with the mock engine: the job queue, its limits and its outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from helpers import SAMPLE, branch, services, upload, wait_for_status
+
+from sparrow.api import create_app
+from sparrow.audio import read_wav_info
+from sparrow.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def new_root(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await upload(client, SAMPLE)
+    assert response.status_code == 201
+    root: dict[str, Any] = response.json()["root"]
+    return root
+
+
+async def audio_sha(client: httpx.AsyncClient, node_id: str) -> str:
+    response = await client.get(f"/api/nodes/{node_id}/audio")
+    assert response.status_code == 200
+    return hashlib.sha256(response.content).hexdigest()
+
+
+async def test_branch_generates_siblings_of_exact_duration(client: httpx.AsyncClient) -> None:
+    root = await new_root(client)
+    nodes = await branch(client, root["id"], count=3, duration_s=1.37, seed=40, prompt="lofi")
+    assert [n["status"] for n in nodes] == ["queued"] * 3
+    assert [n["params"]["seed"] for n in nodes] == [40, 41, 42]
+    assert all(n["parent_id"] == root["id"] and n["kind"] == "continuation" for n in nodes)
+    assert nodes[0]["params"] == {
+        "duration_s": 1.37,
+        "context_s": 10.0,
+        "temperature": 1.0,
+        "top_k": 250,
+        "top_p": 0.0,
+        "cfg_coef": 3.0,
+        "seed": 40,
+        "engine": "mock",
+        "model": "mock",
+    }
+    done = await wait_for_status(client, [n["id"] for n in nodes], "ready")
+    for node in done:
+        assert node["sample_rate"] == 32000
+        assert node["frames"] == round(1.37 * 32000)
+        assert node["duration_s"] == pytest.approx(1.37, abs=1 / 32000)
+        assert node["prompt"] == "lofi" and not node["committed"]
+    hashes = {await audio_sha(client, n["id"]) for n in done}
+    assert len(hashes) == 3  # siblings differ
+
+
+async def test_same_parent_params_and_seed_give_identical_audio(
+    client: httpx.AsyncClient,
+) -> None:
+    root = await new_root(client)
+    first = await branch(client, root["id"], count=2, duration_s=0.8, seed=7)
+    again = await branch(client, root["id"], count=1, duration_s=0.8, seed=8)
+    ids = [n["id"] for n in first + again]
+    await wait_for_status(client, ids, "ready")
+    shas = [await audio_sha(client, i) for i in ids]
+    assert shas[1] == shas[2]  # seed 8, as a sibling and alone
+    assert shas[0] != shas[1]
+
+
+async def test_commit_a_branch_and_branch_again_from_it(client: httpx.AsyncClient) -> None:
+    root = await new_root(client)
+    nodes = await branch(client, root["id"], count=2, duration_s=0.5)
+    await wait_for_status(client, [n["id"] for n in nodes], "ready")
+    spine = (await client.post(f"/api/nodes/{nodes[1]['id']}/commit")).json()["spine"]
+    assert [e["node"]["id"] for e in spine["nodes"]] == [root["id"], nodes[1]["id"]]
+    grandchildren = await branch(client, nodes[1]["id"], count=1, duration_s=0.5, context_s=3)
+    [done] = await wait_for_status(client, [grandchildren[0]["id"]], "ready")
+    assert done["parent_id"] == nodes[1]["id"] and done["frames"] == 16000
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"duration_s": 0.4}, "duration_s"),
+        ({"duration_s": 121}, "duration_s"),
+        ({"count": 0}, "count"),
+        ({"count": 9}, "count"),
+        ({"context_s": 31}, "context_s"),
+        ({"context_s": -1}, "context_s"),
+        ({"temperature": 0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**31 - 1, "count": 2}, "seed"),
+        ({"prompt": 5}, "prompt"),
+        ({"loudness": 3}, "loudness"),
+        ({"duration_s": "long"}, "duration_s"),
+    ],
+)
+async def test_branch_rejects_out_of_range_params(
+    client: httpx.AsyncClient, body: dict[str, Any], fragment: str
+) -> None:
+    root = await new_root(client)
+    response = await client.post(f"/api/nodes/{root['id']}/branch", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_input"
+    assert fragment in response.json()["detail"]
+
+
+async def test_branch_rejects_nan_and_garbage_json(client: httpx.AsyncClient) -> None:
+    root = await new_root(client)
+    url = f"/api/nodes/{root['id']}/branch"
+    headers = {"Content-Type": "application/json"}
+    for raw in (b'{"duration_s": NaN}', b'{"duration_s": Infinity}', b"{nope", b"[]"):
+        response = await client.post(url, content=raw, headers=headers)
+        assert response.status_code == 422, (raw, response.text)
+
+
+async def test_branch_needs_a_ready_parent(client: httpx.AsyncClient, app: FastAPI) -> None:
+    root = await new_root(client)
+    missing = await client.post("/api/nodes/0123/branch", json={})
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    await services(app).worker.stop()  # nothing runs: the new node stays queued
+    [queued] = await branch(client, root["id"], duration_s=1)
+    conflict = await client.post(f"/api/nodes/{queued['id']}/branch", json={})
+    assert conflict.status_code == 409 and "ready" in conflict.json()["detail"]
+
+
+@pytest.fixture
+def slow_settings(tmp_path: Path) -> Settings:
+    # 50 ms per 20 ms frame: a 10 s branch takes 25 s, long enough to act on it.
+    return Settings(data_dir=tmp_path / "data", engine="mock", mock_step_ms=50, queue_limit=2)
+
+
+@pytest.fixture
+async def slow(slow_settings: Settings) -> Any:
+    app = create_app(slow_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sparrow.test") as c:
+            yield app, c
+
+
+async def wait_running(client: httpx.AsyncClient, *, progress: float = 0.0) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        running = (await client.get("/api/gpu")).json()["running"]
+        if running and running[0]["progress"] > progress:
+            job: dict[str, Any] = running[0]
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError("no job started")
+
+
+async def test_cancel_stops_the_running_batch_within_a_step(slow: Any) -> None:
+    app, client = slow
+    root = await new_root(client)
+    nodes = await branch(client, root["id"], count=2, duration_s=10)
+    ids = [n["id"] for n in nodes]
+    job = await wait_running(client)
+    assert sorted(job["node_ids"]) == sorted(ids)
+    # Cancelling one sibling leaves the batch running for the other.
+    first = await client.post(f"/api/nodes/{ids[0]}/cancel")
+    assert first.status_code == 200 and first.json()["status"] == "cancelled"
+    await asyncio.sleep(0.2)
+    assert (await client.get("/api/gpu")).json()["running"][0]["node_ids"] == [ids[1]]
+    started = time.monotonic()
+    second = await client.post(f"/api/nodes/{ids[1]}/cancel")
+    assert second.json()["status"] == "cancelled"
+    while services(app).worker.running is not None:
+        assert time.monotonic() - started < 1.0, "the batch did not stop within a step"
+        await asyncio.sleep(0.005)
+    # Idempotent, and the nodes never get audio.
+    assert (await client.post(f"/api/nodes/{ids[0]}/cancel")).status_code == 200
+    assert (await client.get(f"/api/nodes/{ids[1]}/audio")).status_code == 409
+    assert not list(services(app).media.chain_dir(root["chain_id"]).glob(f"{ids[1]}*"))
+
+
+async def test_cancel_a_queued_node_and_refuse_to_cancel_a_ready_one(slow: Any) -> None:
+    app, client = slow
+    root = await new_root(client)
+    [running] = await branch(client, root["id"], duration_s=10)
+    [waiting] = await branch(client, root["id"], duration_s=10)
+    await wait_running(client)
+    cancelled = await client.post(f"/api/nodes/{waiting['id']}/cancel")
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["error"] is None
+    ready = await client.post(f"/api/nodes/{root['id']}/cancel")
+    assert ready.status_code == 409 and ready.json()["error"] == "conflict"
+    assert (await client.post("/api/nodes/nope/cancel")).status_code == 404
+    await client.post(f"/api/nodes/{running['id']}/cancel")
+    await wait_for_status(client, [running["id"]], "cancelled")
+    # The cancelled queued job is skipped: nothing runs any more.
+    deadline = time.monotonic() + 5
+    while (
+        services(app).worker.running is not None
+        or ((await client.get("/api/gpu")).json()["queue_depth"])
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_full_queue_answers_429_with_retry_after(slow: Any) -> None:
+    _, client = slow
+    root = await new_root(client)
+    await branch(client, root["id"], duration_s=10)
+    await wait_running(client)
+    await branch(client, root["id"], duration_s=10)
+    await branch(client, root["id"], duration_s=10)  # queue_limit = 2 waiting
+    refused = await client.post(f"/api/nodes/{root['id']}/branch", json={"duration_s": 10})
+    assert refused.status_code == 429 and refused.json()["error"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    gpu = (await client.get("/api/gpu")).json()
+    assert gpu["queue_depth"] == 2 and len(gpu["running"]) == 1
+
+
+async def test_discarding_a_generating_node_stops_its_job(slow: Any) -> None:
+    app, client = slow
+    root = await new_root(client)
+    [node] = await branch(client, root["id"], duration_s=10)
+    await wait_running(client)
+    response = await client.post(f"/api/nodes/{node['id']}/discard")
+    assert response.json() == {"deleted": [node["id"]]}
+    deadline = time.monotonic() + 1
+    while services(app).worker.running is not None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    files = list(services(app).media.chain_dir(root["chain_id"]).iterdir())
+    assert [f.stem for f in files] == [root["id"]]
+
+
+async def test_deleting_the_chain_stops_its_job(slow: Any) -> None:
+    app, client = slow
+    root = await new_root(client)
+    await branch(client, root["id"], duration_s=10)
+    await wait_running(client)
+    assert (await client.delete(f"/api/chains/{root['chain_id']}")).status_code == 204
+    deadline = time.monotonic() + 1
+    while services(app).worker.running is not None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    assert not services(app).media.chain_dir(root["chain_id"]).exists()
+    assert (await client.get("/api/gpu")).json()["queue_depth"] == 0
+
+
+async def test_queued_jobs_survive_a_restart_and_the_running_one_is_interrupted(
+    slow_settings: Settings,
+) -> None:
+    app = create_app(slow_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            root = await new_root(client)
+            [running] = await branch(client, root["id"], duration_s=10)
+            waiting = await branch(client, root["id"], duration_s=0.5, count=2)
+            await wait_running(client)
+    # Shut down mid-job: the running node is interrupted, the queued ones wait.
+    fast = slow_settings.model_copy(update={"mock_step_ms": 0.0})
+    app = create_app(fast)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            interrupted = (await client.get(f"/api/nodes/{running['id']}")).json()
+            assert interrupted["status"] == "error"
+            assert interrupted["error"]["code"] == "interrupted"
+            done = await wait_for_status(client, [n["id"] for n in waiting], "ready")
+            assert [n["frames"] for n in done] == [16000, 16000]
+
+
+async def test_an_engine_that_cannot_load_fails_the_job_not_the_worker(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "d", musicgen_model=str(tmp_path / "no-model"))
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            root = await new_root(client)
+            for _ in range(2):  # the worker carries on after a failure
+                [node] = await branch(client, root["id"], duration_s=1)
+                [failed] = await wait_for_status(client, [node["id"]], "error")
+                assert failed["error"]["code"] == "engine_unavailable"
+                assert "no-model" in failed["error"]["detail"]
+            ready = await client.get("/readyz")
+            assert ready.json()["checks"]["worker"] is True
+            gpu = (await client.get("/api/gpu")).json()
+            assert gpu["engine"] == "musicgen" and gpu["loaded"] is False
+
+
+async def test_gpu_reports_engine_and_queue(client: httpx.AsyncClient, app: FastAPI) -> None:
+    gpu = (await client.get("/api/gpu")).json()
+    assert gpu == {
+        "engine": "mock",
+        "model": "mock",
+        "device": "cpu",
+        "dtype": None,
+        "loaded": True,
+        "vram_total_bytes": None,
+        "vram_used_bytes": None,
+        "queue_depth": 0,
+        "running": [],
+    }
+
+
+async def test_generated_file_is_a_canonical_wav(client: httpx.AsyncClient, app: FastAPI) -> None:
+    root = await new_root(client)
+    [node] = await branch(client, root["id"], duration_s=0.75, seed=3)
+    await wait_for_status(client, [node["id"]], "ready")
+    path = services(app).media.node_audio(root["chain_id"], node["id"])
+    info = read_wav_info(path)
+    assert (info.sample_rate, info.channels, info.frames, info.bits) == (32000, 1, 24000, 16)
+    head = await client.head(f"/api/nodes/{node['id']}/audio")
+    assert head.headers["ETag"] == f'"{info.sha256}"'
