@@ -1,13 +1,21 @@
-"""A real uvicorn server on 127.0.0.1 in a background thread, for tests that need a socket."""
+"""Real servers on 127.0.0.1 for tests that need a socket.
+
+``running_server``: uvicorn in a thread. ``server_process``: ``sparrow serve`` in a child.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import uvicorn
 from sse_starlette.sse import AppStatus
 
@@ -46,3 +54,47 @@ def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str
         server.should_exit = True
         thread.join(timeout_s)
         AppStatus.should_exit = False
+
+
+@contextmanager
+def server_process(
+    data_dir: Path, port: int, *, log: Path | None = None, **extra_env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The real ``sparrow serve`` in a child process, ready; killed when the block ends.
+
+    Sparrow's variables come only from ``extra_env``; stderr goes to ``log`` if given.
+    """
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
+        },
+        "SPARROW_DATA_DIR": str(data_dir),
+        "SPARROW_PORT": str(port),
+        **extra_env,
+    }
+    with log.open("ab") if log is not None else open(os.devnull, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sparrow", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                why = log.read_text() if log is not None else ""
+                raise RuntimeError(f"sparrow serve did not become ready\n{why}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -10,53 +10,15 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from helpers import SAMPLE
-from live import free_port
+from live import free_port, server_process
 
 from sparrow.media import MediaStore
-
-
-@contextmanager
-def server_process(
-    data_dir: Path, port: int, **extra_env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
-        "SPARROW_DATA_DIR": str(data_dir),
-        "SPARROW_PORT": str(port),
-        **extra_env,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sparrow", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("sparrow serve did not become ready")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:

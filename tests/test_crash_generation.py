@@ -20,7 +20,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 from helpers import SAMPLE
-from live import free_port
+from live import free_port, server_process
 from sse import Message, open_stream
 
 from sparrow.audio import write_wav
@@ -48,41 +47,10 @@ KILL_AT = (0.0, 0.15, 0.3)  # A's progress past which each round's kill lands
 def serve(data_dir: Path, log: Path, step_ms: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``sparrow serve`` with the mock engine; yields the process and its base URL."""
     port = free_port()
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
-        },
-        "SPARROW_DATA_DIR": str(data_dir),
-        "SPARROW_PORT": str(port),
-        "SPARROW_ENGINE": "mock",
-        "SPARROW_MOCK_STEP_MS": step_ms,
-    }
-    base = f"http://127.0.0.1:{port}"
-    with log.open("ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sparrow", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"sparrow serve did not become ready:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    with server_process(
+        data_dir, port, log=log, SPARROW_ENGINE="mock", SPARROW_MOCK_STEP_MS=step_ms
+    ) as proc:
+        yield proc, f"http://127.0.0.1:{port}"
 
 
 def kill_9(proc: subprocess.Popen[bytes]) -> None:

@@ -71,32 +71,27 @@ def make_tiny_musicgen(folder: Path, *, window_s: float = 30.0) -> Path:
     generation config does for 30 s: a short window makes multi-window generation
     cheap to test. The weights do not depend on it.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MusicgenForConditionalGeneration(
-            MusicgenConfig(
-                text_encoder=T5Config(
-                    vocab_size=len(_WORDS) + 3,
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=1,
-                    num_heads=4,
-                    pad_token_id=0,
-                    eos_token_id=1,
-                ),
-                audio_encoder=_encodec_config(hidden_size=16, num_filters=4, lstm_layers=1),
-                decoder=MusicgenDecoderConfig(
-                    vocab_size=CODEBOOK_SIZE,
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    ffn_dim=64,
-                    num_codebooks=NUM_CODEBOOKS,
-                ),
-            )
-        )
-        _randomise_codebooks(model)
+    model = _random_musicgen(
+        text=T5Config(
+            vocab_size=len(_WORDS) + 3,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        audio=_encodec_config(hidden_size=16, num_filters=4, lstm_layers=1),
+        decoder=MusicgenDecoderConfig(
+            vocab_size=CODEBOOK_SIZE,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            num_codebooks=NUM_CODEBOOKS,
+        ),
+    )
     model.generation_config = _generation_config(window_s)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -136,35 +131,43 @@ def musicgen_small_shaped() -> tuple[MusicgenForConditionalGeneration, MusicgenP
     For benchmarks: the cost of a decoding step depends on shapes, not values. It is
     built in memory (about 2.3 GB in float32) and never saved.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MusicgenForConditionalGeneration(
-            MusicgenConfig(
-                text_encoder=T5Config(  # t5-base
-                    vocab_size=32_128,
-                    d_model=768,
-                    d_kv=64,
-                    d_ff=3072,
-                    num_layers=12,
-                    num_heads=12,
-                    pad_token_id=0,
-                    eos_token_id=1,
-                ),
-                audio_encoder=_encodec_config(hidden_size=128, num_filters=64, lstm_layers=2),
-                decoder=MusicgenDecoderConfig(
-                    vocab_size=CODEBOOK_SIZE,
-                    hidden_size=1024,
-                    num_hidden_layers=24,
-                    num_attention_heads=16,
-                    ffn_dim=4096,
-                    num_codebooks=NUM_CODEBOOKS,
-                ),
-            )
-        )
-        _randomise_codebooks(model)
+    model = _random_musicgen(
+        text=T5Config(  # t5-base
+            vocab_size=32_128,
+            d_model=768,
+            d_kv=64,
+            d_ff=3072,
+            num_layers=12,
+            num_heads=12,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        audio=_encodec_config(hidden_size=128, num_filters=64, lstm_layers=2),
+        decoder=MusicgenDecoderConfig(
+            vocab_size=CODEBOOK_SIZE,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            ffn_dim=4096,
+            num_codebooks=NUM_CODEBOOKS,
+        ),
+    )
     model.generation_config = _generation_config(30.0)
     model.train(False)
     return model, _processor()
+
+
+def _random_musicgen(
+    *, text: T5Config, audio: EncodecConfig, decoder: MusicgenDecoderConfig
+) -> MusicgenForConditionalGeneration:
+    """Random weights, the same on every build, leaving the caller's RNG state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MusicgenForConditionalGeneration(
+            MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder)
+        )
+        _randomise_codebooks(model)
+    return model
 
 
 def _encodec_config(*, hidden_size: int, num_filters: int, lstm_layers: int) -> EncodecConfig:
