@@ -50,7 +50,11 @@ class JobControl:
     started: float = field(default_factory=time.monotonic)
 
     def forget(self, node_ids: Collection[str]) -> None:
-        self.node_ids.difference_update(node_ids)
+        """Stop working for these nodes; once none of the job's nodes is wanted, stop the job."""
+        mine = self.node_ids.intersection(node_ids)
+        if not mine:
+            return  # other nodes: not this job's business
+        self.node_ids.difference_update(mine)
         if not self.node_ids:
             self.cancel.set()
 
@@ -65,7 +69,7 @@ class Worker:
         self.running: JobControl | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self.mean_job_s = 10.0  # moving average, for Retry-After estimates
 
     async def recover(self) -> int:
@@ -98,9 +102,13 @@ class Worker:
         if self.running is not None:
             self.running.forget(node_ids)
 
-    async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop the running job at its next step, let it record that, and end the loop."""
-        self._stopping = True
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop the running job at its next step, let it record that, and end the loop.
+
+        A job that cannot stop in ``grace_s`` (a model still loading) is abandoned:
+        its nodes stay ``generating`` until the next start-up's recovery.
+        """
+        self._stopping.set()
         if self.running is not None:
             self.running.shutting_down = True
             self.running.cancel.set()
@@ -110,11 +118,11 @@ class Worker:
         try:
             await asyncio.wait_for(self._task, timeout=grace_s)
         except TimeoutError:
-            log.error("the running job did not stop within %.0f s", grace_s)
+            log.error("the running job did not stop within %.0f s; abandoned", grace_s)
         self._task = None
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
             self._wake.clear()
             try:
                 async with self.store.write() as w:
@@ -126,6 +134,10 @@ class Worker:
             if job is None:
                 await self._wake.wait()
                 continue
+            if self._stopping.is_set():  # claimed while stopping: it waits for the next start
+                async with self.store.write() as w:
+                    await w.requeue_job(job.id)
+                break
             await self._execute(job)
 
     async def _execute(self, job: Job) -> None:

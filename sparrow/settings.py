@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     # Events.
     event_retention: int = Field(
-        default=1000, ge=1, description="Events kept per chain for Last-Event-ID replay."
+        default=10_000, ge=1, description="Events kept per chain for Last-Event-ID replay."
     )
     sse_keepalive_s: float = Field(default=15, gt=0, description="Keepalive comment interval.")
     sse_queue_limit: int = Field(

@@ -150,7 +150,7 @@ def test_a_first_connection_resumes_from_the_chains_last_event_id(server: str) -
     assert message.json == {"chain_id": chain_id, "node_ids": [created["root"]["id"], node_id]}
 
 
-@pytest.mark.parametrize("cursor", ["1", "abc", "-3", "99999", "1e3", "9" * 30])
+@pytest.mark.parametrize("cursor", ["1", "abc", "-3", "99999", "1e3", "9" * 30, "9" * 5000])
 def test_unknown_or_pruned_last_event_id_gets_a_reset(tmp_path: Path, cursor: str) -> None:
     settings = Settings(data_dir=tmp_path / "d", engine="mock", mock_step_ms=0, event_retention=5)
     with running_server(settings) as base:

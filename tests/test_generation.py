@@ -100,6 +100,10 @@ async def test_commit_a_branch_and_branch_again_from_it(client: httpx.AsyncClien
         ({"prompt": 5}, "prompt"),
         ({"loudness": 3}, "loudness"),
         ({"duration_s": "long"}, "duration_s"),
+        ({"count": True}, "count"),
+        ({"count": "2"}, "count"),
+        ({"cfg_coef": 0.5}, "cfg_coef"),
+        ({"temperature": 1e-300}, "temperature"),
     ],
 )
 async def test_branch_rejects_out_of_range_params(
@@ -315,3 +319,60 @@ async def test_generated_file_is_a_canonical_wav(client: httpx.AsyncClient, app:
     assert (info.sample_rate, info.channels, info.frames, info.bits) == (32000, 1, 24000, 16)
     head = await client.head(f"/api/nodes/{node['id']}/audio")
     assert head.headers["ETag"] == f'"{info.sha256}"'
+
+
+async def test_cancelled_jobs_free_their_place_in_the_queue(slow: Any) -> None:
+    _, client = slow
+    root = await new_root(client)
+    await branch(client, root["id"], duration_s=10)
+    await wait_running(client)
+    waiting = await branch(client, root["id"], duration_s=10, count=2)
+    waiting += await branch(client, root["id"], duration_s=10)
+    assert (await client.get("/api/gpu")).json()["queue_depth"] == 2  # the limit
+    for node in waiting:
+        assert (await client.post(f"/api/nodes/{node['id']}/cancel")).status_code == 200
+    assert (await client.get("/api/gpu")).json()["queue_depth"] == 0
+    await branch(client, root["id"], duration_s=10)  # room again: no 429
+
+
+async def test_cancelling_other_nodes_never_touches_a_starting_job(app: FastAPI) -> None:
+    from sparrow.domain.models import Job, JobKind
+    from sparrow.jobs import JobControl
+
+    control = JobControl(Job("j", "c", JobKind.GENERATE, {}, "now"))
+    control.forget(["someone-else"])  # before the job knows its nodes
+    assert not control.cancel.is_set()
+    control.node_ids.update({"a", "b"})
+    control.forget(["b", "unrelated"])
+    assert control.node_ids == {"a"} and not control.cancel.is_set()
+    control.forget(["a"])
+    assert control.cancel.is_set()
+
+
+async def test_shutdown_does_not_wait_for_a_model_that_is_still_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparrow.api import app as app_module
+    from sparrow.engines.mock import MockEngine
+
+    class SlowToLoad(MockEngine):
+        def load(self) -> None:
+            time.sleep(20)  # a hub download, say
+
+    monkeypatch.setattr(app_module, "build_engine", lambda settings: SlowToLoad())
+    app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            root = await new_root(client)
+            [node] = await branch(client, root["id"], duration_s=1)
+            await wait_for_status(client, [node["id"]], "generating")
+            started = time.monotonic()
+    assert time.monotonic() - started < 8  # the 5 s grace, not the 20 s load
+    # The abandoned node is ended by the next start-up's recovery.
+    app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            [after] = await wait_for_status(client, [node["id"]], "error")
+            assert after["error"]["code"] == "interrupted"

@@ -102,9 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             yield
         finally:
-            hub.close()
             if worker is not None:
                 await worker.stop()
+            hub.close()  # after the worker: its last events still reach open streams
             await db.close()
 
     app = FastAPI(

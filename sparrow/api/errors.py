@@ -124,6 +124,22 @@ _DESCRIPTIONS = {
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error statuses a route can answer."""
     return {
-        status: {"model": ErrorOut, "description": _DESCRIPTIONS[status]}
+        status: {
+            "model": ErrorOut,
+            "description": _DESCRIPTIONS[status],
+            **_HEADERS.get(status, {}),
+        }
         for status in sorted({*statuses, 422})
     }
+
+
+_HEADERS: dict[int, dict[str, Any]] = {
+    429: {
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "schema": {"type": "integer"},
+            }
+        }
+    }
+}

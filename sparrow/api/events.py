@@ -131,7 +131,9 @@ def _sse(event: StoredEvent) -> ServerSentEvent:
 
 
 def _parse_id(value: str | None) -> int | None:
-    if value is None or not (value.isascii() and value.strip().isdigit()):
+    """An event id, or None for anything that cannot be one (ids fit in 63 bits)."""
+    value = (value or "").strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
         return None
     return int(value)
 

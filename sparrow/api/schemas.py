@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S
 from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, Spine
 
 
@@ -134,22 +135,33 @@ class BranchIn(BaseModel):
     """A branch request. Ranges that depend on the server's limits (``duration_s`` up
     to ``SPARROW_MAX_BRANCH_S``, ``count`` up to ``SPARROW_MAX_COUNT``) answer 422."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: "2" or true is not a count; JSON integers are still fine for floats.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     prompt: str = Field(default="", max_length=2000, description="Text describing the music.")
-    duration_s: float = Field(default=10.0, ge=0.5, description="Seconds of new audio per node.")
-    count: int = Field(default=1, ge=1, description="Sibling alternatives, generated as one batch.")
+    duration_s: float = Field(
+        default=10.0,
+        ge=MIN_BRANCH_S,
+        description="Seconds of new audio per node; at most SPARROW_MAX_BRANCH_S (120).",
+    )
+    count: int = Field(
+        default=1,
+        ge=1,
+        description="Sibling alternatives, generated as one batch; at most SPARROW_MAX_COUNT (8).",
+    )
     context_s: float = Field(
         default=10.0, ge=0, le=30, description="Seconds of the path root→parent to continue."
     )
-    temperature: float = Field(default=1.0, gt=0, le=10)
+    temperature: float = Field(default=1.0, ge=0.01, le=10)
     top_k: int = Field(default=250, ge=0, le=10_000, description="0 disables top-k.")
     top_p: float = Field(default=0.0, ge=0, le=1, description="0 disables top-p.")
-    cfg_coef: float = Field(default=3.0, ge=0, le=30, description="Classifier-free guidance.")
+    cfg_coef: float = Field(
+        default=3.0, ge=1, le=30, description="Classifier-free guidance; 1 turns it off."
+    )
     seed: int | None = Field(
         default=None,
         ge=0,
-        le=2**31 - 1,
+        le=MAX_SEED,
         description="Seed of the first sibling; sibling i gets seed + i. Random if omitted.",
     )
 

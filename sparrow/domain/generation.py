@@ -49,7 +49,7 @@ from sparrow.store import ChainStore, ChainWriter
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1
-MAX_CONTEXT_S = 30.0
+MIN_BRANCH_S = 0.5
 # node-progress is sent when progress moved this much or this long has passed (SPEC §4).
 PROGRESS_STEP = 0.05
 PROGRESS_INTERVAL_S = 1.0
@@ -95,7 +95,10 @@ class GenerationService:
     async def branch(self, parent_id: str, request: BranchRequest) -> list[Node]:
         """Queue ``count`` sibling continuations of a ready node; returns them, queued."""
         self._check_limits(request)
-        base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
+        if request.seed is not None:
+            base_seed = request.seed
+        else:  # every sibling's seed stays one a client may send back
+            base_seed = secrets.randbelow(MAX_SEED - request.count + 2)
         async with self.store.write() as w:
             parent = await w.get_node(parent_id)
             if parent is None:
@@ -105,7 +108,7 @@ class GenerationService:
                     f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
                     "branched from."
                 )
-            queued = await w.queued_jobs()
+            queued = await w.waiting_jobs()
             if queued >= self.settings.queue_limit:
                 raise Overloaded(
                     f"The generation queue is full ({queued} jobs waiting); try again later.",
@@ -138,8 +141,10 @@ class GenerationService:
 
     def _check_limits(self, request: BranchRequest) -> None:
         limits = self.settings
-        if not 0.5 <= request.duration_s <= limits.max_branch_s:
-            raise InvalidInput(f"duration_s must be between 0.5 and {limits.max_branch_s:g}.")
+        if not MIN_BRANCH_S <= request.duration_s <= limits.max_branch_s:
+            raise InvalidInput(
+                f"duration_s must be between {MIN_BRANCH_S:g} and {limits.max_branch_s:g}."
+            )
         if not 1 <= request.count <= limits.max_count:
             raise InvalidInput(f"count must be between 1 and {limits.max_count}.")
         if request.seed is not None and request.seed + request.count - 1 > MAX_SEED:
@@ -192,9 +197,10 @@ class GenerationService:
                 for node_id in await w.job_node_ids(job.id, NodeStatus.QUEUED)
                 if (node := await self._set(w, node_id, NodeStatus.GENERATING)) is not None
             ]
+            # Known to the worker before any cancel can see these nodes generating.
+            control.node_ids.update(n.id for n in started)
         if not started:
             return
-        control.node_ids.update(n.id for n in started)
         try:
             outputs = await self._generate(job, started, control)
         except Cancelled:
@@ -212,13 +218,18 @@ class GenerationService:
             await self._end(started, NodeStatus.ERROR, error)
             return
         for node, audio in zip(started, outputs, strict=True):
-            if node.id in control.node_ids:
+            if node.id not in control.node_ids:
+                continue
+            try:
                 await self._publish_audio(node, audio)
+            except Exception:
+                log.exception("cannot publish the audio of node %s", node.id)
+                await self._end([node], NodeStatus.ERROR, _storage_error())
 
     async def _generate(self, job: Job, nodes: list[Node], control: JobControl) -> list[Audio]:
         first = nodes[0]
         params: dict[str, Any] = first.params or {}
-        await anyio.to_thread.run_sync(self.engine.load)
+        await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
         context = await self._context(job.request["parent_id"], float(params["context_s"]))
         request = Continuation(
             context=context,
@@ -232,7 +243,10 @@ class GenerationService:
         )
         reporter = _ProgressReporter(self, nodes, control, asyncio.get_running_loop())
         try:
-            return await anyio.to_thread.run_sync(self.engine.generate, request, reporter)
+            # Abandoned only when the worker itself is cancelled (a shutdown past its grace).
+            return await anyio.to_thread.run_sync(
+                self.engine.generate, request, reporter, abandon_on_cancel=True
+            )
         finally:
             await reporter.flush()
 
@@ -243,7 +257,7 @@ class GenerationService:
         ]
         return await read_tail(
             segments,
-            min(seconds, MAX_CONTEXT_S),
+            seconds,
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,
             tmp_dir=self.media.tmp_dir,
@@ -258,10 +272,6 @@ class GenerationService:
             )
         except FileNotFoundError:
             return  # the chain was deleted meanwhile
-        except OSError as exc:
-            log.error("cannot write the audio of node %s: %s", node.id, exc)
-            await self._end([node], NodeStatus.ERROR, _storage_error())
-            return
         facts = {
             "duration_s": info.duration_s,
             "sample_rate": info.sample_rate,
@@ -303,7 +313,7 @@ class GenerationService:
                 for node in nodes:
                     if node.id in control.node_ids:
                         await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))
-        except (SparrowError, LookupError) as exc:  # the chain is gone, or the disk is busy
+        except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
             log.debug("progress not recorded: %s", exc)
 
 
@@ -346,7 +356,9 @@ class _ProgressReporter:
     async def flush(self) -> None:
         """Wait until every progress event sent so far is recorded (before the final status)."""
         if self.pending:
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in self.pending))
+            await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in self.pending), return_exceptions=True
+            )
 
 
 def _storage_error() -> NodeError:

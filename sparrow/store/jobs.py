@@ -19,6 +19,13 @@ from sparrow.domain.models import Job, JobKind, Node, NodeError, NodeStatus, sou
 from sparrow.store.db import Database, Row
 from sparrow.store.rows import NODE_COLUMNS, node_from_row
 
+# Jobs waiting that still have work: a job whose nodes were all cancelled or
+# discarded holds no place in the queue (the worker skips it).
+WAITING_JOBS = (
+    "SELECT count(*) FROM jobs AS j WHERE j.status = 'queued' AND EXISTS ("
+    "SELECT 1 FROM nodes WHERE job_id = j.id AND status = 'queued')"
+)
+
 AUDIO_FACTS = frozenset({"duration_s", "sample_rate", "channels", "frames", "audio_sha256"})
 
 _JOB_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at"
@@ -60,9 +67,8 @@ class JobWrites:
             ),
         )
 
-    async def queued_jobs(self, owner: str | None = None) -> int:
-        sql = "SELECT count(*) FROM jobs WHERE status = 'queued'"
-        rows = await (self._rows(sql + " AND owner IS ?", (owner,)) if owner else self._rows(sql))
+    async def waiting_jobs(self) -> int:
+        rows = await self._rows(WAITING_JOBS)
         return int(rows[0][0])
 
     async def claim_next_job(self) -> Job | None:
@@ -75,9 +81,10 @@ class JobWrites:
         )
         return _job(rows[0]) if rows else None
 
-    async def running_jobs(self) -> list[Job]:
-        rows = await self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running'")
-        return [_job(r) for r in rows]
+    async def requeue_job(self, job_id: str) -> None:
+        await self.tx.execute(
+            "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
+        )
 
     async def delete_job(self, job_id: str) -> None:
         await self.tx.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -140,5 +147,5 @@ class JobReads:
         self.db = db
 
     async def queue_depth(self) -> int:
-        row = await self.db.fetchone("SELECT count(*) FROM jobs WHERE status = 'queued'")
+        row = await self.db.fetchone(WAITING_JOBS)
         return int(row[0]) if row else 0
