@@ -187,7 +187,9 @@ def restart_and_check(data_dir: Path, log: Path, crash: Crash, interrupted: list
                 check_audio(client, node)
             if all(nodes[n]["status"] == "ready" for n in job_b):
                 break
-            assert all(nodes[n]["status"] in ("queued", "generating") for n in job_b)
+            assert all(nodes[n]["status"] in ("queued", "generating", "ready") for n in job_b), (
+                nodes
+            )
             assert time.monotonic() < deadline, nodes
             time.sleep(0.02)
 
