@@ -134,7 +134,7 @@ class ChainService:
     # -- nodes and the spine ------------------------------------------------------
 
     async def get_node(self, node_id: str) -> Node:
-        return _found(node_id, await self.store.get_node(node_id))
+        return found_node(node_id, await self.store.get_node(node_id))
 
     async def spine(self, chain_id: str) -> Spine:
         await self.get_chain(chain_id)
@@ -146,7 +146,7 @@ class ChainService:
     async def commit(self, node_id: str) -> Spine:
         """Commit the node and its ancestors; other committed branches are uncommitted."""
         async with self.store.write() as w:
-            node = _found(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id))
             if node.status is not NodeStatus.READY:
                 raise Conflict(
                     f"Node {shown(node_id)} is {node.status}; only a ready node can be committed."
@@ -158,7 +158,7 @@ class ChainService:
     async def uncommit(self, node_id: str) -> Spine:
         """Uncommit the node and its committed descendants."""
         async with self.store.write() as w:
-            node = _found(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id))
             if node.is_root:
                 raise Conflict("The root node is always committed.")
             if await w.uncommit_subtree(node.id, node.chain_id):
@@ -171,7 +171,7 @@ class ChainService:
     async def discard(self, node_id: str) -> list[str]:
         """Delete the node, its subtree and their files; returns the deleted ids."""
         async with self.store.write() as w:
-            node = _found(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id))
             if node.is_root:
                 raise Conflict("The root node cannot be discarded; delete the chain instead.")
             if node.committed:
@@ -233,7 +233,8 @@ _WHY_NO_AUDIO = {
 }
 
 
-def _found(node_id: str, node: Node | None) -> Node:
+def found_node(node_id: str, node: Node | None) -> Node:
+    """The node, or NotFound naming the id that was asked for."""
     if node is None:
         raise NotFound(f"There is no node {shown(node_id)}.")
     return node

@@ -26,7 +26,7 @@ import numpy as np
 
 from sparrow.audio import write_wav
 from sparrow.audio.tail import Segment, read_tail
-from sparrow.domain.chains import shown
+from sparrow.domain.chains import found_node, shown
 from sparrow.domain.models import (
     ACTIVE,
     Job,
@@ -39,7 +39,7 @@ from sparrow.domain.models import (
     utc_now,
 )
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
-from sparrow.errors import Conflict, InvalidInput, NotFound, Overloaded, SparrowError
+from sparrow.errors import Conflict, InvalidInput, Overloaded, SparrowError
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl
 from sparrow.media import MediaStore
@@ -100,9 +100,7 @@ class GenerationService:
         else:  # every sibling's seed stays one a client may send back
             base_seed = secrets.randbelow(MAX_SEED - request.count + 2)
         async with self.store.write() as w:
-            parent = await w.get_node(parent_id)
-            if parent is None:
-                raise NotFound(f"There is no node {shown(parent_id)}.")
+            parent = found_node(parent_id, await w.get_node(parent_id))
             if parent.status is not NodeStatus.READY:
                 raise Conflict(
                     f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
@@ -125,9 +123,7 @@ class GenerationService:
     async def cancel(self, node_id: str) -> Node:
         """Cancel a queued or generating node; cancelling a cancelled node changes nothing."""
         async with self.store.write() as w:
-            node = await w.get_node(node_id)
-            if node is None:
-                raise NotFound(f"There is no node {shown(node_id)}.")
+            node = found_node(node_id, await w.get_node(node_id))
             if node.status is NodeStatus.CANCELLED:
                 return node
             if node.status not in ACTIVE:

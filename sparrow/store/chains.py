@@ -24,17 +24,9 @@ from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
 from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
 
-# The path from a node up to the root, the node included.
+# The path from a node up to the root, the node included, with each node's
+# distance from it (``up`` is the parent: a name no node column shares).
 _ANCESTORS = """
-    ancestors(id, parent_id) AS (
-        SELECT id, parent_id FROM nodes WHERE id = :node_id
-        UNION ALL
-        SELECT n.id, n.parent_id FROM nodes AS n JOIN ancestors AS a ON n.id = a.parent_id
-    )
-"""
-
-# The same, with each node's distance from the start.
-_ANCESTORS_DEPTH = """
     ancestors(id, up, depth) AS (
         SELECT id, parent_id, 0 FROM nodes WHERE id = :node_id
         UNION ALL
@@ -67,6 +59,7 @@ def _with(*ctes: str) -> str:
 
 
 _SELECT_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?"
+_SELECT_CHAIN = "SELECT * FROM chains WHERE id = ?"
 
 _INSERT_NODE = (
     f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES ("
@@ -94,7 +87,7 @@ class ChainStore:
             yield ChainWriter(tx, emitted, self.event_retention)
 
     async def get_chain(self, chain_id: str) -> Chain | None:
-        row = await self.db.fetchone("SELECT * FROM chains WHERE id = ?", (chain_id,))
+        row = await self.db.fetchone(_SELECT_CHAIN, (chain_id,))
         return chain_from_row(row) if row else None
 
     async def list_chains(self, *, limit: int, offset: int) -> tuple[list[Chain], int]:
@@ -128,7 +121,7 @@ class ChainStore:
     async def path_to(self, node_id: str) -> list[Node]:
         """The nodes from the root down to the node, the node included."""
         rows = await self.db.fetchall(
-            f"{_with(_ANCESTORS_DEPTH)} SELECT {NODE_COLUMNS} "
+            f"{_with(_ANCESTORS)} SELECT {NODE_COLUMNS} "
             "FROM ancestors JOIN nodes USING (id) ORDER BY ancestors.depth DESC",
             {"node_id": node_id},
         )
@@ -166,7 +159,7 @@ class ChainWriter(EventWrites, JobWrites):
         return node_from_row(row) if row else None
 
     async def get_chain(self, chain_id: str) -> Chain | None:
-        async with self.tx.execute("SELECT * FROM chains WHERE id = ?", (chain_id,)) as cur:
+        async with self.tx.execute(_SELECT_CHAIN, (chain_id,)) as cur:
             row = await cur.fetchone()
         return chain_from_row(row) if row else None
 
