@@ -1,7 +1,9 @@
 """The ``sparrow`` command.
 
-sparrow serve [--host H] [--port P]    run the API server
-sparrow make-tiny-models DIR           write tiny random-weight MusicGen and Demucs models
+sparrow serve [--host H] [--port P]                 run the API server
+sparrow keys create --tier free|paid [--name N]     create an API key (the key is the last line)
+sparrow keys list | revoke ID | set-tier ID TIER    manage keys
+sparrow make-tiny-models DIR                        write tiny random-weight models
 """
 
 from __future__ import annotations
@@ -48,6 +50,51 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sparrow.domain.keys import KeyService
+    from sparrow.domain.models import Tier
+    from sparrow.errors import SparrowError
+    from sparrow.settings import Settings
+    from sparrow.store import Database
+    from sparrow.store.keys import KeyStore
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        db = Database(settings.db_path)
+        await db.open()
+        try:
+            keys = KeyService(KeyStore(db), enabled=True)
+            if args.action == "create":
+                record, key = await keys.create(tier=Tier(args.tier), name=args.name)
+                print(f"Created {record.tier} key {record.id} ({record.name}).")
+                print("Store it now: it is shown only this once.")
+                print(key)
+            elif args.action == "list":
+                for record in await keys.keys.list():
+                    print(f"{record.id}  {record.tier:<4}  {record.created_at}  {record.name}")
+            elif args.action == "revoke":
+                await keys.revoke(args.key_id)
+                print(f"Revoked key {args.key_id}; its chains stay, reachable by no key.")
+            else:
+                await keys.set_tier(args.key_id, Tier(args.tier))
+                print(f"Key {args.key_id} is now {args.tier}.")
+        except SparrowError as exc:
+            print(f"sparrow: {exc.detail}", file=sys.stderr)
+            return 1
+        finally:
+            await db.close()
+        return 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparrow", description="Sparrow music-continuation backend."
@@ -58,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: SPARROW_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: SPARROW_PORT or 8520)")
     serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser(
+        "keys",
+        help="manage API keys (used with SPARROW_AUTH=on)",
+        description="Keys live in the database under SPARROW_DATA_DIR (or "
+        "SPARROW_DATABASE_PATH); only their hashes are stored.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key; the key alone is the last line")
+    create.add_argument("--tier", choices=["free", "paid"], required=True)
+    create.add_argument("--name", help="a label to recognise the key by")
+    actions.add_parser("list", help="list keys (ids, tiers, names; never the keys)")
+    revoke = actions.add_parser("revoke", help="delete a key: it stops working at once")
+    revoke.add_argument("key_id")
+    set_tier = actions.add_parser("set-tier", help="change a key's tier")
+    set_tier.add_argument("key_id")
+    set_tier.add_argument("tier", choices=["free", "paid"])
+    keys.set_defaults(run=_keys)
 
     tiny = commands.add_parser(
         "make-tiny-models",

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sparrow.domain.models import NodeError, NodeStatus
+from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
 
 # -- the events ---------------------------------------------------------------------
 
@@ -94,11 +94,53 @@ class ChainDeleted:
         return {"chain_id": self.chain_id}
 
 
-Event = NodeStatusChanged | NodeProgress | NodesDeleted | SpineChanged | ChainDeleted
+@dataclass(frozen=True)
+class StemsStatusChanged:
+    name: ClassVar[str] = "stems-status"
+    chain_id: str
+    node_id: str
+    status: StemsStatus
+    error: NodeError | None = None
+    stems: tuple[str, ...] = ()  # the stem names, once ready
+
+    def data(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "chain_id": self.chain_id,
+            "status": self.status.value,
+        }
+        if self.error is not None:
+            out["error"] = {"code": self.error.code, "detail": self.error.detail}
+        if self.stems:
+            out["stems"] = list(self.stems)
+        return out
+
+
+@dataclass(frozen=True)
+class StemsProgress:
+    name: ClassVar[str] = "stems-progress"
+    chain_id: str
+    node_id: str
+    progress: float
+    eta_s: float | None = None
+
+    def data(self) -> dict[str, Any]:
+        return NodeProgress(self.chain_id, self.node_id, self.progress, self.eta_s).data()
+
+
+Event = (
+    NodeStatusChanged
+    | NodeProgress
+    | NodesDeleted
+    | SpineChanged
+    | ChainDeleted
+    | StemsStatusChanged
+    | StemsProgress
+)
 
 # Events that may be dropped for a subscriber that falls behind: a later one
 # carries the same information.
-DROPPABLE = frozenset({NodeProgress.name})
+DROPPABLE = frozenset({NodeProgress.name, StemsProgress.name})
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ job (they were cancelled or deleted); once none of its nodes is wanted, its
 the next decoding step. On shutdown the running job is stopped the same way,
 marked as interrupted.
 
-At start-up, before the worker runs, ``recover`` ends every node that a job
-running when the process died had left queued or generating: ``error`` with
-code ``interrupted`` (the lifecycle has no way back to ``queued``). Jobs that
-were still queued stay, and run.
+At start-up, before the worker runs, ``recover`` asks each runner to end what a
+job running when the process died had left unfinished (nodes or stems left
+queued or generating become ``error`` with code ``interrupted``: the lifecycle
+has no way back to ``queued``). Jobs that were still queued stay, and run.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from sparrow.domain.models import Job, JobKind, NodeError, NodeStatus
-from sparrow.events import NodeStatusChanged
-from sparrow.store import ChainStore
+from sparrow.domain.models import Job, JobKind, NodeError
+from sparrow.store import ChainStore, ChainWriter
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED = NodeError(
-    "interrupted", "The server stopped while this node was being generated; branch again."
+    "interrupted", "The server stopped while this work was running; ask for it again."
 )
 
 
@@ -46,7 +46,8 @@ class JobControl:
     node_ids: set[str] = field(default_factory=set)  # nodes still wanted
     cancel: threading.Event = field(default_factory=threading.Event)
     shutting_down: bool = False
-    progress: float = 0.0
+    progress: float = 0.0  # of the whole job
+    piece_progress: dict[str, float] = field(default_factory=dict)  # per node, where it differs
     started: float = field(default_factory=time.monotonic)
 
     def forget(self, node_ids: Collection[str]) -> None:
@@ -59,7 +60,16 @@ class JobControl:
             self.cancel.set()
 
 
-Runner = Callable[[Job, JobControl], Awaitable[None]]
+class Runner(Protocol):
+    """Runs the jobs of one kind."""
+
+    async def run(self, job: Job, control: JobControl) -> None:
+        """Do the job; record its outcome on its rows. Raising fails this job only."""
+        ...
+
+    async def recover(self, w: ChainWriter) -> int:
+        """End (as ``INTERRUPTED``) what a job running at a crash left unfinished; how many."""
+        ...
 
 
 class Worker:
@@ -73,19 +83,13 @@ class Worker:
         self.mean_job_s = 10.0  # moving average, for Retry-After estimates
 
     async def recover(self) -> int:
-        """End the nodes a crash left queued or generating; returns how many."""
+        """End the work a crash left unfinished; returns how many nodes and stems it ended."""
         async with self.store.write() as w:
-            stranded = await w.stranded_node_ids()
-            for node_id in stranded:
-                node = await w.set_status(node_id, NodeStatus.ERROR, error=INTERRUPTED)
-                if node is not None:
-                    await w.emit(
-                        NodeStatusChanged(node.chain_id, node.id, node.status, INTERRUPTED)
-                    )
+            stranded = sum([await runner.recover(w) for runner in self.runners.values()])
             await w.delete_running_jobs()
         if stranded:
-            log.warning("%d node(s) were interrupted by the last shutdown", len(stranded))
-        return len(stranded)
+            log.warning("%d piece(s) of work were interrupted by the last shutdown", stranded)
+        return stranded
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sparrow-worker")
@@ -143,7 +147,7 @@ class Worker:
     async def _execute(self, job: Job) -> None:
         control = self.running = JobControl(job)
         try:
-            await self.runners[job.kind](job, control)
+            await self.runners[job.kind].run(job, control)
         except Exception:
             # A failed job fails that job, never the worker.
             log.exception("job %s (%s) failed", job.id, job.kind)

@@ -2,20 +2,23 @@
 
 Layout under the data dir::
 
-    audio/<chain_id>/<node_id>.wav   one canonical file per ready node
-    tmp/                              uploads being received (cleared at start-up)
+    audio/<chain_id>/<node_id>.wav            one canonical file per ready node
+    stems/<chain_id>/<node_id>/<stem>.wav     a node's stems, once its separation is ready
+    exports/<chain_id>/<key>.<ext>            exports made, reused while the spine is the same
+    tmp/                                      uploads being received (cleared at start-up)
 
-Paths are built only from ids the database issued, never from client input.
+Paths are built only from ids the database issued (and stem names and export
+keys the server chose), never from client input.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from sparrow.audio.atomic import fsync_path
 from sparrow.domain.models import new_id
 
 log = logging.getLogger(__name__)
@@ -24,28 +27,36 @@ log = logging.getLogger(__name__)
 class MediaStore:
     def __init__(self, data_dir: Path) -> None:
         self.audio_dir = data_dir / "audio"
+        self.stems_dir = data_dir / "stems"
+        self.exports_dir = data_dir / "exports"
         self.tmp_dir = data_dir / "tmp"
 
     def ensure(self) -> None:
-        self.audio_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.audio_dir, self.stems_dir, self.exports_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def chain_dir(self, chain_id: str) -> Path:
         return self.audio_dir / chain_id
 
     def make_chain_dir(self, chain_id: str) -> Path:
         """Create a chain's folder durably: its entry in ``audio/`` is fsynced too."""
-        path = self.chain_dir(chain_id)
-        path.mkdir(exist_ok=True)
-        fd = os.open(self.audio_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return path
+        return _make_durable(self.chain_dir(chain_id))
 
     def node_audio(self, chain_id: str, node_id: str) -> Path:
         return self.chain_dir(chain_id) / f"{node_id}.wav"
+
+    def node_stems(self, chain_id: str, node_id: str) -> Path:
+        return self.stems_dir / chain_id / node_id
+
+    def make_node_stems_dir(self, chain_id: str, node_id: str) -> Path:
+        _make_durable(self.stems_dir / chain_id)
+        return _make_durable(self.node_stems(chain_id, node_id))
+
+    def stem_file(self, chain_id: str, node_id: str, stem: str) -> Path:
+        return self.node_stems(chain_id, node_id) / f"{stem}.wav"
+
+    def chain_exports(self, chain_id: str) -> Path:
+        return self.exports_dir / chain_id
 
     def new_upload_path(self) -> Path:
         # No extension on purpose: the format is detected from the content alone.
@@ -54,37 +65,64 @@ class MediaStore:
     def remove_nodes(self, chain_id: str, node_ids: Iterable[str]) -> None:
         for node_id in node_ids:
             self.node_audio(chain_id, node_id).unlink(missing_ok=True)
+            self.remove_stems(chain_id, node_id)
+
+    def remove_stems(self, chain_id: str, node_id: str) -> None:
+        shutil.rmtree(self.node_stems(chain_id, node_id), ignore_errors=True)
 
     def remove_chain(self, chain_id: str) -> None:
-        shutil.rmtree(self.chain_dir(chain_id), ignore_errors=True)
+        for folder in (self.chain_dir(chain_id), self.stems_dir / chain_id):
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.chain_exports(chain_id), ignore_errors=True)
 
-    def sweep(self, chain_ids: set[str], node_ids: set[str]) -> int:
-        """Delete every file that is not the audio of a known chain's ready node.
+    def sweep(self, chain_ids: set[str], node_ids: set[str], stems_ids: set[str]) -> int:
+        """Delete every file the database does not account for.
 
-        ``node_ids`` are the nodes that own a file (the ready ones): anything else
-        was left by a crash between writing a file and recording it. Returns the
-        number of files and folders removed.
+        ``node_ids`` are the nodes that own an audio file (the ready ones) and
+        ``stems_ids`` the nodes whose stems are ready: anything else was left by a
+        crash between writing a file and recording it. Exports of known chains are
+        kept (they are found again by their key); their temporary files are not.
+        Returns the number of files and folders removed.
         """
         removed = 0
         for leftover in self.tmp_dir.iterdir():
-            _remove(leftover)
-            removed += 1
+            removed += _remove(leftover)
         for chain_dir in self.audio_dir.iterdir():
             if not chain_dir.is_dir() or chain_dir.name not in chain_ids:
-                _remove(chain_dir)
-                removed += 1
+                removed += _remove(chain_dir)
                 continue
             for file in chain_dir.iterdir():
                 if file.suffix != ".wav" or file.stem not in node_ids:
-                    _remove(file)
-                    removed += 1
+                    removed += _remove(file)
+        for chain_dir in self.stems_dir.iterdir():
+            if not chain_dir.is_dir() or chain_dir.name not in chain_ids:
+                removed += _remove(chain_dir)
+                continue
+            for node_dir in chain_dir.iterdir():
+                if node_dir.name not in stems_ids:
+                    removed += _remove(node_dir)
+                else:  # temporary files of a separation that was running
+                    removed += sum(_remove(f) for f in node_dir.glob(".*"))
+        for chain_dir in self.exports_dir.iterdir():
+            if not chain_dir.is_dir() or chain_dir.name not in chain_ids:
+                removed += _remove(chain_dir)
+            else:
+                removed += sum(_remove(f) for f in chain_dir.glob(".*"))
         if removed:
             log.info("removed %d orphaned files at start-up", removed)
         return removed
 
 
-def _remove(path: Path) -> None:
+def _make_durable(path: Path) -> Path:
+    """Create a folder and fsync its parent, so that the new entry survives a crash."""
+    path.mkdir(exist_ok=True)
+    fsync_path(path.parent)
+    return path
+
+
+def _remove(path: Path) -> int:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+    return 1

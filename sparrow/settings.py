@@ -54,7 +54,16 @@ class Settings(BaseSettings):
     max_upload_s: float = Field(default=600, gt=0)
     max_branch_s: float = Field(default=120, gt=0)
     max_count: int = Field(default=8, ge=1)
-    queue_limit: int = Field(default=64, ge=1)
+    queue_limit: int = Field(default=64, ge=1, description="Jobs waiting, in total, before 429.")
+    queue_limit_per_owner: int = Field(
+        default=16, ge=1, description="Jobs waiting for one API key before 429 (with auth on)."
+    )
+    max_export_s: float = Field(
+        default=3600, gt=0, description="Longest spine that can be exported, in seconds."
+    )
+    export_concurrency: int = Field(
+        default=2, ge=1, description="Exports encoded at the same time; others wait."
+    )
     decode_timeout_s: float = Field(
         default=60, gt=0, description="Wall-clock limit for decoding one upload."
     )

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from sparrow.api.app import Services
 from sparrow.audio import render_music, write_wav
-from sparrow.domain.models import Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.domain.models import LOCAL_USER, Node, NodeKind, NodeStatus, new_id, utc_now
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.flac"
 
@@ -41,7 +41,7 @@ async def add_child(
 ) -> Node:
     """Put a continuation under ``parent_id`` directly through the store, with real audio."""
     svc = services(app)
-    parent = await svc.chains.get_node(parent_id)
+    parent = await svc.chains.get_node(LOCAL_USER, parent_id)
     node_id, now = new_id(), utc_now()
     fields: dict[str, Any] = {}
     if status is NodeStatus.READY:

@@ -313,7 +313,7 @@ async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient
     upload_body = operations[("POST", "/api/chains")]["requestBody"]["content"]
     assert "file" in upload_body["multipart/form-data"]["schema"]["properties"]
     assert set(operations[("POST", "/api/chains")]["responses"]) == {
-        "201", "408", "413", "415", "422", "429", "503",
+        "201", "401", "408", "413", "415", "422", "429", "503",
     }  # fmt: skip
 
 

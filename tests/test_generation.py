@@ -292,17 +292,16 @@ async def test_an_engine_that_cannot_load_fails_the_job_not_the_worker(
             ready = await client.get("/readyz")
             assert ready.json()["checks"]["worker"] is True
             gpu = (await client.get("/api/gpu")).json()
-            assert gpu["engine"] == "musicgen" and gpu["loaded"] is False
+            assert gpu["generation"]["engine"] == "musicgen"
+            assert gpu["generation"]["loaded"] is False
 
 
 async def test_gpu_reports_engine_and_queue(client: httpx.AsyncClient, app: FastAPI) -> None:
     gpu = (await client.get("/api/gpu")).json()
+    mock = {"engine": "mock", "model": "mock", "device": "cpu", "dtype": None, "loaded": True}
     assert gpu == {
-        "engine": "mock",
-        "model": "mock",
-        "device": "cpu",
-        "dtype": None,
-        "loaded": True,
+        "generation": mock,
+        "stems": {**mock, "model": gpu["stems"]["model"]},
         "vram_total_bytes": None,
         "vram_used_bytes": None,
         "queue_depth": 0,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sparrow.domain.chains import ChainService
-from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.domain.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.errors import Conflict, NotFound
 from sparrow.events import EventHub
 from sparrow.media import MediaStore
@@ -123,9 +123,9 @@ class SpineMachine(RuleBasedStateMachine):
         node_id = self._pick(data)
         if self.status[node_id] is not NodeStatus.READY:
             with pytest.raises(Conflict):
-                self.run(self.service.commit(node_id))
+                self.run(self.service.commit(LOCAL_USER, node_id))
             return
-        self.run(self.service.commit(node_id))
+        self.run(self.service.commit(LOCAL_USER, node_id))
         path = self._ancestors(node_id)
         keep = self.committed & self._subtree(node_id)  # committed descendants stay
         self.committed = path | keep
@@ -135,9 +135,9 @@ class SpineMachine(RuleBasedStateMachine):
         node_id = self._pick(data)
         if node_id == self.root:
             with pytest.raises(Conflict):
-                self.run(self.service.uncommit(node_id))
+                self.run(self.service.uncommit(LOCAL_USER, node_id))
             return
-        self.run(self.service.uncommit(node_id))
+        self.run(self.service.uncommit(LOCAL_USER, node_id))
         self.committed -= self._subtree(node_id)
 
     @rule(data=st.data())
@@ -145,9 +145,9 @@ class SpineMachine(RuleBasedStateMachine):
         node_id = self._pick(data)
         if node_id == self.root or node_id in self.committed:
             with pytest.raises(Conflict):
-                self.run(self.service.discard(node_id))
+                self.run(self.service.discard(LOCAL_USER, node_id))
             return
-        deleted = self.run(self.service.discard(node_id))
+        deleted = self.run(self.service.discard(LOCAL_USER, node_id))
         gone = self._subtree(node_id)
         assert set(deleted) == gone
         assert deleted[0] == node_id
@@ -155,7 +155,7 @@ class SpineMachine(RuleBasedStateMachine):
             del self.parent[n]
             del self.status[n]
         with pytest.raises(NotFound):
-            self.run(self.service.get_node(node_id))
+            self.run(self.service.get_node(LOCAL_USER, node_id))
 
     @invariant()
     def database_matches_model(self) -> None:
@@ -165,7 +165,7 @@ class SpineMachine(RuleBasedStateMachine):
 
     @invariant()
     def committed_nodes_form_one_path_from_the_root(self) -> None:
-        spine = self.run(self.service.spine(self.chain_id))
+        spine = self.run(self.service.spine(LOCAL_USER, self.chain_id))
         ids = [e.node.id for e in spine.entries]
         assert ids[0] == self.root
         assert set(ids) == self.committed  # every committed node is on the one path

@@ -19,14 +19,18 @@ import anyio
 from fastapi import FastAPI
 
 from sparrow import __version__
-from sparrow.api import chains, events, health, nodes, system
+from sparrow.api import chains, events, export, health, nodes, stems, system
 from sparrow.api.errors import install_error_handlers
 from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
 from sparrow.api.upload import UploadSlots
 from sparrow.domain.chains import ChainService
+from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
+from sparrow.domain.keys import KeyService
 from sparrow.domain.models import JobKind
-from sparrow.engines import GenerationEngine, build_engine
+from sparrow.domain.queue import QueueLimits
+from sparrow.domain.stems import StemsService
+from sparrow.engines import GenerationEngine, StemEngine, build_engine, build_stem_engine
 from sparrow.events import EventHub
 from sparrow.jobs import Worker
 from sparrow.media import MediaStore
@@ -34,6 +38,7 @@ from sparrow.settings import Settings
 from sparrow.store import ChainStore, Database
 from sparrow.store.events import EventLog
 from sparrow.store.jobs import JobReads
+from sparrow.store.keys import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,11 @@ class Services:
     media: MediaStore
     chains: ChainService
     generation: GenerationService
+    stems: StemsService
+    exports: ExportService
+    keys: KeyService
     engine: GenerationEngine
+    stem_engine: StemEngine
     worker: Worker
     hub: EventHub
     events: EventLog
@@ -70,17 +79,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             media.ensure()
             store = ChainStore(db, hub, event_retention=settings.event_retention)
             engine = build_engine(settings)
+            stem_engine = build_stem_engine(settings)
+            keys = KeyService(KeyStore(db), enabled=settings.auth == "on")
             worker = jobs = Worker(store, {})
+            queue = QueueLimits(settings, retry_after_s=lambda: jobs.mean_job_s)
             generation = GenerationService(
+                store, media, engine, settings, queue=queue, wake=jobs.wake, forget=jobs.forget
+            )
+            stems_service = StemsService(
                 store,
                 media,
-                engine,
+                stem_engine,
                 settings,
+                keys=keys,
+                queue=queue,
                 wake=jobs.wake,
                 forget=jobs.forget,
-                retry_after_s=lambda: jobs.mean_job_s,
+                running=lambda: jobs.running,
             )
-            jobs.runners[JobKind.GENERATE] = generation.run
+            jobs.runners[JobKind.GENERATE] = generation
+            jobs.runners[JobKind.STEMS] = stems_service
             service = ChainService(store, media, settings, forget=jobs.forget)
             await jobs.recover()
             await service.sweep_orphans()
@@ -93,7 +111,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 media=media,
                 chains=service,
                 generation=generation,
+                stems=stems_service,
+                exports=ExportService(store, media, settings),
+                keys=keys,
                 engine=engine,
+                stem_engine=stem_engine,
                 worker=jobs,
                 hub=hub,
                 events=EventLog(db),
@@ -122,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chains.router, prefix="/api")
     app.include_router(nodes.router, prefix="/api")
+    app.include_router(stems.router, prefix="/api")
+    app.include_router(export.router, prefix="/api")
     app.include_router(events.router, prefix="/api")
     app.include_router(system.router, prefix="/api")
     return app

@@ -7,7 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from sparrow.api.deps import Chains, get_services
+from sparrow.api.deps import CallerDep, Chains, get_services
 from sparrow.api.errors import responses
 from sparrow.api.schemas import (
     ChainCreated,
@@ -53,7 +53,9 @@ _UPLOAD_BODY = {
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses=responses(408, 413, 415, 429, 503),
 )
-async def create_chain(request: Request, response: Response, chains: Chains) -> ChainCreated:
+async def create_chain(
+    request: Request, response: Response, chains: Chains, caller: CallerDep
+) -> ChainCreated:
     services = get_services(request)
     # The slot is held until the decode is done: it bounds the files waiting in tmp/.
     with services.uploads.hold():
@@ -65,6 +67,7 @@ async def create_chain(request: Request, response: Response, chains: Chains) -> 
         )
         try:
             chain, root = await chains.create_from_upload(
+                caller,
                 upload.path, title=upload.fields.get("title"), filename=upload.filename
             )
         finally:
@@ -76,22 +79,25 @@ async def create_chain(request: Request, response: Response, chains: Chains) -> 
 @router.get("/chains", summary="List chains, newest first", responses=responses())
 async def list_chains(
     chains: Chains,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> ChainList:
-    items, total = await chains.list_chains(limit=limit, offset=offset)
+    items, total = await chains.list_chains(caller, limit=limit, offset=offset)
     return ChainList(items=[ChainOut.of(c) for c in items], total=total)
 
 
 @router.get("/chains/{chain_id}", summary="A chain with all its nodes", responses=responses(404))
-async def get_chain(chain_id: str, chains: Chains) -> ChainDetail:
-    chain, nodes = await chains.chain_with_nodes(chain_id)
+async def get_chain(chain_id: str, chains: Chains, caller: CallerDep) -> ChainDetail:
+    chain, nodes = await chains.chain_with_nodes(caller, chain_id)
     return ChainDetail(chain=ChainOut.of(chain), nodes=[NodeOut.of(n) for n in nodes])
 
 
 @router.patch("/chains/{chain_id}", summary="Rename a chain", responses=responses(404))
-async def rename_chain(chain_id: str, body: ChainPatch, chains: Chains) -> ChainOut:
-    return ChainOut.of(await chains.rename(chain_id, body.title))
+async def rename_chain(
+    chain_id: str, body: ChainPatch, chains: Chains, caller: CallerDep
+) -> ChainOut:
+    return ChainOut.of(await chains.rename(caller, chain_id, body.title))
 
 
 @router.delete(
@@ -100,8 +106,8 @@ async def rename_chain(chain_id: str, body: ChainPatch, chains: Chains) -> Chain
     summary="Delete a chain, its nodes and files",
     responses=responses(404),
 )
-async def delete_chain(chain_id: str, chains: Chains) -> Response:
-    await chains.delete(chain_id)
+async def delete_chain(chain_id: str, chains: Chains, caller: CallerDep) -> Response:
+    await chains.delete(caller, chain_id)
     return Response(status_code=204)
 
 
@@ -111,5 +117,5 @@ async def delete_chain(chain_id: str, chains: Chains) -> Response:
     description="`offset_s` is where each node starts when the spine is played back to back.",
     responses=responses(404),
 )
-async def get_spine(chain_id: str, chains: Chains) -> SpineOut:
-    return SpineOut.of(await chains.spine(chain_id))
+async def get_spine(chain_id: str, chains: Chains, caller: CallerDep) -> SpineOut:
+    return SpineOut.of(await chains.spine(caller, chain_id))

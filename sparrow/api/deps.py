@@ -1,13 +1,17 @@
-"""FastAPI dependencies: the way routes reach the services the lifespan built."""
+"""FastAPI dependencies: the way routes reach the services the lifespan built, and the caller."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sparrow.domain.chains import ChainService
+from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
+from sparrow.domain.models import Caller
+from sparrow.domain.stems import StemsService
 
 if TYPE_CHECKING:
     from sparrow.api.app import Services
@@ -16,6 +20,25 @@ if TYPE_CHECKING:
 def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from `sparrow keys create`; needed when the server runs with "
+    "SPARROW_AUTH=on.",
+)
+
+
+async def get_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """Who sends the request: 401 without a valid key when auth is on."""
+    token = credentials.credentials if credentials else None
+    return await get_services(request).keys.caller(token)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def get_chains(request: Request) -> ChainService:
@@ -30,3 +53,17 @@ def get_generation(request: Request) -> GenerationService:
 
 
 Generation = Annotated[GenerationService, Depends(get_generation)]
+
+
+def get_stems(request: Request) -> StemsService:
+    return get_services(request).stems
+
+
+StemsDep = Annotated[StemsService, Depends(get_stems)]
+
+
+def get_exports(request: Request) -> ExportService:
+    return get_services(request).exports
+
+
+Exports = Annotated[ExportService, Depends(get_exports)]

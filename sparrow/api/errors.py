@@ -24,6 +24,7 @@ from sparrow.errors import (
     RangeNotSatisfiable,
     RequestTimeout,
     SparrowError,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ async def _sparrow_error(_: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, RangeNotSatisfiable):
         headers = {"Content-Range": f"bytes */{exc.size}"}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
     elif isinstance(exc, PayloadTooLarge | RequestTimeout):
         # The rest of the body will not be read: end the connection rather than drain it.
         headers = {"Connection": "close"}
@@ -107,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 _DESCRIPTIONS = {
-    401: "Missing or invalid API key.",
+    401: "Missing or invalid API key (only with SPARROW_AUTH=on).",
     402: "The key's tier does not include this feature.",
     404: "No such resource (or it belongs to another key).",
     408: "The upload stalled: nothing arrived for the idle timeout.",
@@ -122,14 +125,17 @@ _DESCRIPTIONS = {
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the error statuses a route can answer."""
+    """OpenAPI ``responses`` entries for the error statuses a route can answer.
+
+    Every API route can answer 401 (with auth on) and 422.
+    """
     return {
         status: {
             "model": ErrorOut,
             "description": _DESCRIPTIONS[status],
             **_HEADERS.get(status, {}),
         }
-        for status in sorted({*statuses, 422})
+        for status in sorted({*statuses, 401, 422})
     }
 
 

@@ -28,7 +28,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from sparrow.api.deps import get_services
+from sparrow.api.deps import CallerDep, get_services
 from sparrow.api.errors import responses
 from sparrow.domain.chains import shown
 from sparrow.errors import NotFound
@@ -43,7 +43,8 @@ SHUTDOWN_GRACE_S = 1.0
 
 _STREAM = {
     "description": "Server-Sent Events: `node-status`, `node-progress`, `node-deleted`, "
-    "`spine-changed`, `chain-deleted`, and `reset` (reload the chain). Every event "
+    "`spine-changed`, `stems-status`, `stems-progress`, `chain-deleted`, and `reset` "
+    "(reload the chain). Every event "
     "has an integer `id`; the data is JSON.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
@@ -61,12 +62,14 @@ _STREAM = {
 async def chain_events(
     chain_id: str,
     request: Request,
+    caller: CallerDep,
     last_event_id: Annotated[
         str | None, Query(max_length=40, description="Where to resume.")
     ] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     services = get_services(request)
+    await services.chains.get_chain(caller, chain_id)  # 404 for another owner's chain
     window = await services.events.window(chain_id)
     if window is None:
         raise NotFound(f"There is no chain {shown(chain_id)}.")

@@ -9,6 +9,7 @@ Starlette's ``FileResponse`` does ranges and HEAD; this adds ``If-None-Match``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from starlette.datastructures import Headers
@@ -55,7 +56,13 @@ def etag_matches(request: Request, etag: str) -> bool:
 
 
 def serve_file(
-    request: Request, path: Path, *, etag: str, media_type: str, filename: str | None = None
+    request: Request,
+    path: Path,
+    *,
+    etag: str,
+    media_type: str,
+    filename: str | None = None,
+    disposition: Literal["inline", "attachment"] = "inline",
 ) -> Response:
     """A 200/206/304 response for an immutable file identified by ``etag`` (quoted)."""
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
@@ -66,5 +73,5 @@ def serve_file(
         media_type=media_type,
         headers=headers,
         filename=filename,
-        content_disposition_type="inline",
+        content_disposition_type=disposition,
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from sparrow.api.deps import Chains, Generation
+from sparrow.api.deps import CallerDep, Chains, Generation
 from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
 from sparrow.api.schemas import (
@@ -29,8 +29,8 @@ MAX_SAMPLES_PER_PIXEL = 2**24
 
 
 @router.get("/nodes/{node_id}", summary="One node", responses=responses(404))
-async def get_node(node_id: str, chains: Chains) -> NodeOut:
-    return NodeOut.of(await chains.get_node(node_id))
+async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> NodeOut:
+    return NodeOut.of(await chains.get_node(caller, node_id))
 
 
 @router.post(
@@ -45,8 +45,10 @@ async def get_node(node_id: str, chains: Chains) -> NodeOut:
     "queue is full.",
     responses=responses(404, 409, 422, 429),
 )
-async def branch_node(parent_id: str, body: BranchIn, generation: Generation) -> BranchOut:
-    nodes = await generation.branch(parent_id, BranchRequest(**body.model_dump()))
+async def branch_node(
+    parent_id: str, body: BranchIn, generation: Generation, caller: CallerDep
+) -> BranchOut:
+    nodes = await generation.branch(caller, parent_id, BranchRequest(**body.model_dump()))
     return BranchOut(nodes=[NodeOut.of(n) for n in nodes])
 
 
@@ -58,8 +60,8 @@ async def branch_node(parent_id: str, body: BranchIn, generation: Generation) ->
     "is ready or failed.",
     responses=responses(404, 409),
 )
-async def cancel_node(node_id: str, generation: Generation) -> NodeOut:
-    return NodeOut.of(await generation.cancel(node_id))
+async def cancel_node(node_id: str, generation: Generation, caller: CallerDep) -> NodeOut:
+    return NodeOut.of(await generation.cancel(caller, node_id))
 
 
 @router.post(
@@ -69,8 +71,8 @@ async def cancel_node(node_id: str, generation: Generation) -> NodeOut:
     "uncommitted; the node's committed descendants stay. Idempotent.",
     responses=responses(404, 409),
 )
-async def commit_node(node_id: str, chains: Chains) -> SpineChange:
-    return SpineChange(spine=SpineOut.of(await chains.commit(node_id)))
+async def commit_node(node_id: str, chains: Chains, caller: CallerDep) -> SpineChange:
+    return SpineChange(spine=SpineOut.of(await chains.commit(caller, node_id)))
 
 
 @router.post(
@@ -79,8 +81,8 @@ async def commit_node(node_id: str, chains: Chains) -> SpineChange:
     description="The root cannot be uncommitted (409). Idempotent.",
     responses=responses(404, 409),
 )
-async def uncommit_node(node_id: str, chains: Chains) -> SpineChange:
-    return SpineChange(spine=SpineOut.of(await chains.uncommit(node_id)))
+async def uncommit_node(node_id: str, chains: Chains, caller: CallerDep) -> SpineChange:
+    return SpineChange(spine=SpineOut.of(await chains.uncommit(caller, node_id)))
 
 
 @router.post(
@@ -89,8 +91,8 @@ async def uncommit_node(node_id: str, chains: Chains) -> SpineChange:
     description="The root and committed nodes cannot be discarded (409).",
     responses=responses(404, 409),
 )
-async def discard_node(node_id: str, chains: Chains) -> Discarded:
-    return Discarded(deleted=await chains.discard(node_id))
+async def discard_node(node_id: str, chains: Chains, caller: CallerDep) -> Discarded:
+    return Discarded(deleted=await chains.discard(caller, node_id))
 
 
 _WAV = {"content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}}
@@ -113,8 +115,10 @@ _AUDIO_ROUTE = {
 
 @router.get(**_AUDIO_ROUTE)  # type: ignore[arg-type]
 @router.head(**_AUDIO_ROUTE, name="head_node_audio")  # type: ignore[arg-type]
-async def node_audio(node_id: str, request: Request, chains: Chains) -> Response:
-    node, path = await chains.audio_file(node_id)
+async def node_audio(
+    node_id: str, request: Request, chains: Chains, caller: CallerDep
+) -> Response:
+    node, path = await chains.audio_file(caller, node_id)
     return serve_file(
         request,
         path,
@@ -138,11 +142,13 @@ async def node_peaks(
     node_id: str,
     request: Request,
     chains: Chains,
+    caller: CallerDep,
     pixels_per_second: Annotated[int | None, Query(ge=1, le=192_000)] = None,
     samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
 ) -> Response:
     node, path, spp = await chains.peaks_source(
+        caller,
         node_id,
         pixels_per_second=pixels_per_second,
         samples_per_pixel=samples_per_pixel,

@@ -6,8 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
 from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S
-from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, Spine
+from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, Spine, StemsStatus
+from sparrow.domain.stems import StemsView
+from sparrow.engines.base import STEM_NAMES, EngineInfo
 
 
 class ErrorOut(BaseModel):
@@ -179,16 +182,34 @@ class RunningJobOut(BaseModel):
     started_at: str | None
 
 
-class GpuOut(BaseModel):
-    engine: str = Field(description="`musicgen` or `mock`.")
+class EngineOut(BaseModel):
+    engine: str = Field(description="Generation: `musicgen` or `mock`; stems: `demucs` or `mock`.")
     model: str
     device: str
     dtype: str | None
     loaded: bool
+
+    @classmethod
+    def of(cls, info: EngineInfo) -> EngineOut:
+        return cls(
+            engine=info.engine,
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            loaded=info.loaded,
+        )
+
+
+class GpuOut(BaseModel):
+    generation: EngineOut
+    stems: EngineOut
     vram_total_bytes: int | None = Field(description="Null when the device is not a GPU.")
     vram_used_bytes: int | None
-    queue_depth: int = Field(description="Jobs waiting.")
-    running: list[RunningJobOut]
+    queue_depth: int = Field(description="Jobs waiting, of every owner.")
+    running: list[RunningJobOut] = Field(
+        description="The running job, when it is the caller's (with auth on, other keys' "
+        "jobs are not shown)."
+    )
 
 
 class Health(BaseModel):
@@ -198,3 +219,66 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, bool]
+
+
+class StemsOut(BaseModel):
+    node_id: str
+    chain_id: str
+    status: StemsStatus | None = Field(description="Null: stems were never asked for.")
+    progress: float | None = Field(description="0..1 while separating; 1 once ready.")
+    error: NodeErrorOut | None
+    model: str | None
+    sample_rate: int | None = Field(description="The stems' rate (Demucs: 44100).")
+    channels: int | None
+    frames: int | None = Field(
+        description="Frames per stem: the node's duration at the stems' rate."
+    )
+    urls: dict[str, str] = Field(
+        description="Once ready: each stem's WAV (`drums`, `bass`, `other`, `vocals`)."
+    )
+
+    @classmethod
+    def of(cls, view: StemsView) -> StemsOut:
+        stems, node = view.stems, view.node
+        ready = stems is not None and stems.status is StemsStatus.READY
+        return cls(
+            node_id=node.id,
+            chain_id=node.chain_id,
+            status=stems.status if stems else None,
+            progress=None if view.progress is None else round(view.progress, 4),
+            error=NodeErrorOut.model_validate(stems.error) if stems and stems.error else None,
+            model=stems.model if stems else None,
+            sample_rate=stems.sample_rate if stems else None,
+            channels=stems.channels if stems else None,
+            frames=stems.frames if stems else None,
+            urls={n: f"/api/nodes/{node.id}/stems/{n}" for n in STEM_NAMES} if ready else {},
+        )
+
+
+class SpineStemsOut(BaseModel):
+    chain_id: str
+    ready: bool = Field(description="Whether every spine node's stems are ready.")
+    nodes: list[StemsOut] = Field(description="The spine's nodes, root first.")
+    urls: dict[str, str] = Field(
+        description="Once ready: each stem of the whole spine, joined as the export joins "
+        "the mix (`?format=wav|mp3|flac&crossfade_ms=20`)."
+    )
+
+    @classmethod
+    def of(cls, chain_id: str, views: list[StemsView]) -> SpineStemsOut:
+        nodes = [StemsOut.of(v) for v in views]
+        ready = bool(nodes) and all(n.status is StemsStatus.READY for n in nodes)
+        urls = {n: f"/api/chains/{chain_id}/stems/{n}" for n in STEM_NAMES} if ready else {}
+        return cls(chain_id=chain_id, ready=ready, nodes=nodes, urls=urls)
+
+
+class ExportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    format: ExportFormat = Field(default="wav", description="`wav`, `mp3` or `flac`.")
+    crossfade_ms: float = Field(
+        default=20,
+        ge=0,
+        le=MAX_CROSSFADE_MS,
+        description="Equal-power crossfade at each join, in milliseconds; 0 joins end to end.",
+    )

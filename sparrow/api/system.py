@@ -6,25 +6,29 @@ import sys
 
 from fastapi import APIRouter, Request
 
-from sparrow.api.deps import get_services
-from sparrow.api.schemas import GpuOut, RunningJobOut
+from sparrow.api.deps import CallerDep, get_services
+from sparrow.api.errors import responses
+from sparrow.api.schemas import EngineOut, GpuOut, RunningJobOut
 
 router = APIRouter(tags=["system"])
 
 
 @router.get(
     "/gpu",
-    summary="The engine, its device and the job queue",
-    description="Device, engine, model, whether the model is loaded, GPU memory (null on "
-    "CPU), jobs waiting and the running job with its progress.",
+    summary="The engines, their device and the job queue",
+    description="Both engines (generation and stems) with their device, model and whether "
+    "the model is loaded; GPU memory (null on CPU); jobs waiting; the running job with its "
+    "progress when it is the caller's.",
+    responses=responses(401),
 )
-async def gpu(request: Request) -> GpuOut:
+async def gpu(request: Request, caller: CallerDep) -> GpuOut:
     services = get_services(request)
-    info = services.engine.info()
-    total, used = _vram(info.device)
+    generation, stems = services.engine.info(), services.stem_engine.info()
+    device = generation.device if generation.device.startswith("cuda") else stems.device
+    total, used = _vram(device)
     control = services.worker.running
     running = []
-    if control is not None:
+    if control is not None and (caller.owner is None or control.job.owner == caller.owner):
         running.append(
             RunningJobOut(
                 job_id=control.job.id,
@@ -36,11 +40,8 @@ async def gpu(request: Request) -> GpuOut:
             )
         )
     return GpuOut(
-        engine=info.engine,
-        model=info.model,
-        device=info.device,
-        dtype=info.dtype,
-        loaded=info.loaded,
+        generation=EngineOut.of(generation),
+        stems=EngineOut.of(stems),
         vram_total_bytes=total,
         vram_used_bytes=used,
         queue_depth=await services.jobs.queue_depth(),

@@ -14,6 +14,7 @@ import anyio
 
 from sparrow.audio import decode_upload
 from sparrow.domain.models import (
+    Caller,
     Chain,
     Node,
     NodeKind,
@@ -52,7 +53,7 @@ class ChainService:
     # -- chains ---------------------------------------------------------------
 
     async def create_from_upload(
-        self, upload: Path, *, title: str | None, filename: str | None
+        self, caller: Caller, upload: Path, *, title: str | None, filename: str | None
     ) -> tuple[Chain, Node]:
         """Decode an uploaded clip into a new chain whose root is that clip, ready."""
         chain_title = choose_title(title, filename)  # refused before any decoding work
@@ -91,6 +92,7 @@ class ChainService:
                 root_node_id=node_id,
                 created_at=now,
                 updated_at=now,
+                owner=caller.owner,
             )
             async with self.store.write() as w:
                 await w.create_chain(chain, root)
@@ -99,32 +101,29 @@ class ChainService:
             raise
         return chain, root
 
-    async def get_chain(self, chain_id: str) -> Chain:
-        chain = await self.store.get_chain(chain_id)
-        if chain is None:
-            raise NotFound(f"There is no chain {shown(chain_id)}.")
-        return chain
+    async def get_chain(self, caller: Caller, chain_id: str) -> Chain:
+        return found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
 
-    async def chain_with_nodes(self, chain_id: str) -> tuple[Chain, list[Node]]:
-        chain = await self.get_chain(chain_id)
+    async def chain_with_nodes(self, caller: Caller, chain_id: str) -> tuple[Chain, list[Node]]:
+        chain = await self.get_chain(caller, chain_id)
         return chain, await self.store.list_nodes(chain_id)
 
-    async def list_chains(self, *, limit: int, offset: int) -> tuple[list[Chain], int]:
-        return await self.store.list_chains(limit=limit, offset=offset)
+    async def list_chains(
+        self, caller: Caller, *, limit: int, offset: int
+    ) -> tuple[list[Chain], int]:
+        return await self.store.list_chains(owner=caller.owner, limit=limit, offset=offset)
 
-    async def rename(self, chain_id: str, title: str) -> Chain:
+    async def rename(self, caller: Caller, chain_id: str, title: str) -> Chain:
         new_title = given_title(title)
         async with self.store.write() as w:
+            found_chain(chain_id, await w.get_chain(chain_id, owner=caller.owner))
             chain = await w.rename_chain(chain_id, new_title)
-        if chain is None:
-            raise NotFound(f"There is no chain {shown(chain_id)}.")
-        return chain
+        return found_chain(chain_id, chain)
 
-    async def delete(self, chain_id: str) -> None:
+    async def delete(self, caller: Caller, chain_id: str) -> None:
         """Delete the chain, its nodes, files, events and jobs; its streams end."""
         async with self.store.write() as w:
-            if await w.get_chain(chain_id) is None:
-                raise NotFound(f"There is no chain {shown(chain_id)}.")
+            found_chain(chain_id, await w.get_chain(chain_id, owner=caller.owner))
             # Emitted first (the log goes with the chain), published once deleted.
             await w.emit(ChainDeleted(chain_id))
             node_ids = await w.delete_chain(chain_id) or []
@@ -133,20 +132,20 @@ class ChainService:
 
     # -- nodes and the spine ------------------------------------------------------
 
-    async def get_node(self, node_id: str) -> Node:
-        return found_node(node_id, await self.store.get_node(node_id))
+    async def get_node(self, caller: Caller, node_id: str) -> Node:
+        return found_node(node_id, await self.store.get_node(node_id, owner=caller.owner))
 
-    async def spine(self, chain_id: str) -> Spine:
-        await self.get_chain(chain_id)
+    async def spine(self, caller: Caller, chain_id: str) -> Spine:
+        await self.get_chain(caller, chain_id)
         return Spine.of(await self.store.spine(chain_id))
 
     # Each rule is checked inside the write transaction that acts on it, so no
     # other write (a discard racing a commit) can slip between check and act.
 
-    async def commit(self, node_id: str) -> Spine:
+    async def commit(self, caller: Caller, node_id: str) -> Spine:
         """Commit the node and its ancestors; other committed branches are uncommitted."""
         async with self.store.write() as w:
-            node = found_node(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
             if node.status is not NodeStatus.READY:
                 raise Conflict(
                     f"Node {shown(node_id)} is {node.status}; only a ready node can be committed."
@@ -155,10 +154,10 @@ class ChainService:
                 await self._spine_changed(w, node.chain_id)
         return Spine.of(await self.store.spine(node.chain_id))
 
-    async def uncommit(self, node_id: str) -> Spine:
+    async def uncommit(self, caller: Caller, node_id: str) -> Spine:
         """Uncommit the node and its committed descendants."""
         async with self.store.write() as w:
-            node = found_node(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
             if node.is_root:
                 raise Conflict("The root node is always committed.")
             if await w.uncommit_subtree(node.id, node.chain_id):
@@ -168,10 +167,10 @@ class ChainService:
     async def _spine_changed(self, w: ChainWriter, chain_id: str) -> None:
         await w.emit(SpineChanged(chain_id, tuple(await w.spine_ids(chain_id))))
 
-    async def discard(self, node_id: str) -> list[str]:
+    async def discard(self, caller: Caller, node_id: str) -> list[str]:
         """Delete the node, its subtree and their files; returns the deleted ids."""
         async with self.store.write() as w:
-            node = found_node(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
             if node.is_root:
                 raise Conflict("The root node cannot be discarded; delete the chain instead.")
             if node.committed:
@@ -184,9 +183,9 @@ class ChainService:
         await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 
-    async def audio_file(self, node_id: str) -> tuple[Node, Path]:
+    async def audio_file(self, caller: Caller, node_id: str) -> tuple[Node, Path]:
         """The canonical WAV of a ready node."""
-        node = await self.get_node(node_id)
+        node = await self.get_node(caller, node_id)
         if node.status is not NodeStatus.READY:
             raise Conflict(f"Node {shown(node_id)} has no audio: {_WHY_NO_AUDIO[node.status]}.")
         path = self.media.node_audio(node.chain_id, node.id)
@@ -197,6 +196,7 @@ class ChainService:
 
     async def peaks_source(
         self,
+        caller: Caller,
         node_id: str,
         *,
         pixels_per_second: int | None,
@@ -206,7 +206,7 @@ class ChainService:
         """The ready node, its file, and the samples per pixel of the asked-for zoom."""
         if pixels_per_second is not None and samples_per_pixel is not None:
             raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
-        node, path = await self.audio_file(node_id)
+        node, path = await self.audio_file(caller, node_id)
         if not node.sample_rate or node.frames is None or not node.channels:
             raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug, not input
         if pixels_per_second is not None:
@@ -222,7 +222,11 @@ class ChainService:
         return node, path, spp
 
     async def sweep_orphans(self) -> int:
-        return self.media.sweep(await self.store.all_chain_ids(), await self.store.ids_with_audio())
+        return self.media.sweep(
+            await self.store.all_chain_ids(),
+            await self.store.ids_with_audio(),
+            await self.store.ids_with_stems(),
+        )
 
 
 _WHY_NO_AUDIO = {
@@ -238,6 +242,13 @@ def found_node(node_id: str, node: Node | None) -> Node:
     if node is None:
         raise NotFound(f"There is no node {shown(node_id)}.")
     return node
+
+
+def found_chain(chain_id: str, chain: Chain | None) -> Chain:
+    """The chain, or NotFound naming the id that was asked for."""
+    if chain is None:
+        raise NotFound(f"There is no chain {shown(chain_id)}.")
+    return chain
 
 
 def shown(some_id: str) -> str:

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
-import time
 from collections.abc import Callable, Collection
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +26,7 @@ from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.models import (
     ACTIVE,
+    Caller,
     Job,
     JobKind,
     Node,
@@ -39,7 +37,9 @@ from sparrow.domain.models import (
     utc_now,
 )
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
-from sparrow.errors import Conflict, InvalidInput, Overloaded, SparrowError
+from sparrow.domain.progress import ProgressReporter
+from sparrow.domain.queue import QueueLimits
+from sparrow.errors import Conflict, InvalidInput, SparrowError
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl
 from sparrow.media import MediaStore
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1
 MIN_BRANCH_S = 0.5
-# node-progress is sent when progress moved this much or this long has passed (SPEC §4).
-PROGRESS_STEP = 0.05
-PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,21 +75,23 @@ class GenerationService:
         engine: GenerationEngine,
         settings: Settings,
         *,
+        queue: QueueLimits,
         wake: Callable[[], None],
         forget: Callable[[Collection[str]], None],
-        retry_after_s: Callable[[], float],
     ) -> None:
         self.store = store
         self.media = media
         self.engine = engine
         self.settings = settings
+        self.queue = queue
         self._wake = wake
         self._forget = forget
-        self._retry_after_s = retry_after_s
 
     # -- requests ----------------------------------------------------------------------
 
-    async def branch(self, parent_id: str, request: BranchRequest) -> list[Node]:
+    async def branch(
+        self, caller: Caller, parent_id: str, request: BranchRequest
+    ) -> list[Node]:
         """Queue ``count`` sibling continuations of a ready node; returns them, queued."""
         self._check_limits(request)
         if request.seed is not None:
@@ -100,19 +99,14 @@ class GenerationService:
         else:  # every sibling's seed stays one a client may send back
             base_seed = secrets.randbelow(MAX_SEED - request.count + 2)
         async with self.store.write() as w:
-            parent = found_node(parent_id, await w.get_node(parent_id))
+            parent = found_node(parent_id, await w.get_node(parent_id, owner=caller.owner))
             if parent.status is not NodeStatus.READY:
                 raise Conflict(
                     f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
                     "branched from."
                 )
-            queued = await w.waiting_jobs()
-            if queued >= self.settings.queue_limit:
-                raise Overloaded(
-                    f"The generation queue is full ({queued} jobs waiting); try again later.",
-                    retry_after_s=max(1, math.ceil(self._retry_after_s())),
-                )
-            job, nodes = self._rows_for(parent, request, base_seed)
+            await self.queue.check(w, caller)
+            job, nodes = self._rows_for(caller, parent, request, base_seed)
             await w.insert_job(job)
             await w.insert_nodes(nodes)
             for node in nodes:
@@ -120,10 +114,10 @@ class GenerationService:
         self._wake()
         return nodes
 
-    async def cancel(self, node_id: str) -> Node:
+    async def cancel(self, caller: Caller, node_id: str) -> Node:
         """Cancel a queued or generating node; cancelling a cancelled node changes nothing."""
         async with self.store.write() as w:
-            node = found_node(node_id, await w.get_node(node_id))
+            node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
             if node.status is NodeStatus.CANCELLED:
                 return node
             if node.status not in ACTIVE:
@@ -147,7 +141,7 @@ class GenerationService:
             raise InvalidInput(f"seed + count - 1 must not exceed {MAX_SEED}.")
 
     def _rows_for(
-        self, parent: Node, request: BranchRequest, base_seed: int
+        self, caller: Caller, parent: Node, request: BranchRequest, base_seed: int
     ) -> tuple[Job, list[Node]]:
         now = utc_now()
         job = Job(
@@ -156,6 +150,7 @@ class GenerationService:
             kind=JobKind.GENERATE,
             request={"parent_id": parent.id},
             created_at=now,
+            owner=caller.owner,
         )
         info = self.engine.info()
         shared = {k: v for k, v in asdict(request).items() if k not in ("prompt", "count", "seed")}
@@ -184,6 +179,13 @@ class GenerationService:
         return job, nodes
 
     # -- the job ------------------------------------------------------------------------
+
+    async def recover(self, w: ChainWriter) -> int:
+        """End the nodes a crash left queued or generating in a job that was running."""
+        stranded = await w.stranded_node_ids()
+        for node_id in stranded:
+            await self._set(w, node_id, NodeStatus.ERROR, error=INTERRUPTED)
+        return len(stranded)
 
     async def run(self, job: Job, control: JobControl) -> None:
         """Generate the job's nodes that are still queued (the worker's runner)."""
@@ -237,7 +239,11 @@ class GenerationService:
             top_p=float(params["top_p"]),
             cfg_coef=float(params["cfg_coef"]),
         )
-        reporter = _ProgressReporter(self, nodes, control, asyncio.get_running_loop())
+        reporter = ProgressReporter(
+            control,
+            asyncio.get_running_loop(),
+            lambda fraction, eta_s: self.progress(nodes, control, fraction, eta_s),
+        )
         try:
             # Abandoned only when the worker itself is cancelled (a shutdown past its grace).
             return await anyio.to_thread.run_sync(
@@ -311,50 +317,6 @@ class GenerationService:
                         await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))
         except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
             log.debug("progress not recorded: %s", exc)
-
-
-class _ProgressReporter:
-    """The engine's progress callback: runs in the engine's thread.
-
-    It stops the batch (``Cancelled``) once the job is cancelled, and sends a
-    throttled ``node-progress`` through the event loop.
-    """
-
-    def __init__(
-        self,
-        service: GenerationService,
-        nodes: list[Node],
-        control: JobControl,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.service = service
-        self.nodes = nodes
-        self.control = control
-        self.loop = loop
-        self.sent_fraction = 0.0
-        self.sent_at = time.monotonic()
-        self.pending: list[Future[None]] = []
-
-    def __call__(self, fraction: float) -> None:
-        if self.control.cancel.is_set():
-            raise Cancelled
-        self.control.progress = fraction
-        now = time.monotonic()
-        due = fraction >= 1.0 or fraction - self.sent_fraction >= PROGRESS_STEP
-        if not due and now - self.sent_at < PROGRESS_INTERVAL_S:
-            return
-        self.sent_fraction, self.sent_at = fraction, now
-        elapsed = now - self.control.started
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-        coro = self.service.progress(self.nodes, self.control, fraction, eta)
-        self.pending.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    async def flush(self) -> None:
-        """Wait until every progress event sent so far is recorded (before the final status)."""
-        if self.pending:
-            await asyncio.gather(
-                *(asyncio.wrap_future(f) for f in self.pending), return_exceptions=True
-            )
 
 
 def _storage_error() -> NodeError:

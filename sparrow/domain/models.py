@@ -40,6 +40,36 @@ def sources_of(status: NodeStatus) -> frozenset[NodeStatus]:
     return frozenset(s for s, targets in TRANSITIONS.items() if status in targets)
 
 
+class StemsStatus(StrEnum):
+    QUEUED = "queued"
+    SEPARATING = "separating"
+    READY = "ready"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+# A node's stems: queued → separating → ready | error | cancelled, like a node; a
+# separation that failed or was cancelled may be asked for again (back to queued).
+STEMS_TRANSITIONS: dict[StemsStatus, frozenset[StemsStatus]] = {
+    StemsStatus.QUEUED: frozenset(
+        {StemsStatus.SEPARATING, StemsStatus.CANCELLED, StemsStatus.ERROR}
+    ),
+    StemsStatus.SEPARATING: frozenset(
+        {StemsStatus.READY, StemsStatus.ERROR, StemsStatus.CANCELLED}
+    ),
+    StemsStatus.READY: frozenset(),
+    StemsStatus.ERROR: frozenset({StemsStatus.QUEUED}),
+    StemsStatus.CANCELLED: frozenset({StemsStatus.QUEUED}),
+}
+
+STEMS_ACTIVE = frozenset({StemsStatus.QUEUED, StemsStatus.SEPARATING})
+
+
+def stems_sources_of(status: StemsStatus) -> frozenset[StemsStatus]:
+    """The statuses a node's stems may move to ``status`` from."""
+    return frozenset(s for s, targets in STEMS_TRANSITIONS.items() if status in targets)
+
+
 def new_id() -> str:
     """A random, URL-safe identifier (128 bits)."""
     return secrets.token_hex(16)
@@ -123,6 +153,7 @@ class Spine:
 
 class JobKind(StrEnum):
     GENERATE = "generate"
+    STEMS = "stems"
 
 
 @dataclass(frozen=True)
@@ -136,3 +167,55 @@ class Job:
     created_at: str
     owner: str | None = None
     started_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Stems:
+    """The separation of one node into stems (``STEM_NAMES``), and where it stands."""
+
+    node_id: str
+    chain_id: str
+    status: StemsStatus
+    created_at: str
+    updated_at: str
+    job_id: str | None = None
+    model: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    frames: int | None = None
+    files: dict[str, str] | None = None  # stem name → sha256 of its WAV, once ready
+    error: NodeError | None = None
+
+
+class Tier(StrEnum):
+    FREE = "free"
+    PAID = "paid"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: everything but the key itself (only its hash is kept)."""
+
+    id: str
+    name: str
+    tier: Tier
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the owner whose chains they may see, and what their tier allows.
+
+    ``owner`` is the API key's id. With auth off there is one local user who sees
+    everything: ``owner`` is None and every feature is open.
+    """
+
+    owner: str | None
+    tier: Tier
+
+    @property
+    def paid(self) -> bool:
+        return self.tier is Tier.PAID
+
+
+LOCAL_USER = Caller(owner=None, tier=Tier.PAID)

@@ -1,14 +1,16 @@
-"""Generation engines behind one small interface (``sparrow.engines.base``)."""
+"""Generation and stem engines behind small interfaces (``sparrow.engines.base``)."""
 
 from __future__ import annotations
 
 from sparrow.engines.base import (
+    STEM_NAMES,
     Audio,
     Cancelled,
     Continuation,
     EngineInfo,
     GenerationEngine,
     Progress,
+    StemEngine,
     frames_for,
 )
 from sparrow.errors import EngineUnavailable
@@ -37,8 +39,32 @@ def build_engine(settings: Settings) -> GenerationEngine:
     return MusicGenEngine(settings.musicgen_model, device=settings.device)
 
 
+def build_stem_engine(settings: Settings) -> StemEngine:
+    """The stem engine the settings name (the mock with the mock engine); nothing is loaded yet.
+
+    As for generation, Demucs (and torch) is imported only when it is chosen; without
+    the ``ml`` extra the engine is unavailable, never silently the mock.
+    """
+    if settings.engine == "mock":
+        from sparrow.engines.mock_stems import MockStemEngine
+
+        return MockStemEngine(settings.mock_step_ms)
+    try:
+        from sparrow.engines.demucs import DemucsEngine
+    except ImportError as exc:
+        return UnavailableEngine(
+            "demucs",
+            settings.demucs_model,
+            f"Stem separation needs torch and demucs (pip install 'sparrow[ml]'): {exc}.",
+        )
+    return DemucsEngine(settings.demucs_model, settings.demucs_repo, settings.device)
+
+
 class UnavailableEngine:
-    """An engine whose code cannot even be imported: it fails every job, never silently."""
+    """An engine whose code cannot even be imported: it fails every job, never silently.
+
+    It stands in for either kind: a GenerationEngine and a StemEngine.
+    """
 
     def __init__(self, engine: str, model: str, reason: str) -> None:
         self._info = EngineInfo(engine=engine, model=model, device="none", loaded=False)
@@ -61,14 +87,21 @@ class UnavailableEngine:
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
         raise EngineUnavailable(self.reason)
 
+    def separate(self, audio: Audio, progress: Progress) -> dict[str, Audio]:
+        raise EngineUnavailable(self.reason)
+
 
 __all__ = [
+    "STEM_NAMES",
     "Audio",
     "Cancelled",
     "Continuation",
     "EngineInfo",
     "GenerationEngine",
     "Progress",
+    "StemEngine",
+    "UnavailableEngine",
     "build_engine",
+    "build_stem_engine",
     "frames_for",
 ]

@@ -1,18 +1,20 @@
-"""The engine interface: what the worker asks of a generation engine.
+"""The engine interfaces: what the worker asks of a generation or a stem engine.
 
-An engine turns one batch of sibling continuations into audio. It runs in the
-worker's thread (never on the event loop), owns its device, and reports
-progress once per decoding step through a callback that may raise
+A generation engine turns one batch of sibling continuations into audio; a stem
+engine splits one mix into ``STEM_NAMES``. Either runs in the worker's thread
+(never on the event loop), owns its device, and reports progress once per unit
+of work (a decoding step, a separated chunk) through a callback that may raise
 ``Cancelled`` to stop it: that exception must pass through the engine
-untouched, so a cancel stops the batch within one step.
+untouched, so a cancel stops the work within one step.
 
     load()        load the model once (idempotent); EngineUnavailable if it cannot
     info()        what ``/api/gpu`` shows; cheap, never loads
     generate()    one batch of siblings → one float32 array per seed
+    separate()    one mix → one float32 array per stem, as long as the mix
 
 Failures are translated here, at the boundary: a model that cannot be loaded is
-``EngineUnavailable``; anything that goes wrong while generating is
-``GenerationFailed``. The worker records either on the nodes and carries on.
+``EngineUnavailable``; anything that goes wrong while generating or separating
+is ``GenerationFailed``. The worker records either on the nodes and carries on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from sparrow.errors import GenerationFailed
+
 Audio = npt.NDArray[np.float32]  # (frames, channels)
 
 
@@ -32,7 +36,10 @@ class Cancelled(Exception):
 
 
 Progress = Callable[[float], None]
-"""Called with the fraction done (0..1) after each decoding step; may raise ``Cancelled``."""
+"""Called with the fraction done (0..1) after each step of work; may raise ``Cancelled``."""
+
+STEM_NAMES: tuple[str, ...] = ("drums", "bass", "other", "vocals")
+"""The stems every stem engine returns, in this order."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,38 @@ class GenerationEngine(Protocol):
 def frames_for(duration_s: float, sample_rate: int) -> int:
     """The exact frame count of a requested duration."""
     return round(duration_s * sample_rate)
+
+
+class StemEngine(Protocol):
+    """Splits a mix into ``STEM_NAMES``.
+
+    ``separate`` takes float32 ``(frames, channels)`` audio already at the engine's
+    ``sample_rate`` and ``channels`` (the engine never reads files) and returns one
+    float32 ``(frames, channels)`` array per stem name with exactly the mix's frame
+    count. Progress rises monotonically and ends at 1.0.
+    """
+
+    @property
+    def sample_rate(self) -> int:
+        """The rate ``separate`` takes and returns; valid after ``load()``."""
+        ...
+
+    @property
+    def channels(self) -> int:
+        """The channel count ``separate`` takes and returns; valid after ``load()``."""
+        ...
+
+    def info(self) -> EngineInfo: ...
+
+    def load(self) -> None: ...
+
+    def separate(self, audio: Audio, progress: Progress) -> dict[str, Audio]: ...
+
+
+def check_mix(audio: Audio, channels: int) -> None:
+    """``GenerationFailed`` unless ``audio`` is float32 ``(frames, channels)``."""
+    if audio.ndim != 2 or audio.shape[1] != channels or audio.dtype != np.float32:
+        raise GenerationFailed(
+            f"The mix is {audio.dtype} with shape {audio.shape}; the stem engine takes "
+            f"float32 (frames, {channels})."
+        )

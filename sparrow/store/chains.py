@@ -12,16 +12,18 @@ depth of the chain.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import aiosqlite
 
-from sparrow.domain.models import Chain, Node, utc_now
+from sparrow.domain.models import Chain, Node, Stems, utc_now
 from sparrow.events import EventHub, StoredEvent
 from sparrow.store.db import Database
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
+from sparrow.store.stems import SELECT_STEMS, STEMS_COLUMNS, StemsWrites, stems_from_row
 from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
 
 # The path from a node up to the root, the node included, with each node's
@@ -58,8 +60,17 @@ def _with(*ctes: str) -> str:
     return "WITH RECURSIVE " + ",".join(ctes)
 
 
-_SELECT_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?"
-_SELECT_CHAIN = "SELECT * FROM chains WHERE id = ?"
+# ``:owner`` NULL reads any chain's rows (auth off, or the server's own work);
+# otherwise only that owner's: another owner's id reads as if it did not exist.
+_OWNED = "(:owner IS NULL OR owner = :owner)"
+_SPINE_NODES = (
+    f"{_with(_SPINE)} SELECT {NODE_COLUMNS} FROM spine JOIN nodes USING (id) ORDER BY spine.depth"
+)
+_SELECT_NODE = (
+    f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = :id "
+    f"AND (:owner IS NULL OR chain_id IN (SELECT id FROM chains WHERE owner = :owner))"
+)
+_SELECT_CHAIN = f"SELECT * FROM chains WHERE id = :id AND {_OWNED}"
 
 _INSERT_NODE = (
     f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES ("
@@ -86,20 +97,26 @@ class ChainStore:
         async with self.db.transaction(on_commit=lambda: self.hub.publish(emitted)) as tx:
             yield ChainWriter(tx, emitted, self.event_retention)
 
-    async def get_chain(self, chain_id: str) -> Chain | None:
-        row = await self.db.fetchone(_SELECT_CHAIN, (chain_id,))
+    async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
+        """The chain, if it exists and ``owner`` (when given) owns it."""
+        row = await self.db.fetchone(_SELECT_CHAIN, {"id": chain_id, "owner": owner})
         return chain_from_row(row) if row else None
 
-    async def list_chains(self, *, limit: int, offset: int) -> tuple[list[Chain], int]:
+    async def list_chains(
+        self, *, owner: str | None, limit: int, offset: int
+    ) -> tuple[list[Chain], int]:
+        params = {"owner": owner, "limit": limit, "offset": offset}
         rows = await self.db.fetchall(
-            "SELECT * FROM chains ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-            (limit, offset),
+            f"SELECT * FROM chains WHERE {_OWNED} "
+            "ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset",
+            params,
         )
-        total = await self.db.fetchone("SELECT count(*) FROM chains")
+        total = await self.db.fetchone(f"SELECT count(*) FROM chains WHERE {_OWNED}", params)
         return [chain_from_row(r) for r in rows], int(total[0]) if total else 0
 
-    async def get_node(self, node_id: str) -> Node | None:
-        row = await self.db.fetchone(_SELECT_NODE, (node_id,))
+    async def get_node(self, node_id: str, *, owner: str | None = None) -> Node | None:
+        """The node, if it exists and ``owner`` (when given) owns its chain."""
+        row = await self.db.fetchone(_SELECT_NODE, {"id": node_id, "owner": owner})
         return node_from_row(row) if row else None
 
     async def list_nodes(self, chain_id: str) -> list[Node]:
@@ -111,11 +128,7 @@ class ChainStore:
 
     async def spine(self, chain_id: str) -> list[Node]:
         """The committed path of a chain, root first."""
-        rows = await self.db.fetchall(
-            f"{_with(_SPINE)} SELECT {NODE_COLUMNS} "
-            "FROM spine JOIN nodes USING (id) ORDER BY spine.depth",
-            {"chain_id": chain_id},
-        )
+        rows = await self.db.fetchall(_SPINE_NODES, {"chain_id": chain_id})
         return [node_from_row(r) for r in rows]
 
     async def path_to(self, node_id: str) -> list[Node]:
@@ -138,11 +151,29 @@ class ChainStore:
         left by a crash between writing it and marking the node ready."""
         return {r[0] for r in await self.db.fetchall("SELECT id FROM nodes WHERE status = 'ready'")}
 
+    async def get_stems(self, node_id: str) -> Stems | None:
+        row = await self.db.fetchone(SELECT_STEMS, (node_id,))
+        return stems_from_row(row) if row else None
+
+    async def stems_of(self, node_ids: Sequence[str]) -> dict[str, Stems]:
+        """The stems rows of these nodes, by node id (nodes without one are absent)."""
+        rows = await self.db.fetchall(
+            f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id IN "
+            "(SELECT value FROM json_each(?))",
+            (json.dumps(list(node_ids)),),
+        )
+        return {s.node_id: s for s in map(stems_from_row, rows)}
+
+    async def ids_with_stems(self) -> set[str]:
+        """The nodes whose stem files exist: those whose separation is ready."""
+        rows = await self.db.fetchall("SELECT node_id FROM stems WHERE status = 'ready'")
+        return {r[0] for r in rows}
+
     async def all_chain_ids(self) -> set[str]:
         return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}
 
 
-class ChainWriter(EventWrites, JobWrites):
+class ChainWriter(EventWrites, JobWrites, StemsWrites):
     """The writes, bound to one open transaction (see ``ChainStore.write``)."""
 
     def __init__(
@@ -152,14 +183,14 @@ class ChainWriter(EventWrites, JobWrites):
         self.emitted = emitted
         self.retention = retention
 
-    async def get_node(self, node_id: str) -> Node | None:
-        """The node as this transaction sees it."""
-        async with self.tx.execute(_SELECT_NODE, (node_id,)) as cur:
+    async def get_node(self, node_id: str, *, owner: str | None = None) -> Node | None:
+        """The node as this transaction sees it (``owner``: as in ``ChainStore.get_node``)."""
+        async with self.tx.execute(_SELECT_NODE, {"id": node_id, "owner": owner}) as cur:
             row = await cur.fetchone()
         return node_from_row(row) if row else None
 
-    async def get_chain(self, chain_id: str) -> Chain | None:
-        async with self.tx.execute(_SELECT_CHAIN, (chain_id,)) as cur:
+    async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
+        async with self.tx.execute(_SELECT_CHAIN, {"id": chain_id, "owner": owner}) as cur:
             row = await cur.fetchone()
         return chain_from_row(row) if row else None
 
@@ -200,6 +231,11 @@ class ChainWriter(EventWrites, JobWrites):
         return await self._ids(
             f"{_with(_SPINE)} SELECT id FROM spine ORDER BY depth", {"chain_id": chain_id}
         )
+
+    async def spine_nodes(self, chain_id: str) -> list[Node]:
+        """The spine's nodes as this transaction sees them, root first."""
+        async with self.tx.execute(_SPINE_NODES, {"chain_id": chain_id}) as cur:
+            return [node_from_row(r) for r in await cur.fetchall()]
 
     async def insert_nodes(self, nodes: Sequence[Node]) -> None:
         await self.tx.executemany(_INSERT_NODE, [node_values(n) for n in nodes])

@@ -19,11 +19,12 @@ from sparrow.domain.models import Job, JobKind, Node, NodeError, NodeStatus, sou
 from sparrow.store.db import Database, Row
 from sparrow.store.rows import NODE_COLUMNS, node_from_row
 
-# Jobs waiting that still have work: a job whose nodes were all cancelled or
-# discarded holds no place in the queue (the worker skips it).
+# Jobs waiting that still have work: a job whose nodes (or stems) were all
+# cancelled or discarded holds no place in the queue (the worker skips it).
 WAITING_JOBS = (
-    "SELECT count(*) FROM jobs AS j WHERE j.status = 'queued' AND EXISTS ("
-    "SELECT 1 FROM nodes WHERE job_id = j.id AND status = 'queued')"
+    "SELECT count(*) FROM jobs AS j WHERE j.status = 'queued' AND ("
+    "EXISTS (SELECT 1 FROM nodes WHERE job_id = j.id AND status = 'queued') OR "
+    "EXISTS (SELECT 1 FROM stems WHERE job_id = j.id AND status = 'queued'))"
 )
 
 AUDIO_FACTS = frozenset({"duration_s", "sample_rate", "channels", "frames", "audio_sha256"})
@@ -67,8 +68,12 @@ class JobWrites:
             ),
         )
 
-    async def waiting_jobs(self) -> int:
-        rows = await self._rows(WAITING_JOBS)
+    async def waiting_jobs(self, owner: str | None = None) -> int:
+        """Jobs waiting with work to do: all of them, or those of one owner."""
+        if owner is None:
+            rows = await self._rows(WAITING_JOBS)
+        else:
+            rows = await self._rows(WAITING_JOBS + " AND j.owner = ?", (owner,))
         return int(rows[0][0])
 
     async def claim_next_job(self) -> Job | None:

@@ -80,4 +80,35 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN job_id TEXT REFERENCES jobs (id) ON DELETE SET NULL;
     CREATE INDEX nodes_job ON nodes (job_id) WHERE job_id IS NOT NULL;
     """,
+    # 3: API keys, and the stems of nodes.
+    """
+    -- Keys are stored only as the SHA-256 of the key; the key itself is shown once.
+    CREATE TABLE api_keys (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        tier          TEXT NOT NULL CHECK (tier IN ('free', 'paid')),
+        key_hash      TEXT NOT NULL UNIQUE,
+        created_at    TEXT NOT NULL
+    );
+
+    -- One row per node whose stems were asked for; the files exist once 'ready'.
+    CREATE TABLE stems (
+        node_id       TEXT PRIMARY KEY REFERENCES nodes (id) ON DELETE CASCADE,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        status        TEXT NOT NULL
+                      CHECK (status IN ('queued', 'separating', 'ready', 'error', 'cancelled')),
+        job_id        TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+        model         TEXT,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        frames        INTEGER,
+        files         TEXT,            -- JSON {stem: sha256} once ready
+        error         TEXT,            -- JSON {code, detail}, or NULL
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX stems_chain ON stems (chain_id);
+    CREATE INDEX stems_job ON stems (job_id) WHERE job_id IS NOT NULL;
+    CREATE INDEX jobs_owner ON jobs (owner, status);
+    """,
 ]

@@ -1,0 +1,247 @@
+"""Exporting the spine as one file: one FFmpeg process over all of its segments.
+
+The spine's segments are canonical WAVs that may differ in rate and layout (a
+44.1 kHz stereo upload followed by 32 kHz mono continuations). ``plan_join``
+reads their headers and fixes the output format:
+
+- rate R: the highest segment rate; for MP3 the smallest MPEG-1 rate (32, 44.1
+  or 48 kHz) not below it, at most 48 kHz (44.1 kHz for 88.2 and 176.4 kHz);
+- channels: stereo if any segment has two or more, else mono. A mono segment is
+  copied to both sides at full level, as a player plays it (FFmpeg's own
+  upmix would lower it by 3 dB). More than two channels are downmixed by
+  averaging the even ones into the left and the odd ones into the right, as
+  ``decode`` does for channels without positions;
+- WAV and FLAC are 24-bit if any segment is, else 16-bit; MP3 is libmp3lame
+  VBR ``-q:a 2`` (about 190 kbit/s) with its LAME tag, so decoders trim the
+  encoder's padding and the MP3 decodes to the same length.
+
+Segment i (r_i Hz, f_i frames) lasts n_i = round(f_i·R/r_i) frames at R, and
+each of the k-1 joins overlaps X = round(crossfade_ms·R/1000) frames, so the
+export has exactly sum(n_i) - (k-1)·X frames. The graph, for X > 0::
+
+    [i:a] (downmix) aresample=R (upmix) aformat=flt apad=whole_len=n_i
+          atrim=end_sample=n_i asplit → [b_i] first n_i - X frames
+                                      → [t_i] last X frames
+    [t_i-1][b_i] acrossfade=ns=X:c1=qsin:c2=qsin [j_i]
+    [b_0][j_1]…[j_k-1] concat → out
+
+apad then atrim pin each segment to n_i frames, whatever the resampler's
+rounding. ``acrossfade`` fades the previous segment's last X frames out by cos
+and this segment's first X in by sin (equal power: the right sum for
+uncorrelated audio), then passes the rest of the segment through. So every
+frame goes through a fixed number of filters however long the spine (a chain
+of ``acrossfade`` filters would pass the first segment through all k-1 of
+them), and ``concat`` reads its inputs in turn, so only a few frames of each
+segment are held at a time. With X = 0 the segments go straight to ``concat``.
+
+The graph is passed inline: FFmpeg 5.1 reads a graph file only with
+``-filter_complex_script`` and FFmpeg 9 only with ``-/filter_complex``.
+``MAX_SEGMENTS`` keeps the argument well below Linux's 128 KiB limit on one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sparrow.audio.atomic import publish, temp_path_for
+from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
+from sparrow.audio.wav import WavFormatError, WavLayout, read_layout
+from sparrow.errors import InvalidInput, StorageUnavailable
+
+ExportFormat = Literal["wav", "mp3", "flac"]
+MEDIA_TYPES: dict[ExportFormat, str] = {
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+}
+DEFAULT_CROSSFADE_MS = 20.0
+MAX_CROSSFADE_MS = 1000.0
+MAX_SEGMENTS = 300
+MP3_RATES = (32_000, 44_100, 48_000)
+MP3_QUALITY = 2
+TIMEOUT_S = 300.0
+# FFmpeg 7+ runs a demuxer and a decoder thread per input, and each thread's
+# 8 MiB stack counts against the address-space limit (measured: 17 MiB more
+# per segment with FFmpeg 9, 10 MiB with 5.1).
+_MEMORY_PER_SEGMENT = 32 << 20
+# A RIFF size field is 32 bits; the header of a canonical WAV is under 64 bytes.
+_MAX_WAV_DATA = 0xFFFF_FFFF - 64
+_STDERR_TAIL = 300
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    """The export's format and length, decided from the segments' headers."""
+
+    sample_rate: int
+    channels: int
+    bits: int | None
+    """16 or 24 for WAV and FLAC; None for MP3."""
+    segment_frames: tuple[int, ...]
+    """Each segment's length at ``sample_rate``, before crossfades."""
+    segment_channels: tuple[int, ...]
+    """Each segment's own channel count."""
+    crossfade_frames: int
+    total_frames: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.total_frames / self.sample_rate
+
+
+def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: float) -> JoinPlan:
+    """The plan for joining the WAVs at ``paths`` (headers only, no samples read).
+
+    Raises ``InvalidInput`` for no segments, more than ``MAX_SEGMENTS``, a
+    crossfade outside 0–``MAX_CROSSFADE_MS`` or longer than a segment can give
+    (an end segment needs X frames, an interior one 2·X), or a WAV over 4 GiB;
+    ``StorageUnavailable`` when a segment's file is missing or not a canonical WAV.
+    """
+    if not paths:
+        raise InvalidInput("There is no audio to export.")
+    if len(paths) > MAX_SEGMENTS:
+        raise InvalidInput(
+            f"A spine of {len(paths)} nodes is too long to export ({MAX_SEGMENTS} at most)."
+        )
+    if not 0 <= crossfade_ms <= MAX_CROSSFADE_MS:  # also refuses NaN
+        raise InvalidInput(f"crossfade_ms must be between 0 and {MAX_CROSSFADE_MS:g}.")
+    layouts = [_read_segment(path, i) for i, path in enumerate(paths)]
+    top = max(layout.sample_rate for layout in layouts)
+    rate = _mp3_rate(top) if format == "mp3" else top
+    frames = tuple(round(layout.frames * rate / layout.sample_rate) for layout in layouts)
+    fade = round(crossfade_ms * rate / 1000) if len(paths) > 1 else 0
+    for i, n in enumerate(frames):
+        needed = fade if i in (0, len(frames) - 1) else 2 * fade
+        if n < needed:
+            where = "at each of its ends" if needed > fade else "at its join"
+            raise InvalidInput(
+                f"Segment {i + 1} of {len(frames)} lasts {n / rate * 1000:.1f} ms, too short "
+                f"for a {crossfade_ms:g} ms crossfade {where}."
+            )
+    plan = JoinPlan(
+        sample_rate=rate,
+        channels=2 if any(layout.channels >= 2 for layout in layouts) else 1,
+        bits=None if format == "mp3" else max(layout.bits for layout in layouts),
+        segment_frames=frames,
+        segment_channels=tuple(layout.channels for layout in layouts),
+        crossfade_frames=fade,
+        total_frames=sum(frames) - (len(frames) - 1) * fade,
+    )
+    if (
+        format == "wav"
+        and plan.total_frames * plan.channels * (plan.bits or 0) // 8 > _MAX_WAV_DATA
+    ):
+        raise InvalidInput("The spine is too long for a WAV file (4 GiB at most); export FLAC.")
+    return plan
+
+
+async def join_segments(
+    paths: Sequence[Path],
+    dst: Path,
+    *,
+    format: ExportFormat,
+    crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    ffmpeg: str | None = None,
+    timeout_s: float = TIMEOUT_S,
+) -> JoinPlan:
+    """Join the WAVs at ``paths`` into one ``format`` file published atomically at ``dst``.
+
+    ``dst``'s folder must exist; nothing appears at ``dst`` (and no temporary
+    file is left) unless the export succeeds. Raises what ``plan_join`` raises,
+    and ``StorageUnavailable`` when FFmpeg fails or runs past ``timeout_s``.
+    """
+    plan = await asyncio.to_thread(plan_join, paths, format=format, crossfade_ms=crossfade_ms)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    tmp = temp_path_for(dst)
+    try:
+        result = await run_ffmpeg(
+            _args(paths, plan, format, tmp),
+            deadline=deadline,
+            memory_bytes=MEMORY_LIMIT_BYTES + len(paths) * _MEMORY_PER_SEGMENT,
+            ffmpeg=ffmpeg,
+        )
+        if result.returncode != 0:
+            tail = result.stderr.strip()[-_STDERR_TAIL:]
+            raise StorageUnavailable(f"The spine could not be exported: {tail}")
+        await asyncio.to_thread(publish, tmp, dst)
+    except FFmpegTimeout:
+        raise StorageUnavailable(f"Exporting the spine took longer than {timeout_s:g} s.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return plan
+
+
+def _read_segment(path: Path, index: int) -> WavLayout:
+    try:
+        return read_layout(path)
+    except (OSError, WavFormatError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StorageUnavailable(
+            f"The audio of segment {index + 1} cannot be read: {reason}."
+        ) from exc
+
+
+def _mp3_rate(top: int) -> int:
+    if top > MP3_RATES[-1] and top % 44_100 == 0:
+        return 44_100
+    return next((rate for rate in MP3_RATES if rate >= top), MP3_RATES[-1])
+
+
+def _args(paths: Sequence[Path], plan: JoinPlan, format: ExportFormat, tmp: Path) -> list[str]:
+    args = ["-nostdin", "-hide_banner", "-loglevel", "error"]
+    for path in paths:
+        args += ["-f", "wav", "-i", str(path)]
+    args += ["-filter_complex", _graph(plan), "-map", "[out]"]
+    if format == "mp3":
+        args += ["-c:a", "libmp3lame", "-q:a", str(MP3_QUALITY)]
+    elif format == "flac":
+        args += ["-c:a", "flac", "-sample_fmt", "s32" if plan.bits == 24 else "s16"]
+    else:
+        args += ["-c:a", f"pcm_s{plan.bits}le"]
+    # bitexact: no encoder-version tags, so the same spine exports to the same bytes.
+    return [*args, "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", format, "-y", str(tmp)]
+
+
+def _graph(plan: JoinPlan) -> str:
+    k, x = len(plan.segment_frames), plan.crossfade_frames
+    layout = "stereo" if plan.channels == 2 else "mono"
+    chains = []
+    for i, (n, channels) in enumerate(zip(plan.segment_frames, plan.segment_channels, strict=True)):
+        steps = [f"aresample={plan.sample_rate}"]
+        if channels > 2:
+            steps.insert(0, _average_to_stereo(channels))
+        elif channels < plan.channels:
+            steps.append("pan=stereo|c0=c0|c1=c0")
+        steps += [
+            f"aformat=sample_fmts=flt:channel_layouts={layout}",
+            f"apad=whole_len={n}",
+            f"atrim=end_sample={n}",
+        ]
+        chain = f"[{i}:a]{','.join(steps)}"
+        if x == 0 or i == k - 1:
+            chains.append(f"{chain}[b{i}]")
+        else:
+            # The last X frames go to the next join; the rest plays on its own.
+            chains += [
+                f"{chain},asplit[m{i}][e{i}]",
+                f"[m{i}]atrim=end_sample={n - x}[b{i}]",
+                f"[e{i}]atrim=start_sample={n - x},asetpts=PTS-STARTPTS[t{i}]",
+            ]
+        if x and i:
+            # Fades the previous tail out and this segment in, then passes it through.
+            chains.append(f"[t{i - 1}][b{i}]acrossfade=ns={x}:c1=qsin:c2=qsin[j{i}]")
+    pieces = "[b0]" + "".join(f"[{'j' if x else 'b'}{i}]" for i in range(1, k))
+    chains.append(f"{pieces}concat=n={k}:v=0:a=1[out]")
+    return ";".join(chains)
+
+
+def _average_to_stereo(channels: int) -> str:
+    sides = []
+    for side in (0, 1):
+        sources = range(side, channels, 2)
+        sides.append(f"c{side}=" + "+".join(f"{1 / len(sources):.6g}*c{c}" for c in sources))
+    return "pan=stereo|" + "|".join(sides)

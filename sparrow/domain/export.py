@@ -1,0 +1,163 @@
+"""Exporting the spine (or one stem of it) as one audio file (SPEC §2, §6).
+
+The files of the spine's nodes are joined by one FFmpeg process
+(``sparrow.audio.join``): brought to one rate and layout, with equal-power
+crossfades. An export is named by a key made of what decides its bytes (the
+nodes, their audio hashes, the format and the crossfade), so the same spine
+with the same options is served from the file already made; a changed spine
+makes a new key. A chain keeps its few most recent exports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments
+from sparrow.domain.chains import found_chain, shown
+from sparrow.domain.models import Caller, Chain, StemsStatus
+from sparrow.errors import Conflict, InvalidInput, PaymentRequired
+from sparrow.media import MediaStore
+from sparrow.settings import Settings
+from sparrow.store import ChainStore
+
+log = logging.getLogger(__name__)
+
+# Part of every export's key: bump it when the join itself changes.
+JOIN_VERSION = 1
+KEPT_PER_CHAIN = 8
+
+
+@dataclass(frozen=True)
+class Part:
+    """One segment of an export: what identifies its audio, and its file."""
+
+    node_id: str
+    sha256: str
+    path: Path
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    path: Path
+    media_type: str
+    filename: str
+    key: str
+
+
+class ExportService:
+    def __init__(self, store: ChainStore, media: MediaStore, settings: Settings) -> None:
+        self.store = store
+        self.media = media
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.export_concurrency)
+        self._making: dict[str, asyncio.Lock] = {}
+
+    async def spine(
+        self, caller: Caller, chain_id: str, *, format: ExportFormat, crossfade_ms: float
+    ) -> ExportFile:
+        """The chain's spine as one file."""
+        chain = found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
+        parts = [
+            Part(n.id, n.audio_sha256 or "", self.media.node_audio(chain_id, n.id), n.duration_s or 0)
+            for n in await self.store.spine(chain_id)
+        ]
+        return await self._export(chain, parts, "", format=format, crossfade_ms=crossfade_ms)
+
+    async def spine_stem(
+        self,
+        caller: Caller,
+        chain_id: str,
+        stem: str,
+        *,
+        format: ExportFormat,
+        crossfade_ms: float,
+    ) -> ExportFile:
+        """One stem of the whole spine as one file: every spine node's stems must be ready."""
+        chain = found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
+        if not caller.paid:
+            raise PaymentRequired("Stems are a paid feature: this key's tier is free.")
+        spine = await self.store.spine(chain_id)
+        stems = await self.store.stems_of([n.id for n in spine])
+        missing = [
+            n.id
+            for n in spine
+            if (s := stems.get(n.id)) is None or s.status is not StemsStatus.READY or not s.files
+        ]
+        if missing:
+            raise Conflict(
+                f"{len(missing)} of the spine's {len(spine)} nodes have no ready stems "
+                f"(first: {shown(missing[0])}); POST /api/chains/{chain_id}/stems first."
+            )
+        parts = []
+        for node in spine:
+            files = stems[node.id].files or {}
+            path = self.media.stem_file(chain_id, node.id, stem)
+            parts.append(Part(node.id, files.get(stem, ""), path, node.duration_s or 0))
+        return await self._export(
+            chain, parts, f" - {stem}", format=format, crossfade_ms=crossfade_ms
+        )
+
+    async def _export(
+        self,
+        chain: Chain,
+        parts: list[Part],
+        label: str,
+        *,
+        format: ExportFormat,
+        crossfade_ms: float,
+    ) -> ExportFile:
+        if not parts:
+            raise Conflict(f"The spine of chain {shown(chain.id)} is empty: nothing to export.")
+        total_s = sum(p.duration_s for p in parts)
+        if total_s > self.settings.max_export_s:
+            raise InvalidInput(
+                f"The spine is {total_s:.0f} s long; exports are limited to "
+                f"{self.settings.max_export_s:.0f} s."
+            )
+        key = _key(parts, format, crossfade_ms)
+        folder = self.media.chain_exports(chain.id)
+        dst = folder / f"{key}.{format}"
+        result = ExportFile(dst, MEDIA_TYPES[format], f"{chain.title}{label}.{format}", key)
+        lock = self._making.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # one request makes it; the others wait and reuse it
+                if await anyio.Path(dst).is_file():
+                    return result
+                async with self._slots:
+                    await anyio.Path(folder).mkdir(exist_ok=True)
+                    await join_segments(
+                        [p.path for p in parts],
+                        dst,
+                        format=format,
+                        crossfade_ms=crossfade_ms,
+                        ffmpeg=self.settings.ffmpeg,
+                    )
+                await anyio.to_thread.run_sync(_prune, folder, dst)
+        finally:
+            if not lock.locked():
+                self._making.pop(key, None)
+        return result
+
+
+def _key(parts: list[Part], format: ExportFormat, crossfade_ms: float) -> str:
+    identity = [JOIN_VERSION, format, crossfade_ms, [(p.node_id, p.sha256) for p in parts]]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Keep the chain's most recent exports only (the one just made among them)."""
+    made = sorted(
+        (f for f in folder.iterdir() if not f.name.startswith(".") and f != keep),
+        key=lambda f: f.stat().st_mtime,
+        reverse=True,
+    )
+    for old in made[KEPT_PER_CHAIN - 1 :]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,69 @@
+"""An engine's progress callback, bridged from the engine's thread to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any
+
+from sparrow.engines import Cancelled
+from sparrow.jobs import JobControl
+
+# Progress is announced when it moved this much or this long has passed (SPEC §4).
+PROGRESS_STEP = 0.05
+PROGRESS_INTERVAL_S = 1.0
+
+Announce = Callable[[float, float | None], Coroutine[Any, Any, None]]
+"""Records progress (fraction, eta_s) as events; runs on the event loop."""
+
+
+class ProgressReporter:
+    """The engine's progress callback: runs in the engine's thread.
+
+    It stops the work (``Cancelled``) once the job is cancelled or ``wanted()``
+    says the piece in hand is no longer wanted, and announces throttled progress
+    through the event loop.
+    """
+
+    def __init__(
+        self,
+        control: JobControl,
+        loop: asyncio.AbstractEventLoop,
+        announce: Announce,
+        *,
+        wanted: Callable[[], bool] = lambda: True,
+        span: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        """``span``: the part of the whole job this piece covers, for the job's progress."""
+        self.control = control
+        self.loop = loop
+        self.announce = announce
+        self.wanted = wanted
+        self.span = span
+        self.sent_fraction = 0.0
+        self.sent_at = time.monotonic()
+        self.started = time.monotonic()
+        self.pending: list[Future[None]] = []
+
+    def __call__(self, fraction: float) -> None:
+        if self.control.cancel.is_set() or not self.wanted():
+            raise Cancelled
+        low, high = self.span
+        self.control.progress = low + (high - low) * fraction
+        now = time.monotonic()
+        due = fraction >= 1.0 or fraction - self.sent_fraction >= PROGRESS_STEP
+        if not due and now - self.sent_at < PROGRESS_INTERVAL_S:
+            return
+        self.sent_fraction, self.sent_at = fraction, now
+        elapsed = now - self.started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+        self.pending.append(asyncio.run_coroutine_threadsafe(self.announce(fraction, eta), self.loop))
+
+    async def flush(self) -> None:
+        """Wait until every progress event sent so far is recorded (before the final status)."""
+        if self.pending:
+            await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in self.pending), return_exceptions=True
+            )

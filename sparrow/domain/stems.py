@@ -1,0 +1,377 @@
+"""Stems: a node's audio separated into drums, bass, other and vocals (a paid feature).
+
+``request`` queues a separation (one job, on the same worker as generation) for
+one node, ``request_spine`` for every node of the spine that has none yet. The
+worker calls ``run``: it decodes each node's audio to the engine's format with
+FFmpeg, hands the engine that array, writes each stem atomically and only then
+marks the stems ``ready``. Every change is guarded by the stems lifecycle, so
+stems cancelled or deleted meanwhile stay as the user left them.
+
+Stems are written at the engine's rate and layout (Demucs: 44.1 kHz stereo).
+Each holds exactly ``round(frames · R / rate)`` frames: the node's duration on
+the engine's sample grid, so the stems line up sample for sample with the mix.
+
+The tier is checked when the job is asked for and again when it runs: a key
+downgraded or revoked in between gets ``payment_required`` on its stems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from sparrow.audio import write_wav
+from sparrow.audio.tail import Segment, read_tail
+from sparrow.domain.chains import found_chain, found_node, shown
+from sparrow.domain.keys import KeyService
+from sparrow.domain.models import (
+    STEMS_ACTIVE,
+    Caller,
+    Job,
+    JobKind,
+    Node,
+    NodeError,
+    NodeStatus,
+    Stems,
+    StemsStatus,
+    Tier,
+    new_id,
+    utc_now,
+)
+from sparrow.domain.progress import ProgressReporter
+from sparrow.domain.queue import QueueLimits
+from sparrow.engines import STEM_NAMES, Audio, Cancelled, StemEngine
+from sparrow.errors import Conflict, NotFound, PaymentRequired, SparrowError
+from sparrow.events import StemsProgress, StemsStatusChanged
+from sparrow.jobs import INTERRUPTED, JobControl
+from sparrow.media import MediaStore
+from sparrow.settings import Settings
+from sparrow.store import ChainStore, ChainWriter
+
+log = logging.getLogger(__name__)
+
+PAYMENT_REQUIRED = NodeError(
+    "payment_required", "Stems need a paid key; the key that asked for them is not one now."
+)
+
+
+@dataclass(frozen=True)
+class StemsView:
+    """A node's stems as a caller sees them: the row (None: never asked for) and progress."""
+
+    node: Node
+    stems: Stems | None
+    progress: float | None = None
+
+
+class StemsService:
+    def __init__(
+        self,
+        store: ChainStore,
+        media: MediaStore,
+        engine: StemEngine,
+        settings: Settings,
+        *,
+        keys: KeyService,
+        queue: QueueLimits,
+        wake: Callable[[], None],
+        forget: Callable[[Collection[str]], None],
+        running: Callable[[], JobControl | None],
+    ) -> None:
+        self.store = store
+        self.media = media
+        self.engine = engine
+        self.settings = settings
+        self.keys = keys
+        self.queue = queue
+        self._wake = wake
+        self._forget = forget
+        self._running = running
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(self, caller: Caller, node_id: str) -> tuple[StemsView, bool]:
+        """Queue the separation of a ready node; returns its stems and whether a job was queued.
+
+        Stems already ready, queued or separating are returned as they are.
+        """
+        async with self.store.write() as w:
+            node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
+            _require_paid(caller)
+            if node.status is not NodeStatus.READY:
+                raise Conflict(
+                    f"Node {shown(node_id)} is {node.status}; only a ready node has stems."
+                )
+            queued = await self._queue(w, caller, node.chain_id, [node])
+        if queued:
+            self._wake()
+        return await self.view(caller, node_id), bool(queued)
+
+    async def request_spine(self, caller: Caller, chain_id: str) -> tuple[list[StemsView], bool]:
+        """Queue one job separating every spine node whose stems are not ready or on their way."""
+        async with self.store.write() as w:
+            found_chain(chain_id, await w.get_chain(chain_id, owner=caller.owner))
+            _require_paid(caller)
+            spine = await w.spine_nodes(chain_id)
+            queued = await self._queue(w, caller, chain_id, spine)
+        if queued:
+            self._wake()
+        return await self.spine_view(caller, chain_id), bool(queued)
+
+    async def _queue(
+        self, w: ChainWriter, caller: Caller, chain_id: str, nodes: list[Node]
+    ) -> list[Stems]:
+        todo = []
+        for node in nodes:
+            stems = await w.get_stems(node.id)
+            if stems is None or stems.status not in (*STEMS_ACTIVE, StemsStatus.READY):
+                todo.append(node)
+        if not todo:
+            return []
+        await self.queue.check(w, caller)
+        job = Job(
+            id=new_id(),
+            chain_id=chain_id,
+            kind=JobKind.STEMS,
+            request={"node_ids": [n.id for n in todo]},
+            created_at=utc_now(),
+            owner=caller.owner,
+        )
+        await w.insert_job(job)
+        queued = []
+        for node in todo:
+            stems = await w.queue_stems(node.id, chain_id, job.id)
+            await w.emit(StemsStatusChanged(chain_id, node.id, stems.status))
+            queued.append(stems)
+        return queued
+
+    async def cancel(self, caller: Caller, node_id: str) -> StemsView:
+        """Cancel a queued or running separation; cancelling cancelled stems changes nothing."""
+        async with self.store.write() as w:
+            found_node(node_id, await w.get_node(node_id, owner=caller.owner))
+            _require_paid(caller)
+            stems = await w.get_stems(node_id)
+            if stems is None or stems.status not in (*STEMS_ACTIVE, StemsStatus.CANCELLED):
+                state = "never asked for" if stems is None else stems.status
+                raise Conflict(
+                    f"The stems of node {shown(node_id)} are {state}; there is nothing to cancel."
+                )
+            if stems.status is not StemsStatus.CANCELLED:
+                await self._set(w, node_id, StemsStatus.CANCELLED)
+        self._forget([node_id])
+        return await self.view(caller, node_id)
+
+    async def view(self, caller: Caller, node_id: str) -> StemsView:
+        node = found_node(node_id, await self.store.get_node(node_id, owner=caller.owner))
+        _require_paid(caller)
+        return self._view(node, await self.store.get_stems(node_id))
+
+    async def spine_view(self, caller: Caller, chain_id: str) -> list[StemsView]:
+        found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
+        _require_paid(caller)
+        spine = await self.store.spine(chain_id)
+        stems = await self.store.stems_of([n.id for n in spine])
+        return [self._view(node, stems.get(node.id)) for node in spine]
+
+    def _view(self, node: Node, stems: Stems | None) -> StemsView:
+        control = self._running()
+        progress = None
+        if stems is not None and stems.status is StemsStatus.READY:
+            progress = 1.0
+        elif (
+            stems is not None
+            and control is not None
+            and control.job.id == stems.job_id
+            and stems.status is StemsStatus.SEPARATING
+        ):
+            progress = control.piece_progress.get(node.id, 0.0)
+        return StemsView(node, stems, progress)
+
+    async def stem_file(self, caller: Caller, node_id: str, stem: str) -> tuple[Stems, Path]:
+        """One ready stem's WAV."""
+        view = await self.view(caller, node_id)
+        stems = view.stems
+        if stems is None or stems.status is not StemsStatus.READY or not stems.files:
+            state = "never asked for" if stems is None else stems.status
+            raise Conflict(f"The stems of node {shown(node_id)} are {state}, not ready.")
+        path = self.media.stem_file(stems.chain_id, node_id, stem)
+        if stem not in stems.files or not path.is_file():
+            raise NotFound(f"There is no stem {stem!r} of node {shown(node_id)}.")
+        return stems, path
+
+    # -- the job ------------------------------------------------------------------------
+
+    async def recover(self, w: ChainWriter) -> int:
+        """End the stems a crash left queued or separating in a job that was running."""
+        stranded = await w.stranded_stems()
+        for node_id in stranded:
+            await self._set(w, node_id, StemsStatus.ERROR, error=INTERRUPTED)
+        return len(stranded)
+
+    async def run(self, job: Job, control: JobControl) -> None:
+        """Separate the job's stems that are still queued (the worker's runner)."""
+        async with self.store.write() as w:
+            started = [
+                stems
+                for queued in await w.job_stems(job.id, StemsStatus.QUEUED)
+                if (stems := await self._set(w, queued.node_id, StemsStatus.SEPARATING))
+            ]
+            control.node_ids.update(s.node_id for s in started)
+        if not started:
+            return
+        if await self.keys.tier_of(job.owner) is not Tier.PAID:
+            await self._end([s.node_id for s in started], StemsStatus.ERROR, PAYMENT_REQUIRED)
+            return
+        pending = [s.node_id for s in started]
+        try:
+            await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
+            for i, node_id in enumerate(list(pending)):
+                span = (i / len(started), (i + 1) / len(started))
+                await self._separate(node_id, control, span)
+                pending.remove(node_id)
+        except Cancelled:
+            if control.shutting_down:
+                await self._end(pending, StemsStatus.ERROR, INTERRUPTED)
+            else:  # cancelled or deleted by the user, who has seen the new status
+                await self._end(pending, StemsStatus.CANCELLED, None)
+        except SparrowError as exc:
+            await self._end(pending, StemsStatus.ERROR, NodeError(exc.code, exc.detail))
+        except Exception as exc:
+            log.exception("stems job %s failed", job.id)
+            error = NodeError("separation_failed", f"Separation failed ({type(exc).__name__}).")
+            await self._end(pending, StemsStatus.ERROR, error)
+
+    async def _separate(
+        self, node_id: str, control: JobControl, span: tuple[float, float]
+    ) -> None:
+        """Separate one node; a node no longer wanted is skipped (its status says why)."""
+        node = await self.store.get_node(node_id)
+        if node is None or node_id not in control.node_ids:
+            return
+        frames = self._frames_for(node)
+        audio = await self._decode(node, frames)
+
+        async def announce(fraction: float, eta_s: float | None) -> None:
+            control.piece_progress[node_id] = fraction
+            await self._progress(node, control, fraction, eta_s)
+
+        reporter = ProgressReporter(
+            control,
+            asyncio.get_running_loop(),
+            announce,
+            wanted=lambda: node_id in control.node_ids,
+            span=span,
+        )
+        try:
+            stems = await anyio.to_thread.run_sync(
+                self.engine.separate, audio, reporter, abandon_on_cancel=True
+            )
+        except Cancelled:
+            if control.cancel.is_set():
+                raise  # the whole job stops
+            return  # only this node was cancelled or deleted
+        finally:
+            await reporter.flush()
+        await self._publish(node, {name: stems[name][:frames] for name in STEM_NAMES})
+
+    def _frames_for(self, node: Node) -> int:
+        if not node.frames or not node.sample_rate:
+            raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug
+        return max(1, round(node.frames * self.engine.sample_rate / node.sample_rate))
+
+    async def _decode(self, node: Node, frames: int) -> Audio:
+        """The node's audio at the engine's rate and layout, exactly ``frames`` long."""
+        path = self.media.node_audio(node.chain_id, node.id)
+        seconds = (node.duration_s or 0.0) + 1.0  # more than all of it: nothing is cut
+        audio = await read_tail(
+            [Segment(path, seconds)],
+            seconds,
+            sample_rate=self.engine.sample_rate,
+            channels=self.engine.channels,
+            tmp_dir=self.media.tmp_dir,
+            ffmpeg=self.settings.ffmpeg,
+        )
+        if len(audio) < frames:
+            audio = np.pad(audio, ((0, frames - len(audio)), (0, 0)))
+        return np.ascontiguousarray(audio[:frames])
+
+    async def _publish(self, node: Node, stems: dict[str, Audio]) -> None:
+        rate = self.engine.sample_rate
+        folder = self.media.node_stems(node.chain_id, node.id)
+
+        def write_all() -> dict[str, str]:
+            self.media.make_node_stems_dir(node.chain_id, node.id)
+            return {
+                name: write_wav(folder / f"{name}.wav", np.asarray(audio), rate).sha256
+                for name, audio in stems.items()
+            }
+
+        try:
+            files = await anyio.to_thread.run_sync(write_all)
+        except FileNotFoundError:
+            return  # the chain was deleted meanwhile
+        except OSError:
+            log.exception("cannot write the stems of node %s", node.id)
+            self.media.remove_stems(node.chain_id, node.id)
+            error = NodeError("storage_unavailable", "The stems could not be saved.")
+            await self._end([node.id], StemsStatus.ERROR, error)
+            return
+        first = next(iter(stems.values()))
+        facts = {
+            "model": self.engine.info().model,
+            "sample_rate": rate,
+            "channels": int(first.shape[1]),
+            "frames": int(first.shape[0]),
+            "files": files,
+        }
+        async with self.store.write() as w:
+            ready = await self._set(w, node.id, StemsStatus.READY, facts=facts)
+        if ready is None:  # cancelled or deleted while its files were being written
+            self.media.remove_stems(node.chain_id, node.id)
+
+    async def _end(
+        self, node_ids: list[str], status: StemsStatus, error: NodeError | None
+    ) -> None:
+        async with self.store.write() as w:
+            for node_id in node_ids:
+                await self._set(w, node_id, status, error=error)
+
+    async def _set(
+        self,
+        w: ChainWriter,
+        node_id: str,
+        status: StemsStatus,
+        *,
+        error: NodeError | None = None,
+        facts: dict[str, object] | None = None,
+    ) -> Stems | None:
+        """Change a node's stems status and announce it, if the lifecycle allows it."""
+        stems = await w.set_stems_status(node_id, status, error=error, facts=facts)
+        if stems is not None:
+            names = tuple(stems.files or ())
+            await w.emit(
+                StemsStatusChanged(stems.chain_id, node_id, stems.status, stems.error, names)
+            )
+        return stems
+
+    async def _progress(
+        self, node: Node, control: JobControl, fraction: float, eta_s: float | None
+    ) -> None:
+        if node.id not in control.node_ids:
+            return
+        try:
+            async with self.store.write() as w:
+                await w.emit(StemsProgress(node.chain_id, node.id, fraction, eta_s))
+        except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
+            log.debug("progress not recorded: %s", exc)
+
+
+def _require_paid(caller: Caller) -> None:
+    if not caller.paid:
+        raise PaymentRequired("Stems are a paid feature: this key's tier is free.")

@@ -1,0 +1,124 @@
+"""Stems rows: every SQL statement about them.
+
+A node has at most one stems row. Status changes are guarded by the stems
+lifecycle in SQL, as node status changes are, so stems cancelled while their
+files were being written are never made ready.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from sparrow.domain.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
+from sparrow.store.db import Row
+
+STEMS_COLUMNS = (
+    "node_id, chain_id, status, job_id, model, sample_rate, channels, frames, files, error, "
+    "created_at, updated_at"
+)
+STEMS_FACTS = frozenset({"model", "sample_rate", "channels", "frames", "files"})
+
+
+def stems_from_row(row: Row) -> Stems:
+    (
+        node_id, chain_id, status, job_id, model, sample_rate, channels, frames, files, error,
+        created_at, updated_at,
+    ) = row  # fmt: skip
+    return Stems(
+        node_id=node_id,
+        chain_id=chain_id,
+        status=StemsStatus(status),
+        job_id=job_id,
+        model=model,
+        sample_rate=sample_rate,
+        channels=channels,
+        frames=frames,
+        files=json.loads(files) if files else None,
+        error=NodeError(**json.loads(error)) if error else None,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+SELECT_STEMS = f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id = ?"
+
+
+class StemsWrites:
+    """Stems writes inside a write transaction (mixed into ``ChainWriter``)."""
+
+    tx: aiosqlite.Connection
+
+    async def _stems_rows(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Row]:
+        async with self.tx.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def get_stems(self, node_id: str) -> Stems | None:
+        rows = await self._stems_rows(SELECT_STEMS, (node_id,))
+        return stems_from_row(rows[0]) if rows else None
+
+    async def queue_stems(self, node_id: str, chain_id: str, job_id: str) -> Stems:
+        """A new stems row, queued for the job; replaces one that failed or was cancelled."""
+        now = utc_now()
+        rows = await self._stems_rows(
+            "INSERT INTO stems (node_id, chain_id, status, job_id, created_at, updated_at) "
+            "VALUES (?, ?, 'queued', ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+            "status = 'queued', job_id = excluded.job_id, error = NULL, model = NULL, "
+            "sample_rate = NULL, channels = NULL, frames = NULL, files = NULL, "
+            f"updated_at = excluded.updated_at RETURNING {STEMS_COLUMNS}",
+            (node_id, chain_id, job_id, now, now),
+        )
+        return stems_from_row(rows[0])
+
+    async def job_stems(self, job_id: str, status: StemsStatus) -> list[Stems]:
+        rows = await self._stems_rows(
+            f"SELECT {STEMS_COLUMNS} FROM stems WHERE job_id = ? AND status = ? ORDER BY rowid",
+            (job_id, status.value),
+        )
+        return [stems_from_row(r) for r in rows]
+
+    async def stranded_stems(self) -> list[str]:
+        """Node ids of stems queued or separating that no job will finish."""
+        rows = await self._stems_rows(
+            "SELECT node_id FROM stems WHERE status IN ('queued', 'separating') AND ("
+            "job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'running')) "
+            "ORDER BY rowid",
+            (),
+        )
+        return [r[0] for r in rows]
+
+    async def set_stems_status(
+        self,
+        node_id: str,
+        status: StemsStatus,
+        *,
+        error: NodeError | None = None,
+        facts: dict[str, Any] | None = None,
+    ) -> Stems | None:
+        """Move a node's stems to ``status`` if the lifecycle allows it from where they are.
+
+        ``facts`` sets model, sample_rate, channels, frames and files with the change.
+        Returns the changed row, or None when there is none or the change is not allowed.
+        """
+        values = dict(facts or {})
+        if not values.keys() <= STEMS_FACTS:
+            raise ValueError(f"not stems facts: {sorted(values.keys() - STEMS_FACTS)}")
+        if "files" in values:
+            values["files"] = json.dumps(values["files"])
+        assignments = "".join(f", {column} = :{column}" for column in values)
+        sources = ", ".join(f"'{s.value}'" for s in sorted(stems_sources_of(status)))
+        rows = await self._stems_rows(
+            f"UPDATE stems SET status = :status, error = :error, updated_at = :now{assignments} "
+            f"WHERE node_id = :node_id AND status IN ({sources}) RETURNING {STEMS_COLUMNS}",
+            {
+                "status": status.value,
+                "error": json.dumps(error.__dict__) if error else None,
+                "now": utc_now(),
+                "node_id": node_id,
+                **values,
+            },
+        )
+        return stems_from_row(rows[0]) if rows else None
