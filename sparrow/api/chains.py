@@ -67,8 +67,7 @@ async def create_chain(
         )
         try:
             chain, root = await chains.create_from_upload(
-                caller,
-                upload.path, title=upload.fields.get("title"), filename=upload.filename
+                caller, upload.path, title=upload.fields.get("title"), filename=upload.filename
             )
         finally:
             await anyio.Path(upload.path).unlink(missing_ok=True)

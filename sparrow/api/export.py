@@ -51,7 +51,5 @@ def attachment(request: Request, made: ExportFile) -> Response:
 async def export_chain(
     chain_id: str, body: ExportIn, request: Request, exports: Exports, caller: CallerDep
 ) -> Response:
-    made = await exports.spine(
-        caller, chain_id, format=body.format, crossfade_ms=body.crossfade_ms
-    )
+    made = await exports.spine(caller, chain_id, format=body.format, crossfade_ms=body.crossfade_ms)
     return attachment(request, made)

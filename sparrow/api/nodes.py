@@ -115,9 +115,7 @@ _AUDIO_ROUTE = {
 
 @router.get(**_AUDIO_ROUTE)  # type: ignore[arg-type]
 @router.head(**_AUDIO_ROUTE, name="head_node_audio")  # type: ignore[arg-type]
-async def node_audio(
-    node_id: str, request: Request, chains: Chains, caller: CallerDep
-) -> Response:
+async def node_audio(node_id: str, request: Request, chains: Chains, caller: CallerDep) -> Response:
     node, path = await chains.audio_file(caller, node_id)
     return serve_file(
         request,

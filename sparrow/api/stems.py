@@ -1,12 +1,12 @@
 """Stem routes (a paid feature): separate a node or the whole spine, follow it, download.
 
-    POST /api/nodes/{id}/stems            queue the node's separation (202; 200 if already there)
-    GET  /api/nodes/{id}/stems            status, progress and the stems' URLs
-    POST /api/nodes/{id}/stems/cancel     cancel a queued or running separation
-    GET  /api/nodes/{id}/stems/{stem}     one stem, WAV (Range, ETag, HEAD)
-    POST /api/chains/{id}/stems           queue every spine node that has no stems yet
-    GET  /api/chains/{id}/stems           the spine's stems, node by node
-    GET  /api/chains/{id}/stems/{stem}    one stem of the whole spine, joined like the export
+POST /api/nodes/{id}/stems            queue the node's separation (202; 200 if already there)
+GET  /api/nodes/{id}/stems            status, progress and the stems' URLs
+POST /api/nodes/{id}/stems/cancel     cancel a queued or running separation
+GET  /api/nodes/{id}/stems/{stem}     one stem, WAV (Range, ETag, HEAD)
+POST /api/chains/{id}/stems           queue every spine node that has no stems yet
+GET  /api/chains/{id}/stems           the spine's stems, node by node
+GET  /api/chains/{id}/stems/{stem}    one stem of the whole spine, joined like the export
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ _ASYNC = "Follow it on the chain's event stream (`stems-status`, `stems-progress
     description="Queues a Demucs separation into `drums`, `bass`, `other` and `vocals`: 202 "
     "with the stems `queued`. Stems already queued, separating or ready are returned as they "
     f"are, with 200; failed or cancelled ones are queued again. {_ASYNC}",
-    responses={200: {"model": StemsOut, "description": "Already there."}, **responses(402, 404, 409, 429)},
+    responses={
+        200: {"model": StemsOut, "description": "Already there."},
+        **responses(402, 404, 409, 429),
+    },
 )
 async def request_node_stems(
     node_id: str, response: Response, stems: StemsDep, caller: CallerDep

@@ -66,7 +66,9 @@ class ExportService:
         """The chain's spine as one file."""
         chain = found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
         parts = [
-            Part(n.id, n.audio_sha256 or "", self.media.node_audio(chain_id, n.id), n.duration_s or 0)
+            Part(
+                n.id, n.audio_sha256 or "", self.media.node_audio(chain_id, n.id), n.duration_s or 0
+            )
             for n in await self.store.spine(chain_id)
         ]
         return await self._export(chain, parts, "", format=format, crossfade_ms=crossfade_ms)

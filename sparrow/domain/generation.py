@@ -36,9 +36,9 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
 from sparrow.domain.progress import ProgressReporter
 from sparrow.domain.queue import QueueLimits
+from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
 from sparrow.errors import Conflict, InvalidInput, SparrowError
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl
@@ -89,9 +89,7 @@ class GenerationService:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def branch(
-        self, caller: Caller, parent_id: str, request: BranchRequest
-    ) -> list[Node]:
+    async def branch(self, caller: Caller, parent_id: str, request: BranchRequest) -> list[Node]:
         """Queue ``count`` sibling continuations of a ready node; returns them, queued."""
         self._check_limits(request)
         if request.seed is not None:

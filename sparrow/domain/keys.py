@@ -43,7 +43,9 @@ class KeyService:
         label = " ".join((name or "").split())
         if len(label) > NAME_MAX:
             raise InvalidInput(f"The name is longer than {NAME_MAX} characters.")
-        record = ApiKey(id=key_id, name=label or f"key-{key_id[:8]}", tier=tier, created_at=utc_now())
+        record = ApiKey(
+            id=key_id, name=label or f"key-{key_id[:8]}", tier=tier, created_at=utc_now()
+        )
         key = new_key()
         await self.keys.insert(record, hash_key(key))
         return record, key

@@ -59,7 +59,9 @@ class ProgressReporter:
         self.sent_fraction, self.sent_at = fraction, now
         elapsed = now - self.started
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-        self.pending.append(asyncio.run_coroutine_threadsafe(self.announce(fraction, eta), self.loop))
+        self.pending.append(
+            asyncio.run_coroutine_threadsafe(self.announce(fraction, eta), self.loop)
+        )
 
     async def flush(self) -> None:
         """Wait until every progress event sent so far is recorded (before the final status)."""

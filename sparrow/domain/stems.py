@@ -247,9 +247,7 @@ class StemsService:
             error = NodeError("separation_failed", f"Separation failed ({type(exc).__name__}).")
             await self._end(pending, StemsStatus.ERROR, error)
 
-    async def _separate(
-        self, node_id: str, control: JobControl, span: tuple[float, float]
-    ) -> None:
+    async def _separate(self, node_id: str, control: JobControl, span: tuple[float, float]) -> None:
         """Separate one node; a node no longer wanted is skipped (its status says why)."""
         node = await self.store.get_node(node_id)
         if node is None or node_id not in control.node_ids:
@@ -335,9 +333,7 @@ class StemsService:
         if ready is None:  # cancelled or deleted while its files were being written
             self.media.remove_stems(node.chain_id, node.id)
 
-    async def _end(
-        self, node_ids: list[str], status: StemsStatus, error: NodeError | None
-    ) -> None:
+    async def _end(self, node_ids: list[str], status: StemsStatus, error: NodeError | None) -> None:
         async with self.store.write() as w:
             for node_id in node_ids:
                 await self._set(w, node_id, status, error=error)

@@ -23,8 +23,8 @@ from sparrow.events import EventHub, StoredEvent
 from sparrow.store.db import Database
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
-from sparrow.store.stems import SELECT_STEMS, STEMS_COLUMNS, StemsWrites, stems_from_row
 from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
+from sparrow.store.stems import SELECT_STEMS, STEMS_COLUMNS, StemsWrites, stems_from_row
 
 # The path from a node up to the root, the node included, with each node's
 # distance from it (``up`` is the parent: a name no node column shares).
@@ -158,8 +158,7 @@ class ChainStore:
     async def stems_of(self, node_ids: Sequence[str]) -> dict[str, Stems]:
         """The stems rows of these nodes, by node id (nodes without one are absent)."""
         rows = await self.db.fetchall(
-            f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id IN "
-            "(SELECT value FROM json_each(?))",
+            f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id IN (SELECT value FROM json_each(?))",
             (json.dumps(list(node_ids)),),
         )
         return {s.node_id: s for s in map(stems_from_row, rows)}

@@ -14,7 +14,9 @@ _COLUMNS = "id, name, tier, created_at"
 
 
 def _key(row: Row) -> ApiKey:
-    return ApiKey(id=row["id"], name=row["name"], tier=Tier(row["tier"]), created_at=row["created_at"])
+    return ApiKey(
+        id=row["id"], name=row["name"], tier=Tier(row["tier"]), created_at=row["created_at"]
+    )
 
 
 class KeyStore:
@@ -40,14 +42,14 @@ class KeyStore:
         return _key(row) if row else None
 
     async def list(self) -> list[ApiKey]:
-        rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, rowid"
-        )
+        rows = await self.db.fetchall(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, rowid")
         return [_key(r) for r in rows]
 
     async def set_tier(self, key_id: str, tier: Tier) -> bool:
         async with self.db.transaction() as tx:
-            cur = await tx.execute("UPDATE api_keys SET tier = ? WHERE id = ?", (tier.value, key_id))
+            cur = await tx.execute(
+                "UPDATE api_keys SET tier = ? WHERE id = ?", (tier.value, key_id)
+            )
             return cur.rowcount > 0
 
     async def delete(self, key_id: str) -> bool:
