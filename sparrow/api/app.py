@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.sweep_orphans()
             jobs.start()
             if settings.preload_model:
-                preloading.add(asyncio.create_task(_preload(engine)))
+                for preloaded in (engine, stem_engine):
+                    preloading.add(asyncio.create_task(_preload(preloaded)))
             app.state.services = Services(
                 settings=settings,
                 db=db,
@@ -151,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _preload(engine: GenerationEngine) -> None:
+async def _preload(engine: GenerationEngine | StemEngine) -> None:
     try:
         await anyio.to_thread.run_sync(engine.load)
     except Exception as exc:  # the first job reports it too, on its nodes

@@ -69,7 +69,7 @@ TIMEOUT_S = 300.0
 # per segment with FFmpeg 9, 10 MiB with 5.1).
 _MEMORY_PER_SEGMENT = 32 << 20
 # A RIFF size field is 32 bits; the header of a canonical WAV is under 64 bytes.
-_MAX_WAV_DATA = 0xFFFF_FFFF - 64
+_MAX_WAV_BITS = (0xFFFF_FFFF - 64) * 8
 _STDERR_TAIL = 300
 
 
@@ -101,6 +101,8 @@ def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: floa
     (an end segment needs X frames, an interior one 2·X), or a WAV over 4 GiB;
     ``StorageUnavailable`` when a segment's file is missing or not a canonical WAV.
     """
+    if format not in MEDIA_TYPES:
+        raise InvalidInput(f"Cannot export as {format!r}: choose one of {', '.join(MEDIA_TYPES)}.")
     if not paths:
         raise InvalidInput("There is no audio to export.")
     if len(paths) > MAX_SEGMENTS:
@@ -131,10 +133,8 @@ def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: floa
         crossfade_frames=fade,
         total_frames=sum(frames) - (len(frames) - 1) * fade,
     )
-    if (
-        format == "wav"
-        and plan.total_frames * plan.channels * (plan.bits or 0) // 8 > _MAX_WAV_DATA
-    ):
+    wav_bits = plan.total_frames * plan.channels * (plan.bits or 0)
+    if format == "wav" and wav_bits > _MAX_WAV_BITS:
         raise InvalidInput("The spine is too long for a WAV file (4 GiB at most); export FLAC.")
     return plan
 
@@ -194,7 +194,8 @@ def _mp3_rate(top: int) -> int:
 def _args(paths: Sequence[Path], plan: JoinPlan, format: ExportFormat, tmp: Path) -> list[str]:
     args = ["-nostdin", "-hide_banner", "-loglevel", "error"]
     for path in paths:
-        args += ["-f", "wav", "-i", str(path)]
+        # Absolute, so that no name can read as a protocol ("a:b.wav").
+        args += ["-f", "wav", "-i", str(path.absolute())]
     args += ["-filter_complex", _graph(plan), "-map", "[out]"]
     if format == "mp3":
         args += ["-c:a", "libmp3lame", "-q:a", str(MP3_QUALITY)]
@@ -203,7 +204,8 @@ def _args(paths: Sequence[Path], plan: JoinPlan, format: ExportFormat, tmp: Path
     else:
         args += ["-c:a", f"pcm_s{plan.bits}le"]
     # bitexact: no encoder-version tags, so the same spine exports to the same bytes.
-    return [*args, "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", format, "-y", str(tmp)]
+    args += ["-fflags", "+bitexact", "-flags:a", "+bitexact"]
+    return [*args, "-f", format, "-y", str(tmp.absolute())]
 
 
 def _graph(plan: JoinPlan) -> str:
