@@ -27,6 +27,15 @@ from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
 # -- the events ---------------------------------------------------------------------
 
 
+def _status_data(
+    node_id: str, chain_id: str, status: NodeStatus | StemsStatus, error: NodeError | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"node_id": node_id, "chain_id": chain_id, "status": status.value}
+    if error is not None:
+        out["error"] = {"code": error.code, "detail": error.detail}
+    return out
+
+
 @dataclass(frozen=True)
 class NodeStatusChanged:
     name: ClassVar[str] = "node-status"
@@ -36,14 +45,7 @@ class NodeStatusChanged:
     error: NodeError | None = None
 
     def data(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": self.node_id,
-            "chain_id": self.chain_id,
-            "status": self.status.value,
-        }
-        if self.error is not None:
-            out["error"] = {"code": self.error.code, "detail": self.error.detail}
-        return out
+        return _status_data(self.node_id, self.chain_id, self.status, self.error)
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,7 @@ class StemsStatusChanged:
     stems: tuple[str, ...] = ()  # the stem names, once ready
 
     def data(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": self.node_id,
-            "chain_id": self.chain_id,
-            "status": self.status.value,
-        }
-        if self.error is not None:
-            out["error"] = {"code": self.error.code, "detail": self.error.detail}
+        out = _status_data(self.node_id, self.chain_id, self.status, self.error)
         if self.stems:
             out["stems"] = list(self.stems)
         return out

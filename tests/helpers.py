@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,11 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
+from sparrow.api import create_app
 from sparrow.api.app import Services
 from sparrow.audio import render_music, write_wav
-from sparrow.domain.models import LOCAL_USER, Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.domain.models import LOCAL_USER, Node, NodeKind, NodeStatus, Tier, new_id, utc_now
+from sparrow.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.flac"
 
@@ -93,3 +97,24 @@ async def wait_for_status(
         if time.monotonic() > deadline:
             raise AssertionError(f"nodes did not reach {statuses}: {nodes}")
         await asyncio.sleep(0.02)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.asynccontextmanager
+async def authed_app(
+    tmp_path: Path, keys: dict[str, Tier], **settings: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
+    """The app with auth on (mock engines), a client, and a key per name in ``keys``."""
+    config = Settings(data_dir=tmp_path / "d", engine="mock", auth="on", **settings)
+    app = create_app(config)
+    async with app.router.lifespan_context(app):
+        service = services(app).keys
+        tokens = {
+            name: (await service.create(tier=tier, name=name))[1] for name, tier in keys.items()
+        }
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield app, client, tokens

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, add_child, services
+from helpers import SAMPLE, add_child, authed_app, bearer, services
 
 from sparrow.api import create_app
 from sparrow.domain.keys import hash_key
@@ -80,21 +80,8 @@ async def test_keys_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path: P
 async def authed(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
-    settings = Settings(data_dir=tmp_path / "d", engine="mock", auth="on", mock_step_ms=1)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        keys = services(app).keys
-        tokens = {
-            "a": (await keys.create(tier=Tier.PAID, name="a"))[1],
-            "b": (await keys.create(tier=Tier.PAID, name="b"))[1],
-        }
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield app, client, tokens
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    async with authed_app(tmp_path, {"a": Tier.PAID, "b": Tier.PAID}, mock_step_ms=1) as running:
+        yield running
 
 
 async def test_requests_without_a_valid_key_get_401(

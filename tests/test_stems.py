@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, add_child, services, upload
+from helpers import SAMPLE, add_child, authed_app, bearer, services, upload
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav
@@ -197,19 +197,10 @@ async def test_spine_stems_join_like_the_export(
 async def authed(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
-    """Auth on, with a paid and a free key."""
-    settings = Settings(data_dir=tmp_path / "d", engine="mock", auth="on", mock_step_ms=1)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        keys = services(app).keys
-        tokens = {tier.value: (await keys.create(tier=tier))[1] for tier in Tier}
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield app, client, tokens
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    async with authed_app(
+        tmp_path, {"paid": Tier.PAID, "free": Tier.FREE}, mock_step_ms=1
+    ) as running:
+        yield running
 
 
 async def test_a_free_key_gets_402(

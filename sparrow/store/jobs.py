@@ -17,7 +17,7 @@ import aiosqlite
 
 from sparrow.domain.models import Job, JobKind, Node, NodeError, NodeStatus, sources_of, utc_now
 from sparrow.store.db import Database, Row
-from sparrow.store.rows import NODE_COLUMNS, node_from_row
+from sparrow.store.rows import NODE_COLUMNS, guarded_update, node_from_row, status_params
 
 # Jobs waiting that still have work: a job whose nodes (or stems) were all
 # cancelled or discarded holds no place in the queue (the worker skips it).
@@ -131,19 +131,8 @@ class JobWrites:
         facts = audio or {}
         if not facts.keys() <= AUDIO_FACTS:
             raise ValueError(f"not audio facts: {sorted(facts.keys() - AUDIO_FACTS)}")
-        assignments = "".join(f", {column} = :{column}" for column in facts)
-        sources = ", ".join(f"'{s.value}'" for s in sorted(sources_of(status)))
-        rows = await self._rows(
-            f"UPDATE nodes SET status = :status, error = :error, updated_at = :now{assignments} "
-            f"WHERE id = :id AND status IN ({sources}) RETURNING {NODE_COLUMNS}",
-            {
-                "status": status.value,
-                "error": json.dumps(error.__dict__) if error else None,
-                "now": utc_now(),
-                "id": node_id,
-                **facts,
-            },
-        )
+        sql = guarded_update("nodes", "id", NODE_COLUMNS, sources_of(status), facts)
+        rows = await self._rows(sql, status_params(status, error, node_id, **facts))
         return node_from_row(rows[0]) if rows else None
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
-from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus
+from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
 from sparrow.store.db import Row
 
 NODE_COLUMNS = (
@@ -76,4 +78,35 @@ def node_values(node: Node) -> dict[str, Any]:
         "created_at": node.created_at,
         "updated_at": node.updated_at,
         "job_id": node.job_id,
+    }
+
+
+def guarded_update(
+    table: str,
+    key: str,
+    returning: str,
+    sources: Iterable[StrEnum],
+    columns: Iterable[str],
+) -> str:
+    """SQL that changes a row's status only from one of ``sources`` (its lifecycle).
+
+    Parameters: ``:status``, ``:error``, ``:now``, ``:key`` and one per extra
+    column; the statement returns the changed row, or nothing.
+    """
+    assignments = "".join(f", {column} = :{column}" for column in columns)
+    allowed = ", ".join(f"'{s.value}'" for s in sorted(sources))
+    return (
+        f"UPDATE {table} SET status = :status, error = :error, updated_at = :now{assignments} "
+        f"WHERE {key} = :key AND status IN ({allowed}) RETURNING {returning}"
+    )
+
+
+def status_params(status: StrEnum, error: Any, key: str, **columns: Any) -> dict[str, Any]:
+    """The parameters of a ``guarded_update``; ``error`` is a NodeError or None."""
+    return {
+        "status": status.value,
+        "error": json.dumps(error.__dict__) if error else None,
+        "now": utc_now(),
+        "key": key,
+        **columns,
     }

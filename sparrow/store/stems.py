@@ -15,6 +15,7 @@ import aiosqlite
 
 from sparrow.domain.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
 from sparrow.store.db import Row
+from sparrow.store.rows import guarded_update, status_params
 
 STEMS_COLUMNS = (
     "node_id, chain_id, status, job_id, model, sample_rate, channels, frames, files, error, "
@@ -108,17 +109,6 @@ class StemsWrites:
             raise ValueError(f"not stems facts: {sorted(values.keys() - STEMS_FACTS)}")
         if "files" in values:
             values["files"] = json.dumps(values["files"])
-        assignments = "".join(f", {column} = :{column}" for column in values)
-        sources = ", ".join(f"'{s.value}'" for s in sorted(stems_sources_of(status)))
-        rows = await self._stems_rows(
-            f"UPDATE stems SET status = :status, error = :error, updated_at = :now{assignments} "
-            f"WHERE node_id = :node_id AND status IN ({sources}) RETURNING {STEMS_COLUMNS}",
-            {
-                "status": status.value,
-                "error": json.dumps(error.__dict__) if error else None,
-                "now": utc_now(),
-                "node_id": node_id,
-                **values,
-            },
-        )
+        sql = guarded_update("stems", "node_id", STEMS_COLUMNS, stems_sources_of(status), values)
+        rows = await self._stems_rows(sql, status_params(status, error, node_id, **values))
         return stems_from_row(rows[0]) if rows else None
