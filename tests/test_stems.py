@@ -21,7 +21,7 @@ from helpers import SAMPLE, add_child, authed_app, bearer, services, upload
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav
-from sparrow.domain.models import NodeStatus, Tier
+from sparrow.domain.models import Job, JobKind, NodeStatus, StemsStatus, Tier, new_id, utc_now
 from sparrow.engines.tiny import TinyModels
 from sparrow.settings import Settings
 
@@ -285,3 +285,32 @@ async def test_stems_through_demucs_with_a_paid_key(
             gpu = (await client.get("/api/gpu")).json()
             assert gpu["stems"]["engine"] == "demucs" and gpu["stems"]["loaded"] is True
             assert gpu["generation"]["engine"] == "musicgen"
+
+
+async def test_stems_a_crash_left_running_end_interrupted(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    root = (await upload(client, SAMPLE)).json()["root"]
+    svc = services(app)
+    job = Job(
+        id=new_id(),
+        chain_id=root["chain_id"],
+        kind=JobKind.STEMS,
+        request={"node_ids": [root["id"]]},
+        created_at=utc_now(),
+    )
+    async with svc.chains.store.write() as w:  # as a crash mid-separation leaves them
+        await w.insert_job(job)
+        await w.queue_stems(root["id"], root["chain_id"], job.id)
+        await w.set_stems_status(root["id"], StemsStatus.SEPARATING)
+        await w.claim_next_job()
+    svc.media.make_node_stems_dir(root["chain_id"], root["id"])
+    svc.media.stem_file(root["chain_id"], root["id"], "drums").write_bytes(b"RIFF half")
+    assert await svc.worker.recover() == 1
+    await svc.chains.sweep_orphans()
+    after = (await client.get(f"/api/nodes/{root['id']}/stems")).json()
+    assert after["status"] == "error" and after["error"]["code"] == "interrupted"
+    assert not svc.media.node_stems(root["chain_id"], root["id"]).exists()
+    # Asked for again, it runs.
+    assert (await client.post(f"/api/nodes/{root['id']}/stems")).status_code == 202
+    assert (await wait_stems(client, root["id"], "ready"))["frames"] == root["frames"]

@@ -217,23 +217,25 @@ class StemsService:
     async def run(self, job: Job, control: JobControl) -> None:
         """Separate the job's stems that are still queued (the worker's runner)."""
         async with self.store.write() as w:
-            started = [
-                stems
-                for queued in await w.job_stems(job.id, StemsStatus.QUEUED)
-                if (stems := await self._set(w, queued.node_id, StemsStatus.SEPARATING))
-            ]
-            control.node_ids.update(s.node_id for s in started)
-        if not started:
+            queued = [s.node_id for s in await w.job_stems(job.id, StemsStatus.QUEUED)]
+            # Known to the worker before any cancel can see them in this job.
+            control.node_ids.update(queued)
+        if not queued:
             return
         if await self.keys.tier_of(job.owner) is not Tier.PAID:
-            await self._end([s.node_id for s in started], StemsStatus.ERROR, PAYMENT_REQUIRED)
+            await self._end(queued, StemsStatus.ERROR, PAYMENT_REQUIRED)
             return
-        pending = [s.node_id for s in started]
+        pending = list(queued)  # each stays queued until its turn
         try:
             await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
-            for i, node_id in enumerate(list(pending)):
-                span = (i / len(started), (i + 1) / len(started))
-                await self._separate(node_id, control, span)
+            for i, node_id in enumerate(queued):
+                if control.cancel.is_set():
+                    raise Cancelled
+                async with self.store.write() as w:
+                    started = await self._set(w, node_id, StemsStatus.SEPARATING)
+                if started is not None:  # else cancelled or deleted while it waited
+                    span = (i / len(queued), (i + 1) / len(queued))
+                    await self._separate(node_id, control, span)
                 pending.remove(node_id)
         except Cancelled:
             if control.shutting_down:
