@@ -31,7 +31,7 @@ import torch
 
 from sparrow.engines.base import Continuation
 from sparrow.engines.musicgen import MusicGenEngine
-from sparrow.engines.tiny import make_tiny_musicgen, musicgen_small_shaped
+from sparrow.engines.tiny import make_tiny_musicgen, musicgen_shaped
 from sparrow.errors import EngineUnavailable
 
 COUNTS = (1, 4)
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
         small: MusicGenEngine | None = None
         if args.small:
             started = time.perf_counter()
-            model, processor = musicgen_small_shaped()
+            model, processor = musicgen_shaped("small")
             small = MusicGenEngine.from_model(
                 model, processor, name="musicgen-small-shaped", device=args.device
             )

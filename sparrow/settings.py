@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     engine: Literal["musicgen", "mock"] = "musicgen"
     mock_step_ms: float = Field(default=2.0, ge=0)
     musicgen_model: str = "facebook/musicgen-small"
+    musicgen_decoder: Literal["auto", "sparrow", "transformers"] = Field(
+        default="auto",
+        description="MusicGen decoding loop: Sparrow's (static cache, CUDA graphs) or "
+        "transformers' generate; auto: Sparrow's on CUDA.",
+    )
     demucs_model: str = "htdemucs"
     demucs_repo: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

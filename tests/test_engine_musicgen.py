@@ -19,18 +19,25 @@ from sparrow.errors import EngineUnavailable, GenerationFailed
 SR = 32_000
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_models: TinyModels) -> MusicGenEngine:
-    engine = MusicGenEngine(str(tiny_models.musicgen), device="cpu")
+# Every engine test runs with both decoding loops: transformers' generate and Sparrow's own.
+LOOPS = ["transformers", "sparrow"]
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def engine(tiny_models: TinyModels, request: pytest.FixtureRequest) -> MusicGenEngine:
+    engine = MusicGenEngine(str(tiny_models.musicgen), device="cpu", decoder=request.param)
     engine.load()
+    assert engine.info().extra == {"decoder": request.param}
     return engine
 
 
-@pytest.fixture(scope="module")
-def short_window(tmp_path_factory: pytest.TempPathFactory) -> MusicGenEngine:
+@pytest.fixture(scope="module", params=LOOPS)
+def short_window(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> MusicGenEngine:
     """The same tiny model with a 1 s window (50 codes), so windowing costs little."""
     folder = make_tiny_musicgen(tmp_path_factory.mktemp("short") / "musicgen", window_s=1.0)
-    return MusicGenEngine(str(folder), device="cpu")
+    return MusicGenEngine(str(folder), device="cpu", decoder=request.param)
 
 
 def noise(seconds: float, seed: int = 0) -> Audio:

@@ -36,7 +36,9 @@ def build_engine(settings: Settings) -> GenerationEngine:
             settings.musicgen_model,
             f"The musicgen engine needs torch and transformers (pip install 'sparrow[ml]'): {exc}.",
         )
-    return MusicGenEngine(settings.musicgen_model, device=settings.device)
+    return MusicGenEngine(
+        settings.musicgen_model, device=settings.device, decoder=settings.musicgen_decoder
+    )
 
 
 def build_stem_engine(settings: Settings) -> StemEngine:

@@ -21,6 +21,14 @@ rows (``num_codebooks`` rows each) with that sibling's own ``torch.Generator``, 
 leaves only the sampled token finite. The same seed then gives the same codes alone
 or as the third of four siblings; each sibling's audio is also decoded on its own.
 
+Decoding loop. On CUDA the steps run in Sparrow's own loop
+(``sparrow.engines.decoding``: static KV cache, sampling on the device, CUDA
+graphs); elsewhere, or with ``decoder="transformers"``, in transformers'
+``generate``. Both give the same tokens when decoding greedily; seeded sampling
+differs between them (Sparrow's loop draws by inverse CDF from each sibling's
+pre-drawn uniforms), so a seed reproduces its audio on the same loop and device.
+Stereo checkpoints always use ``generate``.
+
 Windows. MusicGen sees at most ``window`` codes, prompt included: the generation
 config's ``max_length`` less the delay pattern (1503 → 1500 codes, 30 s). A longer
 request is generated in windows, each conditioned on the tail of what came before
@@ -58,6 +66,7 @@ from transformers import (
 )
 
 from sparrow.engines.base import Audio, Cancelled, Continuation, EngineInfo, Progress, frames_for
+from sparrow.engines.decoding import MusicGenDecoder, Sampling
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 STRIDE = 0.6  # share of a window that is new audio when more remains after it
@@ -95,14 +104,28 @@ class _Loaded:
     hop: int  # samples per code
     codebooks: int
     window: int  # codes per window, prompt included
+    decoder: MusicGenDecoder | None  # Sparrow's loop, or None for transformers' generate
+
+
+DECODERS = ("auto", "sparrow", "transformers")
 
 
 class MusicGenEngine:
-    """A GenerationEngine over MusicGen; ``device`` is auto, cpu, cuda or cuda:N."""
+    """A GenerationEngine over MusicGen.
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    ``device`` is auto, cpu, cuda or cuda:N; ``decoder`` picks the decoding loop:
+    ``sparrow`` (``sparrow.engines.decoding``), ``transformers`` (its ``generate``),
+    or ``auto``: Sparrow's on CUDA, transformers' elsewhere.
+    """
+
+    def __init__(self, model: str, device: str = "auto", decoder: str = "auto") -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}")
         self.model = model
         self.device = _resolve_device(device)
+        self.decoder = decoder
+        if decoder == "auto":
+            self.decoder = "sparrow" if self.device.startswith("cuda") else "transformers"
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
 
@@ -114,9 +137,10 @@ class MusicGenEngine:
         *,
         name: str,
         device: str = "auto",
+        decoder: str = "auto",
     ) -> MusicGenEngine:
         """An engine over a model built in memory (benchmarks), placed as ``load()`` would."""
-        engine = cls(name, device)
+        engine = cls(name, device, decoder)
         engine._check_device()
         torch.nn.Module.to(model, device=engine.device, dtype=_dtype_for(engine.device))
         engine._loaded = engine._install(model, processor)
@@ -133,7 +157,10 @@ class MusicGenEngine:
     def info(self) -> EngineInfo:
         loaded = self._loaded
         dtype = str(loaded.model.decoder.dtype).removeprefix("torch.") if loaded else None
-        return EngineInfo("musicgen", self.model, self.device, loaded is not None, dtype)
+        loop = self.decoder if loaded is None or loaded.decoder else "transformers"
+        return EngineInfo(
+            "musicgen", self.model, self.device, loaded is not None, dtype, {"decoder": loop}
+        )
 
     def load(self) -> None:
         self._ready()
@@ -188,6 +215,10 @@ class MusicGenEngine:
         greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
         model.generation_config = greedy
         codebooks = int(decoder.num_codebooks) // int(decoder.audio_channels)
+        own_loop = None
+        if self.decoder == "sparrow" and int(decoder.audio_channels) == 1:
+            # Positions: the BOS, then a whole window of codes and the delay pattern.
+            own_loop = MusicGenDecoder(model, max_length=(greedy.max_length or 1503) + 1)
         return _Loaded(
             model=model,
             processor=processor,
@@ -198,6 +229,7 @@ class MusicGenEngine:
             hop=int(np.prod(codec.upsampling_ratios)),
             codebooks=codebooks,
             window=(greedy.max_length or 1503) - (codebooks - 1),
+            decoder=own_loop,
         )
 
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
@@ -223,9 +255,9 @@ class MusicGenEngine:
         tails = [request.context[len(request.context) - whole :]] * request.count
         made: list[list[Audio]] = [[] for _ in request.seeds]
         try:
-            generators = [
-                torch.Generator(m.model.device).manual_seed(seed) for seed in request.seeds
-            ]
+            # Sparrow's loop draws its uniforms on the CPU, whatever the device.
+            where = "cpu" if m.decoder else m.model.device
+            generators = [torch.Generator(where).manual_seed(seed) for seed in request.seeds]
             for w in windows:
                 prompts = [tail[len(tail) - w.prompt * m.hop :] for tail in tails]
                 batch = self._window(m, request, prompts, w.new, generators, on_step)
@@ -261,6 +293,10 @@ class MusicGenEngine:
             kwargs["sampling_rate"] = m.sample_rate
         inputs = m.processor(**kwargs, return_tensors="pt")
         inputs = inputs.to(m.model.device)
+        if m.decoder is not None:
+            return self._window_own_loop(
+                m, m.decoder, request, inputs, new_codes, generators, on_step
+            )
         config = copy.deepcopy(m.greedy)
         config.max_new_tokens = new_codes + m.codebooks - 1
         config.guidance_scale = request.cfg_coef
@@ -272,6 +308,36 @@ class MusicGenEngine:
             stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
         )
         return [a.T for a in result.float().cpu().numpy()]
+
+    def _window_own_loop(
+        self,
+        m: _Loaded,
+        decoder: MusicGenDecoder,
+        request: Continuation,
+        inputs: Any,
+        new_codes: int,
+        generators: list[torch.Generator],
+        on_step: Callable[[], None],
+    ) -> list[Audio]:
+        """The same window through Sparrow's decoding loop."""
+        codec: Any = m.model.audio_encoder
+        prompt = None
+        if "input_values" in inputs:
+            with torch.inference_mode():
+                encoded = codec.encode(inputs["input_values"], inputs.get("padding_mask"))
+            prompt = encoded.audio_codes[0]
+        codes = decoder.generate(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            prompt,
+            max_new_tokens=new_codes + m.codebooks - 1,
+            guidance_scale=request.cfg_coef,
+            sampling=Sampling(generators, request.temperature, request.top_k, request.top_p),
+            on_step=on_step,
+        )
+        with torch.inference_mode():
+            audio = codec.decode(codes[None], [None] * len(codes)).audio_values
+        return [a.T for a in audio.float().cpu().numpy()]
 
 
 class _SiblingSampler(LogitsProcessor):
@@ -343,6 +409,9 @@ def _run_rowwise(codec: Any) -> None:
     would make a sibling's audio depend on the batch it was generated in. The codec
     is a small share of the time; the decoder's steps stay batched.
     """
+    if getattr(codec, "_sparrow_rowwise", False):
+        return  # already (one model behind two engines, in benchmarks)
+    codec._sparrow_rowwise = True
     encode, decode = codec.encode, codec.decode
 
     def rowwise_encode(input_values: torch.Tensor, padding_mask: Any = None, **kw: Any) -> Any:

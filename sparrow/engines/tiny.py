@@ -3,7 +3,7 @@
     make_tiny_models(folder)     → TinyModels: a MusicGen folder and a Demucs repo, in ~1 s
     make_tiny_musicgen(folder)   → a ``save_pretrained`` folder (model + processor)
     make_tiny_demucs(folder)     → a Demucs local repo holding one HTDemucs
-    musicgen_small_shaped()      → (model, processor) shaped like facebook/musicgen-small, in memory
+    musicgen_shaped(size)        → (model, processor) shaped like facebook/musicgen-small/-medium
 
 The weights are random, so the audio is noise-like, but every shape, config field and
 file on disk is what the real checkpoints have: the engines load them through the same
@@ -125,12 +125,21 @@ def make_tiny_demucs(folder: Path) -> Path:
     return folder
 
 
-def musicgen_small_shaped() -> tuple[MusicgenForConditionalGeneration, MusicgenProcessor]:
-    """A random-weight model with facebook/musicgen-small's shapes (~590 M parameters).
+# Decoder shapes of the released checkpoints (hidden size, layers, heads, FFN); both use
+# t5-base as the text encoder and the same 32 kHz Encodec.
+SHAPES = {"small": (1024, 24, 16, 4096), "medium": (1536, 48, 24, 6144)}
+
+
+def musicgen_shaped(
+    size: str = "small",
+) -> tuple[MusicgenForConditionalGeneration, MusicgenProcessor]:
+    """A random-weight model with facebook/musicgen-``size``'s shapes (small ~590 M, medium
+    ~1.5 B parameters).
 
     For benchmarks: the cost of a decoding step depends on shapes, not values. It is
-    built in memory (about 2.3 GB in float32) and never saved.
+    built in memory (small: about 2.3 GB in float32) and never saved.
     """
+    hidden, layers, heads, ffn = SHAPES[size]
     model = _random_musicgen(
         text=T5Config(  # t5-base
             vocab_size=32_128,
@@ -145,10 +154,10 @@ def musicgen_small_shaped() -> tuple[MusicgenForConditionalGeneration, MusicgenP
         audio=_encodec_config(hidden_size=128, num_filters=64, lstm_layers=2),
         decoder=MusicgenDecoderConfig(
             vocab_size=CODEBOOK_SIZE,
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            ffn_dim=4096,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=ffn,
             num_codebooks=NUM_CODEBOOKS,
         ),
     )

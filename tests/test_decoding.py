@@ -1,0 +1,161 @@
+"""Sparrow's MusicGen decoding loop against transformers' ``generate``, on the tiny model (CPU).
+
+Greedy decoding must give exactly transformers' tokens: text only, audio-prompted,
+a batch of siblings, with and without guidance, and past an attention bucket.
+The tokens are compared where transformers hands them to Encodec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
+
+from sparrow.engines.decoding import BUCKET, MusicGenDecoder, Sampling
+from sparrow.engines.tiny import make_tiny_musicgen
+
+SR = 32_000
+
+
+class Tiny:
+    def __init__(self, folder: Path) -> None:
+        self.model = MusicgenForConditionalGeneration.from_pretrained(
+            folder, attn_implementation={"text_encoder": "sdpa", "decoder": "sdpa"}
+        )
+        self.model.train(False)
+        processor = AutoProcessor.from_pretrained(folder)  # type: ignore[no-untyped-call]
+        assert isinstance(processor, MusicgenProcessor)
+        self.processor = processor
+        max_length = self.model.generation_config.max_length
+        assert max_length is not None
+        self.decoder = MusicGenDecoder(self.model, max_length=max_length + 1)
+        self.seen: list[torch.Tensor] = []
+        self.codec: Any = self.model.audio_encoder
+        decode: Any = self.codec.decode
+
+        def recording(codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.seen.append(codes[0].clone())  # (batch, codebooks, codes)
+            return decode(codes, *args, **kwargs)
+
+        self.codec.decode = recording
+
+    def inputs(self, texts: list[str], audio: np.ndarray | None) -> Any:
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if audio is not None:
+            kwargs |= {"audio": [audio] * len(texts), "sampling_rate": SR}
+        return self.processor(**kwargs)
+
+    def reference(self, inputs: Any, new: int, guidance: float) -> torch.Tensor:
+        self.seen.clear()
+        self.model.generate(**inputs, do_sample=False, guidance_scale=guidance, max_new_tokens=new)
+        return self.seen[0]
+
+    def ours(
+        self, inputs: Any, new: int, guidance: float, sampling: Sampling | None = None
+    ) -> torch.Tensor:
+        prompt = None
+        if "input_values" in inputs:
+            prompt = self.codec.encode(
+                inputs["input_values"], inputs.get("padding_mask")
+            ).audio_codes[0]
+        return self.decoder.generate(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            prompt,
+            max_new_tokens=new,
+            guidance_scale=guidance,
+            sampling=sampling,
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    # An 8 s window (400 codes): room to cross an attention bucket of 256 positions.
+    folder = make_tiny_musicgen(tmp_path_factory.mktemp("decode") / "musicgen", window_s=8.0)
+    return Tiny(folder)
+
+
+def clip(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(len(t))).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize(
+    ("texts", "seconds", "new", "guidance"),
+    [
+        (["drums and bass"], 0.0, 40, 3.0),  # text only
+        (["drums", "slow jazz piano with warm strings"], 0.0, 40, 3.0),  # padded texts
+        (["lofi beat"], 1.0, 40, 3.0),  # audio-prompted
+        (["rock", "rock", "rock"], 1.0, 40, 3.0),  # a batch of siblings
+        ([""], 0.6, 30, 1.0),  # no guidance, empty text
+        (["ambient"], 4.0, 100, 3.0),  # 200 prompt codes: past the first bucket
+    ],
+)
+def test_greedy_tokens_equal_transformers(
+    tiny: Tiny, texts: list[str], seconds: float, new: int, guidance: float
+) -> None:
+    inputs = tiny.inputs(texts, clip(seconds) if seconds else None)
+    expected = tiny.reference(inputs, new, guidance)
+    got = tiny.ours(inputs, new, guidance)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    if seconds >= 4.0:
+        assert 1 + got.shape[-1] + 3 > BUCKET  # the last steps read a second bucket
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(tiny: Tiny) -> None:
+    inputs = tiny.inputs(["groove"], clip(1.0))
+    batch_inputs = tiny.inputs(["groove"] * 3, clip(1.0))
+
+    def sample(inputs: Any, *seeds: int, **params: Any) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return tiny.ours(inputs, 30, 3.0, Sampling(generators, **params))
+
+    alone = sample(inputs, 7)
+    assert torch.equal(alone, sample(inputs, 7))
+    batch = sample(batch_inputs, 6, 7, 8)
+    assert torch.equal(batch[1:2], alone)
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
+    # The prompt's codes come back unchanged; only the new ones are sampled.
+    greedy = tiny.ours(inputs, 30, 3.0)
+    assert torch.equal(alone[..., :50], greedy[..., :50])
+    # Sampling parameters apply: top_k=1 is greedy.
+    assert torch.equal(sample(inputs, 7, top_k=1), greedy)
+    # A tiny top_p keeps only the best token too.
+    assert torch.equal(sample(inputs, 7, top_p=1e-6), greedy)
+
+
+def test_a_step_callback_can_stop_the_loop(tiny: Tiny) -> None:
+    inputs = tiny.inputs(["stop"], None)
+    calls = 0
+
+    class Stop(Exception):
+        pass
+
+    def on_step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tiny.decoder.generate(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            None,
+            max_new_tokens=40,
+            guidance_scale=3.0,
+            sampling=None,
+            on_step=on_step,
+        )
+    assert calls == 5
+    # The loop is usable again at once, with the same buffers.
+    expected = tiny.reference(inputs, 40, 3.0)
+    assert torch.equal(tiny.ours(inputs, 40, 3.0), expected)
