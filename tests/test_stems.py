@@ -285,6 +285,7 @@ async def test_stems_through_demucs_with_a_paid_key(
             gpu = (await client.get("/api/gpu")).json()
             assert gpu["stems"]["engine"] == "demucs" and gpu["stems"]["loaded"] is True
             assert gpu["generation"]["engine"] == "musicgen"
+            assert gpu["generation"]["decoder"] == "transformers"  # the default off CUDA
 
 
 async def test_stems_a_crash_left_running_end_interrupted(

@@ -188,6 +188,9 @@ class EngineOut(BaseModel):
     device: str
     dtype: str | None
     loaded: bool
+    decoder: str | None = Field(
+        description="MusicGen's decoding loop: `sparrow` or `transformers` (null otherwise)."
+    )
 
     @classmethod
     def of(cls, info: EngineInfo) -> EngineOut:
@@ -197,6 +200,7 @@ class EngineOut(BaseModel):
             device=info.device,
             dtype=info.dtype,
             loaded=info.loaded,
+            decoder=info.extra.get("decoder"),
         )
 
 

@@ -133,11 +133,19 @@ class MusicGenDecoder:
         state.scores.copy_(self._forward(state, state.seq[:, :prefix], 0, prefix))
         state.pos.fill_(prefix)
         greedy = sampling is None
+        in_flight: list[Any] = []
         for pos in range(prefix, length):
             if pos == length - 1:
                 self._choose(state, greedy)  # the last token needs no forward pass
             else:
                 self._run_step(state, pos, greedy)
+            if self.use_graphs:
+                # At most two steps queued on the GPU: progress and cancel stay within a
+                # step of the truth while the GPU never waits for the host.
+                in_flight.append(torch.cuda.Event())  # type: ignore[no-untyped-call]
+                in_flight[-1].record()
+                if len(in_flight) > 2:
+                    in_flight.pop(0).synchronize()
             on_step()
         return self._codes(state, batch, prompt + max_new_tokens - (self.codebooks - 1))
 
