@@ -31,6 +31,7 @@ decodes greedily, token for token what ``generate(do_sample=False)`` gives.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 BUCKET = 256  # attention reads the cache in multiples of this many positions
 _TEXT_MIN = 16  # text lengths are padded to a power of two at least this long
@@ -284,7 +287,15 @@ class MusicGenDecoder:
             return
         graph = state.graphs.get((span, greedy))
         if graph is None:
-            graph = state.graphs[(span, greedy)] = self._capture(state, span, greedy)
+            try:
+                graph = state.graphs[(span, greedy)] = self._capture(state, span, greedy)
+            except RuntimeError:
+                # A capture that fails changed nothing (the state is restored before it):
+                # the same step runs eagerly from now on — slower, with the same result.
+                log.exception("CUDA graph capture failed; decoding continues without graphs")
+                self.use_graphs = False
+                self._step(state, span, greedy)
+                return
         graph.replay()
 
     def _step(self, state: _State, span: int, greedy: bool) -> None:
@@ -324,11 +335,13 @@ class MusicGenDecoder:
         saved_pos, saved_scores = state.pos.clone(), state.scores.clone()
         stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: what it writes is rewritten by the replay
-            self._step(state, span, greedy)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        state.pos.copy_(saved_pos)
-        state.scores.copy_(saved_scores)
+        try:
+            with torch.cuda.stream(stream):  # warm-up: what it writes is rewritten by the replay
+                self._step(state, span, greedy)
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            state.pos.copy_(saved_pos)
+            state.scores.copy_(saved_scores)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(state, span, greedy)
