@@ -315,3 +315,15 @@ async def test_stems_a_crash_left_running_end_interrupted(
     # Asked for again, it runs.
     assert (await client.post(f"/api/nodes/{root['id']}/stems")).status_code == 202
     assert (await wait_stems(client, root["id"], "ready"))["frames"] == root["frames"]
+
+
+async def test_one_failing_node_does_not_fail_the_spine_job(
+    client: httpx.AsyncClient, chain: dict[str, Any], app: FastAPI
+) -> None:
+    chain_id, child = chain["chain_id"], chain["child"]
+    services(app).media.node_audio(chain_id, child.id).unlink()  # lost from the disk
+    assert (await client.post(f"/api/chains/{chain_id}/stems")).status_code == 202
+    failed = await wait_stems(client, child.id, "error", "ready")
+    assert failed["status"] == "error" and failed["error"]["code"] == "storage_unavailable"
+    root = await wait_stems(client, chain["root"]["id"], "ready", "error")
+    assert root["status"] == "ready" and sorted(root["urls"]) == sorted(STEMS)

@@ -12,7 +12,9 @@ Each holds exactly ``round(frames · R / rate)`` frames: the node's duration on
 the engine's sample grid, so the stems line up sample for sample with the mix.
 
 The tier is checked when the job is asked for and again when it runs: a key
-downgraded or revoked in between gets ``payment_required`` on its stems.
+downgraded or revoked in between gets ``payment_required`` on its stems. In a
+job of several nodes, one node's failure fails that node; an engine that cannot
+load, a cancel or a shutdown ends them all.
 """
 
 from __future__ import annotations
@@ -47,7 +49,15 @@ from sparrow.domain.models import (
 from sparrow.domain.progress import ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import STEM_NAMES, Audio, Cancelled, StemEngine
-from sparrow.errors import Conflict, NotFound, PaymentRequired, SparrowError
+from sparrow.errors import (
+    Conflict,
+    EngineUnavailable,
+    GenerationFailed,
+    NotFound,
+    PaymentRequired,
+    SparrowError,
+    StorageUnavailable,
+)
 from sparrow.events import StemsProgress, StemsStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl
 from sparrow.media import MediaStore
@@ -235,19 +245,20 @@ class StemsService:
                     started = await self._set(w, node_id, StemsStatus.SEPARATING)
                 if started is not None:  # else cancelled or deleted while it waited
                     span = (i / len(queued), (i + 1) / len(queued))
-                    await self._separate(node_id, control, span)
+                    try:
+                        await self._separate(node_id, control, span)
+                    except (Cancelled, EngineUnavailable):
+                        raise  # the whole job stops
+                    except Exception as exc:  # this node fails; the others go on
+                        await self._end([node_id], StemsStatus.ERROR, _failure(job, exc))
                 pending.remove(node_id)
         except Cancelled:
             if control.shutting_down:
                 await self._end(pending, StemsStatus.ERROR, INTERRUPTED)
             else:  # cancelled or deleted by the user, who has seen the new status
                 await self._end(pending, StemsStatus.CANCELLED, None)
-        except SparrowError as exc:
-            await self._end(pending, StemsStatus.ERROR, NodeError(exc.code, exc.detail))
         except Exception as exc:
-            log.exception("stems job %s failed", job.id)
-            error = NodeError("separation_failed", f"Separation failed ({type(exc).__name__}).")
-            await self._end(pending, StemsStatus.ERROR, error)
+            await self._end(pending, StemsStatus.ERROR, _failure(job, exc))
 
     async def _separate(self, node_id: str, control: JobControl, span: tuple[float, float]) -> None:
         """Separate one node; a node no longer wanted is skipped (its status says why)."""
@@ -289,14 +300,17 @@ class StemsService:
         """The node's audio at the engine's rate and layout, exactly ``frames`` long."""
         path = self.media.node_audio(node.chain_id, node.id)
         seconds = (node.duration_s or 0.0) + 1.0  # more than all of it: nothing is cut
-        audio = await read_tail(
-            [Segment(path, seconds)],
-            seconds,
-            sample_rate=self.engine.sample_rate,
-            channels=self.engine.channels,
-            tmp_dir=self.media.tmp_dir,
-            ffmpeg=self.settings.ffmpeg,
-        )
+        try:
+            audio = await read_tail(
+                [Segment(path, seconds)],
+                seconds,
+                sample_rate=self.engine.sample_rate,
+                channels=self.engine.channels,
+                tmp_dir=self.media.tmp_dir,
+                ffmpeg=self.settings.ffmpeg,
+            )
+        except GenerationFailed as exc:
+            raise StorageUnavailable(f"The node's audio could not be read: {exc.detail}") from exc
         if len(audio) < frames:
             audio = np.pad(audio, ((0, frames - len(audio)), (0, 0)))
         return np.ascontiguousarray(audio[:frames])
@@ -368,6 +382,14 @@ class StemsService:
                 await w.emit(StemsProgress(node.chain_id, node.id, fraction, eta_s))
         except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
             log.debug("progress not recorded: %s", exc)
+
+
+def _failure(job: Job, exc: Exception) -> NodeError:
+    """What a failure records on the stems: a Sparrow error as it is, anything else logged."""
+    if isinstance(exc, SparrowError):
+        return NodeError(exc.code, exc.detail)
+    log.error("stems job %s failed", job.id, exc_info=exc)
+    return NodeError("separation_failed", f"Separation failed ({type(exc).__name__}).")
 
 
 def _require_paid(caller: Caller) -> None:

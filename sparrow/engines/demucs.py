@@ -8,7 +8,8 @@ once, on the first ``load()`` (or first use of ``sample_rate``/``channels``/
 
 Separation is ``demucs.apply.apply_model`` as ``demucs.api.Separator`` calls it: the
 mix normalised by the mean and standard deviation of its mono reference (undone
-after), split into the model's segments with 25 % overlap, one random time shift.
+after), split into the model's segments with 25 % overlap, without the random time
+shift (see ``SHIFTS``), so the same mix always gives the same stems.
 The mix stays on the CPU; only each chunk visits the device, so a long track costs
 host memory, not GPU memory. A model with more sources (``htdemucs_6s``) has its
 extra ones (guitar, piano) folded into ``other``.
@@ -39,8 +40,11 @@ from sparrow.engines.base import STEM_NAMES, Audio, Cancelled, EngineInfo, Progr
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 OVERLAP = 0.25
-SHIFTS = 1
-MAX_SHIFT_S = 0.5  # apply_model's shift trick moves the mix by up to this much
+# apply_model's shift trick averages over ``shifts`` random offsets of up to
+# MAX_SHIFT_S. One shift averages nothing: it only makes two runs differ (it draws
+# from Python's global RNG). None keeps a node's stems the same on every run.
+SHIFTS = 0
+MAX_SHIFT_S = 0.5
 
 
 @dataclass(frozen=True)
