@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 from helpers import SAMPLE, add_child, authed_app, bearer, services
 
 from sparrow.api import create_app
-from sparrow.domain.keys import hash_key
+from sparrow.domain.keys import _stream_mac, hash_key
 from sparrow.domain.models import Tier
 from sparrow.settings import Settings
 
@@ -227,3 +228,60 @@ async def test_queue_limit_per_key(tmp_path: Path) -> None:
                 f"/api/nodes/{roots['b']}/branch", headers=b, json={"duration_s": 1}
             )
             assert other.status_code == 202  # B has its own share
+
+
+async def test_stream_tokens_open_one_chain_stream_only(
+    authed: tuple[FastAPI, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    app, client, tokens = authed
+    a = bearer(tokens["a"])
+    chains = []
+    for _ in range(2):
+        created = await client.post(
+            "/api/chains", files={"file": ("x.flac", SAMPLE.read_bytes())}, headers=a
+        )
+        chains.append(created.json()["chain"]["id"])
+    issued = (await client.post(f"/api/chains/{chains[0]}/stream-token", headers=a)).json()
+    assert issued["expires_in_s"] == 300
+    token = issued["token"]
+    keys = services(app).keys
+    caller = await keys.stream_caller(token, chains[0])
+    assert caller == await keys.caller(tokens["a"])  # the key's owner and tier
+
+    async def stream_status(chain_id: str, value: str) -> int:
+        response = await client.get(f"/api/chains/{chain_id}/events", params={"token": value})
+        return response.status_code
+
+    key_id, expiry, mac = token.split(".")
+    forged = f"{key_id}.{int(expiry) + 3600}.{mac}"  # a longer life, same signature
+    found = await keys.keys.with_hash(key_id)
+    assert found is not None
+    past = int(time.time()) - 1  # well signed, but expired
+    stale = f"{key_id}.{past}.{_stream_mac(found[1], key_id, chains[0], past)}"
+    for chain_id, value in [
+        (chains[1], token),  # another chain of the same key
+        (chains[0], forged),
+        (chains[0], stale),
+        (chains[0], token[:-2]),
+        (chains[0], "garbage"),
+        (chains[0], "a" * 70 + ".1.x"),
+    ]:
+        assert await stream_status(chain_id, value) == 401, value
+    # Not a key: no other route takes it.
+    other = await client.get(f"/api/chains/{chains[0]}", params={"token": token})
+    assert other.status_code == 401
+    # Another key cannot have one for A's chain, and a revoked key's tokens die with it.
+    b = bearer(tokens["b"])
+    assert (
+        await client.post(f"/api/chains/{chains[0]}/stream-token", headers=b)
+    ).status_code == 404
+    await keys.revoke(key_id)
+    assert await stream_status(chains[0], token) == 401
+
+
+async def test_no_stream_token_is_needed_with_auth_off(client: httpx.AsyncClient) -> None:
+    chain_id = (
+        await client.post("/api/chains", files={"file": ("x.flac", SAMPLE.read_bytes())})
+    ).json()["chain"]["id"]
+    issued = await client.post(f"/api/chains/{chain_id}/stream-token")
+    assert issued.json() == {"token": None, "expires_in_s": None}

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +51,8 @@ PAGE = b"""<!doctype html>
 <title>sparrow events</title>
 <script>
 const q = new URLSearchParams(location.search);
-const url = q.get("api") + "/api/chains/" + encodeURIComponent(q.get("chain")) + "/events";
+const token = q.get("token") ? "?token=" + encodeURIComponent(q.get("token")) : "";
+const url = q.get("api") + "/api/chains/" + encodeURIComponent(q.get("chain")) + "/events" + token;
 let seq = 0;
 function report(kind, extra) {
   fetch("/report", {
@@ -255,3 +257,73 @@ def test_browser_follows_node_status_from_another_origin(tmp_path: Path) -> None
                 assert statuses == ["queued", "generating", "ready"], (node_id, statuses)
             assert {r["data"]["chain_id"] for r in seen} == {chain_id}
             assert {r["data"]["node_id"] for r in seen} == node_ids
+
+
+def test_browser_follows_a_stream_with_a_token_when_auth_is_on(tmp_path: Path) -> None:
+    """EventSource cannot send Authorization: with auth on it opens the stream with a
+    stream token in the URL; the same page without one is refused."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium is not installed ({CHROMIUM}); apt-get install chromium")
+    reports = Reports()
+    with page_server(reports) as with_token, page_server(reports) as without:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            engine="mock",
+            mock_step_ms=5,
+            auth="on",
+            cors_origins=f"{with_token},{without}",
+        )
+        created = subprocess.run(
+            [sys.executable, "-m", "sparrow", "keys", "create", "--tier", "free"],
+            env={**os.environ, "SPARROW_DATA_DIR": str(settings.data_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        key = created.stdout.strip().splitlines()[-1]
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            running_server(settings) as api,
+            httpx.Client(base_url=api, timeout=10, headers=headers) as client,
+        ):
+            chain = client.post(
+                "/api/chains",
+                files={"file": (SAMPLE.name, SAMPLE.read_bytes(), "application/octet-stream")},
+            ).json()
+            chain_id, root_id = chain["chain"]["id"], chain["root"]["id"]
+            issued = client.post(f"/api/chains/{chain_id}/stream-token")
+            assert issued.status_code == 200, issued.text
+            token = issued.json()["token"]
+            frame = f"{without}/page?{urlencode({'api': api, 'chain': chain_id})}"
+            page = {"api": api, "chain": chain_id, "token": token, "frame": frame}
+            log = tmp_path / "chromium.log"
+            with chromium(f"{with_token}/page?{urlencode(page)}", tmp_path / "p", log) as proc:
+
+                def kinds(origin: str) -> list[str]:
+                    if proc.poll() is not None:
+                        raise AssertionError(f"Chromium exited: {log.read_text()[-2000:]}")
+                    return [r["kind"] for r in reports.of(origin)]
+
+                reports.wait(
+                    "the stream with a token to open and the one without to fail",
+                    lambda: "open" in kinds(with_token) and "error" in kinds(without),
+                    timeout_s=15,
+                )
+                branched = client.post(f"/api/nodes/{root_id}/branch", json={"duration_s": 0.5})
+                [node_id] = [n["id"] for n in branched.json()["nodes"]]
+                reports.wait(
+                    "the node ready on the token's stream",
+                    lambda: any(
+                        r["kind"] == "node-status" and r["data"]["status"] == "ready"
+                        for r in reports.of(with_token)
+                    ),
+                    timeout_s=10,
+                )
+            statuses = [
+                r["data"]["status"]
+                for r in reports.of(with_token)
+                if r["kind"] == "node-status" and r["data"]["node_id"] == node_id
+            ]
+            assert statuses == ["queued", "generating", "ready"]
+            assert [r["kind"] for r in reports.of(without)] == ["error"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sparrow.domain.chains import ChainService
@@ -39,6 +39,29 @@ async def get_caller(
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_stream_caller(
+    request: Request,
+    chain_id: str,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    token: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="A stream token (`POST /api/chains/{chain_id}/stream-token`), for "
+            "clients that cannot send Authorization, such as a browser's EventSource.",
+        ),
+    ] = None,
+) -> Caller:
+    """The caller of a chain's event stream: a key, or a stream token for that chain."""
+    keys = get_services(request).keys
+    if keys.enabled and credentials is None and token:
+        return await keys.stream_caller(token, chain_id)
+    return await get_caller(request, credentials)
+
+
+StreamCallerDep = Annotated[Caller, Depends(get_stream_caller)]
 
 
 def get_chains(request: Request) -> ChainService:

@@ -28,8 +28,9 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from sparrow.api.deps import CallerDep, get_services
+from sparrow.api.deps import CallerDep, StreamCallerDep, get_services
 from sparrow.api.errors import responses
+from sparrow.api.schemas import StreamToken
 from sparrow.domain.chains import shown
 from sparrow.errors import NotFound
 from sparrow.events import StoredEvent, Subscription
@@ -62,7 +63,7 @@ _STREAM = {
 async def chain_events(
     chain_id: str,
     request: Request,
-    caller: CallerDep,
+    caller: StreamCallerDep,
     last_event_id: Annotated[
         str | None, Query(max_length=40, description="Where to resume.")
     ] = None,
@@ -102,6 +103,24 @@ async def chain_events(
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
     )
+
+
+@router.post(
+    "/chains/{chain_id}/stream-token",
+    summary="A short-lived token for the chain's event stream",
+    description="For clients that cannot send `Authorization` (a browser's `EventSource`): "
+    "open `/api/chains/{chain_id}/events?token=…` within `expires_in_s`. The token opens "
+    "only this chain's stream, and stops working when the key is revoked. With auth off, "
+    "`token` is null: the stream needs none.",
+    responses=responses(404),
+)
+async def stream_token(chain_id: str, request: Request, caller: CallerDep) -> StreamToken:
+    services = get_services(request)
+    await services.chains.get_chain(caller, chain_id)  # 404 for another owner's chain
+    issued = await services.keys.stream_token(caller, chain_id)
+    if issued is None:
+        return StreamToken(token=None, expires_in_s=None)
+    return StreamToken(token=issued[0], expires_in_s=issued[1])
 
 
 async def _events(

@@ -286,3 +286,10 @@ class ExportIn(BaseModel):
         le=MAX_CROSSFADE_MS,
         description="Equal-power crossfade at each join, in milliseconds; 0 joins end to end.",
     )
+
+
+class StreamToken(BaseModel):
+    token: str | None = Field(
+        description="Pass as `?token=` to the event stream; null with auth off."
+    )
+    expires_in_s: int | None

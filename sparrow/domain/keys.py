@@ -8,13 +8,22 @@ takes a time that depends on where two values differ.
 
 With auth off every request is the one local user (``LOCAL_USER``), who sees
 every chain and every feature.
+
+Stream tokens. A browser's ``EventSource`` cannot send ``Authorization``, so a
+key holder may ask for a short-lived token for one chain's event stream and put
+it in the stream's URL (``?token=``). A token is ``<key id>.<expiry>.<MAC>``,
+the MAC an HMAC-SHA256 of the key id, the chain id and the expiry under the
+key's stored hash: it opens that one chain's stream until it expires, and no
+longer once the key is revoked. It is worth nothing anywhere else.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
+import time
 
 from sparrow.domain.models import LOCAL_USER, ApiKey, Caller, Tier, new_id, utc_now
 from sparrow.errors import InvalidInput, NotFound, Unauthorized
@@ -22,6 +31,7 @@ from sparrow.store.keys import KeyStore
 
 KEY_PREFIX = "sk_"
 NAME_MAX = 100
+STREAM_TOKEN_S = 300
 
 
 def new_key() -> str:
@@ -63,6 +73,34 @@ class KeyService:
         key = found[0]
         return Caller(owner=key.id, tier=key.tier)
 
+    async def stream_token(self, caller: Caller, chain_id: str) -> tuple[str, int] | None:
+        """A token opening this chain's event stream, and its lifetime in seconds; None
+        with auth off (no token is needed). The caller must own the chain (checked by
+        the caller of this method)."""
+        if not self.enabled or caller.owner is None:
+            return None
+        found = await self.keys.with_hash(caller.owner)
+        if found is None:
+            raise Unauthorized("The API key is not valid.")
+        expiry = int(time.time()) + STREAM_TOKEN_S
+        mac = _stream_mac(found[1], caller.owner, chain_id, expiry)
+        return f"{caller.owner}.{expiry}.{mac}", STREAM_TOKEN_S
+
+    async def stream_caller(self, token: str, chain_id: str) -> Caller:
+        """Who a stream token stands for, on this chain's stream; 401 if it does not open it."""
+        refused = Unauthorized("The stream token is not valid for this chain, or has expired.")
+        key_id, _, rest = token.partition(".")
+        expiry, _, mac = rest.partition(".")
+        if not (expiry.isascii() and expiry.isdigit() and len(expiry) <= 12):
+            raise refused
+        found = await self.keys.with_hash(key_id) if len(key_id) <= 64 else None
+        if found is None or int(expiry) < time.time():
+            raise refused
+        expected = _stream_mac(found[1], key_id, chain_id, int(expiry))
+        if not hmac.compare_digest(expected.encode(), mac.encode()):
+            raise refused
+        return Caller(owner=key_id, tier=found[0].tier)
+
     async def tier_of(self, owner: str | None) -> Tier | None:
         """The tier of the key that owns some work, now (None: no key owns it any more)."""
         if not self.enabled:
@@ -79,3 +117,9 @@ class KeyService:
     async def revoke(self, key_id: str) -> None:
         if not await self.keys.delete(key_id):
             raise NotFound(f"There is no key {key_id!r}.")
+
+
+def _stream_mac(secret: str, key_id: str, chain_id: str, expiry: int) -> str:
+    message = f"stream\n{key_id}\n{chain_id}\n{expiry}".encode()
+    digest = hmac.new(bytes.fromhex(secret), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -37,6 +37,13 @@ class KeyStore:
         )
         return (_key(row), row["key_hash"]) if row else None
 
+    async def with_hash(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """The key with this id, and its stored hash (the secret stream tokens are signed with)."""
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE id = ?", (key_id,)
+        )
+        return (_key(row), row["key_hash"]) if row else None
+
     async def get(self, key_id: str) -> ApiKey | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
         return _key(row) if row else None
