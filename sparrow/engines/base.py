@@ -19,9 +19,10 @@ is ``GenerationFailed``. The worker records either on the nodes and carries on.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,7 @@ import numpy.typing as npt
 from sparrow.errors import GenerationFailed
 
 Audio = npt.NDArray[np.float32]  # (frames, channels)
+LoadedT = TypeVar("LoadedT")
 
 
 class Cancelled(Exception):
@@ -132,3 +134,24 @@ def check_mix(audio: Audio, channels: int) -> None:
             f"The mix is {audio.dtype} with shape {audio.shape}; the stem engine takes "
             f"float32 (frames, {channels})."
         )
+
+
+class LoadsOnce(Generic[LoadedT]):
+    """A model loaded once, on the first ``load()`` or use, under a lock (engines run in
+    worker threads, and a preload may race the first job)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: LoadedT | None = None
+
+    def load(self) -> None:
+        self._ready()
+
+    def _ready(self) -> LoadedT:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def _load(self) -> LoadedT:
+        raise NotImplementedError

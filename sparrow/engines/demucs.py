@@ -26,7 +26,6 @@ the next chunk starts and reaches the caller unchanged.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,15 @@ import torch
 from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 
-from sparrow.engines.base import STEM_NAMES, Audio, Cancelled, EngineInfo, Progress, check_mix
+from sparrow.engines.base import (
+    STEM_NAMES,
+    Audio,
+    Cancelled,
+    EngineInfo,
+    LoadsOnce,
+    Progress,
+    check_mix,
+)
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 OVERLAP = 0.25
@@ -56,15 +63,14 @@ class _Loaded:
     strides: tuple[int, ...]  # frames between chunk starts, per model in the bag
 
 
-class DemucsEngine:
+class DemucsEngine(LoadsOnce[_Loaded]):
     """A StemEngine over Demucs; ``device`` is auto, cpu, cuda or cuda:N."""
 
     def __init__(self, model: str = "htdemucs", repo: Path | None = None, device: str = "auto"):
         self.model = model
         self.repo = repo
         self.device = _resolve_device(device)
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
+        super().__init__()
 
     @property
     def sample_rate(self) -> int:
@@ -79,15 +85,6 @@ class DemucsEngine:
         extra = {"repo": str(self.repo)} if self.repo is not None else {}
         dtype = "float32" if loaded else None
         return EngineInfo("demucs", self.model, self.device, loaded, dtype, extra)
-
-    def load(self) -> None:
-        self._ready()
-
-    def _ready(self) -> _Loaded:
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = self._load()
-            return self._loaded
 
     def _load(self) -> _Loaded:
         where = f"Demucs model {self.model!r}"

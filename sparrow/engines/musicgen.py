@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,15 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from sparrow.engines.base import Audio, Cancelled, Continuation, EngineInfo, Progress, frames_for
+from sparrow.engines.base import (
+    Audio,
+    Cancelled,
+    Continuation,
+    EngineInfo,
+    LoadsOnce,
+    Progress,
+    frames_for,
+)
 from sparrow.engines.decoding import MusicGenDecoder, Sampling
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
@@ -110,7 +117,7 @@ class _Loaded:
 DECODERS = ("auto", "sparrow", "transformers")
 
 
-class MusicGenEngine:
+class MusicGenEngine(LoadsOnce[_Loaded]):
     """A GenerationEngine over MusicGen.
 
     ``device`` is auto, cpu, cuda or cuda:N; ``decoder`` picks the decoding loop:
@@ -126,8 +133,7 @@ class MusicGenEngine:
         self.decoder = decoder
         if decoder == "auto":
             self.decoder = "sparrow" if self.device.startswith("cuda") else "transformers"
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
+        super().__init__()
 
     @classmethod
     def from_model(
@@ -161,15 +167,6 @@ class MusicGenEngine:
         return EngineInfo(
             "musicgen", self.model, self.device, loaded is not None, dtype, {"decoder": loop}
         )
-
-    def load(self) -> None:
-        self._ready()
-
-    def _ready(self) -> _Loaded:
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = self._load()
-            return self._loaded
 
     def _load(self) -> _Loaded:
         where = f"MusicGen model {self.model!r}"
