@@ -30,7 +30,6 @@ import numpy.typing as npt
 from sparrow.errors import GenerationFailed
 
 Audio = npt.NDArray[np.float32]  # (frames, channels)
-LoadedT = TypeVar("LoadedT")
 
 
 class Cancelled(Exception):
@@ -136,6 +135,19 @@ def check_mix(audio: Audio, channels: int) -> None:
         )
 
 
+class LoadedModel(Protocol):
+    """What every loaded model tells about the audio it takes and gives."""
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+
+LoadedT = TypeVar("LoadedT", bound=LoadedModel)
+
+
 class LoadsOnce(Generic[LoadedT]):
     """A model loaded once, on the first ``load()`` or use, under a lock (engines run in
     worker threads, and a preload may race the first job)."""
@@ -143,6 +155,14 @@ class LoadsOnce(Generic[LoadedT]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded: LoadedT | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        return self._ready().sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self._ready().channels
 
     def load(self) -> None:
         self._ready()
@@ -155,3 +175,9 @@ class LoadsOnce(Generic[LoadedT]):
 
     def _load(self) -> LoadedT:
         raise NotImplementedError
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a short sentence for an error detail: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

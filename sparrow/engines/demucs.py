@@ -43,7 +43,9 @@ from sparrow.engines.base import (
     LoadsOnce,
     Progress,
     check_mix,
+    describe,
 )
+from sparrow.engines.torch_device import resolve_device
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 OVERLAP = 0.25
@@ -69,16 +71,8 @@ class DemucsEngine(LoadsOnce[_Loaded]):
     def __init__(self, model: str = "htdemucs", repo: Path | None = None, device: str = "auto"):
         self.model = model
         self.repo = repo
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         super().__init__()
-
-    @property
-    def sample_rate(self) -> int:
-        return self._ready().sample_rate
-
-    @property
-    def channels(self) -> int:
-        return self._ready().channels
 
     def info(self) -> EngineInfo:
         loaded = self._loaded is not None
@@ -102,7 +96,7 @@ class DemucsEngine(LoadsOnce[_Loaded]):
         except SystemExit as exc:  # demucs' fatal(): it has printed the reason to stderr
             raise EngineUnavailable(f"The {where} could not be loaded (see the log).") from exc
         except Exception as exc:
-            raise EngineUnavailable(f"The {where} could not be loaded: {_sentence(exc)}") from exc
+            raise EngineUnavailable(f"The {where} could not be loaded: {describe(exc)}") from exc
         sources = tuple(str(s) for s in model.sources)
         missing = [name for name in STEM_NAMES if name not in sources]
         if missing:
@@ -153,7 +147,7 @@ class DemucsEngine(LoadsOnce[_Loaded]):
             torch.cuda.empty_cache()
             raise GenerationFailed("Demucs ran out of GPU memory while separating.") from exc
         except Exception as exc:
-            raise GenerationFailed(f"Demucs failed while separating: {_sentence(exc)}") from exc
+            raise GenerationFailed(f"Demucs failed while separating: {describe(exc)}") from exc
         if not np.isfinite(separated).all():
             raise GenerationFailed("Demucs produced non-finite audio.")
         stems = {name: np.zeros((frames, m.channels), np.float32) for name in STEM_NAMES}
@@ -185,14 +179,3 @@ class _ChunkProgress:
         self.done += 1
         self.last = max(self.last, min(1.0, self.done / self.total))
         self.progress(self.last)
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -71,9 +71,11 @@ from sparrow.engines.base import (
     EngineInfo,
     LoadsOnce,
     Progress,
+    describe,
     frames_for,
 )
 from sparrow.engines.decoding import MusicGenDecoder, Sampling
+from sparrow.engines.torch_device import resolve_device
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 STRIDE = 0.6  # share of a window that is new audio when more remains after it
@@ -129,7 +131,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}")
         self.model = model
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.decoder = decoder
         if decoder == "auto":
             self.decoder = "sparrow" if self.device.startswith("cuda") else "transformers"
@@ -151,14 +153,6 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         torch.nn.Module.to(model, device=engine.device, dtype=_dtype_for(engine.device))
         engine._loaded = engine._install(model, processor)
         return engine
-
-    @property
-    def sample_rate(self) -> int:
-        return self._ready().sample_rate
-
-    @property
-    def channels(self) -> int:
-        return self._ready().channels
 
     def info(self) -> EngineInfo:
         loaded = self._loaded
@@ -271,7 +265,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             torch.cuda.empty_cache()
             raise GenerationFailed("MusicGen ran out of GPU memory; try fewer siblings.") from exc
         except Exception as exc:
-            raise GenerationFailed(f"MusicGen failed while generating: {_sentence(exc)}") from exc
+            raise GenerationFailed(f"MusicGen failed while generating: {describe(exc)}") from exc
         return [np.concatenate(parts)[:samples].astype(np.float32, copy=False) for parts in made]
 
     def _window(
@@ -452,18 +446,7 @@ def _crossfade_into(previous: Audio, redecoded_prompt: Audio, length: int) -> No
         previous[-n:] = previous[-n:] * (1 - ramp) + redecoded_prompt[-n:] * ramp
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _dtype_for(device: str) -> torch.dtype:
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
