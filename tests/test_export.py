@@ -7,6 +7,7 @@ counts ``round(frames · 44100 / rate)`` frames, minus one crossfade per join.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,23 @@ async def test_a_spine_longer_than_the_limit_is_refused(tmp_path: Path) -> None:
             assert response.status_code == 422
             assert "limited to 5 s" in response.json()["detail"]
             assert not os.listdir(services(app).media.exports_dir)
+
+
+async def test_concurrent_identical_exports_are_made_once(
+    client: httpx.AsyncClient, spine: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparrow.audio.join import join_segments as join
+    from sparrow.domain import export as export_module
+
+    made: list[Path] = []
+
+    async def counting(paths: Any, dst: Path, **kwargs: Any) -> Any:
+        made.append(dst)
+        return await join(paths, dst, **kwargs)
+
+    monkeypatch.setattr(export_module, "join_segments", counting)
+    url = f"/api/chains/{spine['chain_id']}/export"
+    answers = await asyncio.gather(*(client.post(url, json={"format": "flac"}) for _ in range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({a.content for a in answers}) == 1
+    assert len(made) == 1

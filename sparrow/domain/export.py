@@ -58,7 +58,7 @@ class ExportService:
         self.media = media
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.export_concurrency)
-        self._making: dict[str, asyncio.Lock] = {}
+        self._making: dict[str, tuple[asyncio.Lock, int]] = {}  # key → (lock, requests)
 
     async def spine(
         self, caller: Caller, chain_id: str, *, format: ExportFormat, crossfade_ms: float
@@ -128,7 +128,8 @@ class ExportService:
         folder = self.media.chain_exports(chain.id)
         dst = folder / f"{key}.{format}"
         result = ExportFile(dst, MEDIA_TYPES[format], f"{chain.title}{label}.{format}", key)
-        lock = self._making.setdefault(key, asyncio.Lock())
+        lock, requests = self._making.get(key, (asyncio.Lock(), 0))
+        self._making[key] = (lock, requests + 1)
         try:
             async with lock:  # one request makes it; the others wait and reuse it
                 if await anyio.Path(dst).is_file():
@@ -144,8 +145,12 @@ class ExportService:
                     )
                 await anyio.to_thread.run_sync(_prune, folder, dst)
         finally:
-            if not lock.locked():
-                self._making.pop(key, None)
+            # The lock goes only with its last request, so a waiter never races a newcomer.
+            lock, requests = self._making[key]
+            if requests == 1:
+                del self._making[key]
+            else:
+                self._making[key] = (lock, requests - 1)
         return result
 
 
