@@ -1,26 +1,33 @@
 """Real servers on 127.0.0.1 for tests that need a socket.
 
-``running_server``: uvicorn in a thread. ``server_process``: ``sparrow serve`` in a child.
+``running_server``: uvicorn in a thread (``live_server``: the same, with its app and
+event loop at hand). ``server_process``: ``sparrow serve`` in a child.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
 from sparrow.settings import Settings
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -30,23 +37,54 @@ def free_port() -> int:
         return port
 
 
+@dataclass
+class LiveServer:
+    """A server running in a thread, and what a test may look at inside it."""
+
+    base: str
+    port: int
+    app: FastAPI
+    server: uvicorn.Server
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, fn: Callable[[], T], *, timeout_s: float = 10) -> T:
+        """``fn()`` run on the server's event loop, where its state may be read safely."""
+
+        async def on_the_loop() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(on_the_loop(), self.loop).result(timeout_s)
+
+
 @contextmanager
-def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str]:
-    """Serve ``create_app(settings)`` until the block ends; yields the base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+def live_server(
+    settings: Settings, *, timeout_s: float = 20, sndbuf: int | None = None
+) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings)`` in a thread until the block ends.
+
+    ``sndbuf``: the kernel send buffer of every accepted socket (they inherit the
+    listening socket's), so that a client that stops reading blocks the server's
+    writes after kilobytes rather than megabytes.
+    """
+    listener = socket.socket()
+    if sndbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    port: int = listener.getsockname()[1]
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
+            listener.close()
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        loop = server.servers[0].get_loop()
+        yield LiveServer(f"http://127.0.0.1:{port}", port, app, server, loop)
     finally:
         # sse-starlette ends its streams on a process-wide flag (uvicorn's signal
         # handler sets it in a real server); set it, then reset it for the next test.
@@ -54,6 +92,13 @@ def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str
         server.should_exit = True
         thread.join(timeout_s)
         AppStatus.should_exit = False
+
+
+@contextmanager
+def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str]:
+    """Serve ``create_app(settings)`` until the block ends; yields the base URL."""
+    with live_server(settings, timeout_s=timeout_s) as live:
+        yield live.base
 
 
 @contextmanager
@@ -98,3 +143,16 @@ def server_process(
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def sparrow_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``sparrow ARGS`` on ``data_dir`` (e.g. ``keys create``) and return what it printed."""
+    env = {**os.environ, "SPARROW_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "sparrow", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

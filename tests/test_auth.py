@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +19,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from helpers import SAMPLE, add_child, authed_app, bearer, services
+from live import sparrow_cli
 
 from sparrow.api import create_app
 from sparrow.domain.keys import _stream_mac, hash_key
@@ -29,18 +27,6 @@ from sparrow.domain.models import Tier
 from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio
-
-
-def sparrow_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPARROW_DATA_DIR": str(data_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "sparrow", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_keys_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ async def test_incomplete_multipart_body_is_refused(
     assert (await client.get("/api/chains")).json()["total"] == 0
 
 
-async def test_unknown_large_field_gets_a_helpful_message(client: httpx.AsyncClient) -> None:
+async def test_unknown_field_gets_a_helpful_message(client: httpx.AsyncClient) -> None:
     response = await client.post("/api/chains", files={"audio": ("a.wav", SAMPLE.read_bytes())})
     assert response.status_code == 422
     assert "field named 'file'" in response.json()["detail"]

@@ -108,7 +108,7 @@ async def test_stem_requests_are_checked(client: httpx.AsyncClient, app: FastAPI
     assert never["status"] is None and never["urls"] == {}
     assert (await client.get(f"/api/nodes/{node_id}/stems/drums")).status_code == 409
     bad_stem = await client.get(f"/api/nodes/{node_id}/stems/piano")
-    assert bad_stem.status_code == 422
+    assert bad_stem.status_code == 404
     assert (await client.post(f"/api/nodes/{node_id}/stems/cancel")).status_code == 409
 
 

@@ -22,6 +22,7 @@ from sparrow import __version__
 from sparrow.api import chains, events, export, health, nodes, stems, system
 from sparrow.api.errors import install_error_handlers
 from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
+from sparrow.api.openapi import install_openapi
 from sparrow.api.upload import UploadSlots
 from sparrow.domain.chains import ChainService
 from sparrow.domain.export import ExportService
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, exempt={"POST /api/chains"})
     app.add_middleware(HeadMiddleware)
     _install_cors(app, settings)  # outermost, so that every answer carries CORS headers

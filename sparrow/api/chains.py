@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sparrow.api.deps import CallerDep, Chains, get_services
 from sparrow.api.errors import responses
 from sparrow.api.schemas import (
+    TITLE_SCHEMA,
     ChainCreated,
     ChainDetail,
     ChainList,
@@ -36,8 +37,9 @@ _UPLOAD_BODY = {
                         "description": "The clip: any audio FFmpeg decodes (WAV, MP3, FLAC, "
                         "OGG, M4A/AAC, AIFF, …), detected from its content.",
                     },
-                    "title": {"type": "string", "maxLength": 200},
+                    "title": TITLE_SCHEMA,
                 },
+                "additionalProperties": False,
             }
         }
     },

@@ -79,6 +79,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
     headers = dict(exc.headers or {})
+    if exc.status_code == 400:
+        # FastAPI's "error parsing the body" (bytes that are not UTF-8): as invalid JSON is.
+        return error_response(422, "invalid_input", "The request body is not valid UTF-8 JSON.")
     if exc.status_code == 404 and detail == "Not Found":
         detail = "There is no such resource."
     if exc.status_code == 405:

@@ -15,18 +15,29 @@ The stream ends when the chain is deleted (after ``chain-deleted``), when the
 subscriber fell too far behind (it reconnects with ``Last-Event-ID`` and
 receives what it missed), and at server shutdown, after a ``shutdown`` event
 that has no id, so the client's position is unchanged.
+
+A client that takes no bytes blocks the stream's writes once the socket's buffers
+are full, while its events pile up in its subscription. When they overflow it,
+the response is ended at once (after ``CUT_OFF_GRACE_S``, should the write get
+through and the stream end by itself) rather than left blocked until
+``SEND_TIMEOUT_S``; a write that takes longer than that also ends the response.
+Either way the subscription goes, and nothing more is held for that client than
+what the server had already accepted to write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from sparrow.api.deps import CallerDep, StreamCallerDep, get_services
 from sparrow.api.errors import responses
@@ -36,18 +47,21 @@ from sparrow.errors import NotFound
 from sparrow.events import StoredEvent, Subscription
 from sparrow.store.events import EventLog
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["events"])
 
 RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
 SEND_TIMEOUT_S = 30  # a client that takes no bytes this long is disconnected
 SHUTDOWN_GRACE_S = 1.0
+CUT_OFF_GRACE_S = 1.0  # a subscriber cut off for falling behind: then its response ends
 
 _STREAM = {
     "description": "Server-Sent Events: `node-status`, `node-progress`, `node-deleted`, "
     "`spine-changed`, `stems-status`, `stems-progress`, `chain-deleted`, and `reset` "
     "(reload the chain). Every event "
     "has an integer `id`; the data is JSON.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {}},  # each event is described in sparrow.api.openapi
 }
 
 
@@ -79,9 +93,10 @@ async def chain_events(
     # the stream subscribes (its headers are already on their way) are replayed.
     resume_after = window[1] if cursor is None else _parse_id(cursor)
     shutdown = anyio.Event()
+    cut_off = anyio.Event()
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        with services.hub.subscribe(chain_id) as sub:
+        with services.hub.subscribe(chain_id, on_cut_off=cut_off.set) as sub:
             stopper = asyncio.create_task(_end_on(shutdown, sub))
             try:
                 async for event in _events(services.events, sub, chain_id, resume_after):
@@ -95,8 +110,9 @@ async def chain_events(
             finally:
                 stopper.cancel()
 
-    return EventSourceResponse(
+    return _Stream(
         stream(),
+        cut_off=cut_off,
         headers={"Cache-Control": "no-cache"},
         ping=services.settings.sse_keepalive_s,
         send_timeout=SEND_TIMEOUT_S,
@@ -146,6 +162,30 @@ async def _events(
         if live.id > sent:
             yield _sse(live)
             sent = live.id
+
+
+class _Stream(EventSourceResponse):
+    """An event stream that also ends when its subscriber is cut off or stops taking bytes."""
+
+    def __init__(self, *args: Any, cut_off: anyio.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cut_off = cut_off
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tasks:
+
+            async def end_when_cut_off() -> None:
+                await self.cut_off.wait()
+                await anyio.sleep(CUT_OFF_GRACE_S)
+                log.info("event stream %s ended: the client fell behind", scope["path"])
+                tasks.cancel_scope.cancel()  # its write is stuck: stop waiting for it
+
+            tasks.start_soon(end_when_cut_off)
+            try:
+                await super().__call__(scope, receive, send)
+            except SendTimeoutError:
+                log.info("event stream %s ended: the client took no bytes", scope["path"])
+            tasks.cancel_scope.cancel()
 
 
 def _sse(event: StoredEvent) -> ServerSentEvent:

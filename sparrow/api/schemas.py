@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
+from sparrow.domain.chains import TITLE_MAX, TITLE_PATTERN
 from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S
 from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, Spine, StemsStatus
 from sparrow.domain.stems import StemsView
 from sparrow.engines.base import STEM_NAMES, EngineInfo
+
+TITLE_DESCRIPTION = (
+    f"At most {TITLE_MAX} characters, not blank; control characters become spaces and runs "
+    "of white space collapse."
+)
+# The domain checks titles (sparrow.domain.chains.given_title), with a sentence for each rule.
+TITLE_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "maxLength": TITLE_MAX,
+    "pattern": TITLE_PATTERN,
+    "description": TITLE_DESCRIPTION,
+}
+
+
+def integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer: accept it as 3 (strict models refuse floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(integral)]
 
 
 class ErrorOut(BaseModel):
@@ -86,10 +109,7 @@ class ChainDetail(BaseModel):
 
 class ChainPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    title: str = Field(
-        description="At most 200 characters once control characters become spaces and "
-        "runs of spaces collapse; not empty."
-    )
+    title: str = Field(json_schema_extra=TITLE_SCHEMA)
 
 
 class SpineEntryOut(BaseModel):
@@ -147,7 +167,7 @@ class BranchIn(BaseModel):
         ge=MIN_BRANCH_S,
         description="Seconds of new audio per node; at most SPARROW_MAX_BRANCH_S (120).",
     )
-    count: int = Field(
+    count: Integer = Field(
         default=1,
         ge=1,
         description="Sibling alternatives, generated as one batch; at most SPARROW_MAX_COUNT (8).",
@@ -156,15 +176,15 @@ class BranchIn(BaseModel):
         default=10.0, ge=0, le=30, description="Seconds of the path root→parent to continue."
     )
     temperature: float = Field(default=1.0, ge=0.01, le=10)
-    top_k: int = Field(default=250, ge=0, le=10_000, description="0 disables top-k.")
+    top_k: Integer = Field(default=250, ge=0, le=10_000, description="0 disables top-k.")
     top_p: float = Field(default=0.0, ge=0, le=1, description="0 disables top-p.")
     cfg_coef: float = Field(
         default=3.0, ge=1, le=30, description="Classifier-free guidance; 1 turns it off."
     )
-    seed: int | None = Field(
+    # The bounds go before the validator: after it, pydantic writes them into the document
+    # as ``ge``/``le``, words JSON Schema does not know.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(integral)] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_SEED,
         description="Seed of the first sibling; sibling i gets seed + i. Random if omitted.",
     )
 
@@ -293,3 +313,56 @@ class StreamToken(BaseModel):
         description="Pass as `?token=` to the event stream; null with auth off."
     )
     expires_in_s: int | None
+
+
+# -- the event stream's payloads (each event's `data:` is one of these, as JSON) -----------
+
+
+class NodeStatusData(BaseModel):
+    node_id: str
+    chain_id: str
+    status: NodeStatus
+    error: NodeErrorOut | None = Field(default=None, description="Present when `error`.")
+
+
+class ProgressData(BaseModel):
+    node_id: str
+    chain_id: str
+    progress: float = Field(ge=0, le=1)
+    eta_s: float | None = Field(default=None, description="Seconds left, when known.")
+
+
+class NodeIdsData(BaseModel):
+    chain_id: str
+    node_ids: list[str] = Field(
+        description="`node-deleted`: the deleted nodes; `spine-changed`: the new spine, root first."
+    )
+
+
+class ChainData(BaseModel):
+    chain_id: str
+
+
+class StemsStatusData(BaseModel):
+    node_id: str
+    chain_id: str
+    status: StemsStatus
+    error: NodeErrorOut | None = Field(default=None, description="Present when `error`.")
+    stems: list[str] | None = Field(default=None, description="The stems' names, once ready.")
+
+
+class ResetData(BaseModel):
+    chain_id: str
+    last_event_id: int = Field(description="Resume from here after reloading the chain.")
+
+
+EVENT_DATA: dict[str, type[BaseModel]] = {
+    "node-status": NodeStatusData,
+    "node-progress": ProgressData,
+    "node-deleted": NodeIdsData,
+    "spine-changed": NodeIdsData,
+    "stems-status": StemsStatusData,
+    "stems-progress": ProgressData,
+    "chain-deleted": ChainData,
+    "reset": ResetData,
+}

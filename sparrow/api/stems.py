@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from sparrow.api.deps import CallerDep, Exports, StemsDep
 from sparrow.api.errors import responses
@@ -27,6 +28,22 @@ from sparrow.engines.base import STEM_NAMES
 router = APIRouter(tags=["stems"])
 
 Stem = StrEnum("Stem", {name: name for name in STEM_NAMES})  # type: ignore[misc]
+
+
+class StemConvertor(Convertor[str]):
+    """``{stem:stem}`` matches only a stem's name, so ``…/stems/cancel`` is not a stem: an
+    unknown stem is 404 like any unknown path, and 405 answers name only real methods."""
+
+    regex = "|".join(STEM_NAMES)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("stem", StemConvertor())
 
 _ASYNC = "Follow it on the chain's event stream (`stems-status`, `stems-progress`)."
 
@@ -73,7 +90,7 @@ async def cancel_node_stems(node_id: str, stems: StemsDep, caller: CallerDep) ->
 _WAV = {"content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}}
 
 _STEM_ROUTE = {
-    "path": "/nodes/{node_id}/stems/{stem}",
+    "path": "/nodes/{node_id}/stems/{stem:stem}",
     "summary": "One stem of a node, WAV (paid tier)",
     "description": "Supports `Range` (206), `If-None-Match` (304) and `HEAD`. 409 until the "
     "stems are ready.",
@@ -132,7 +149,7 @@ async def get_spine_stems(chain_id: str, stems: StemsDep, caller: CallerDep) -> 
 
 
 @router.get(
-    "/chains/{chain_id}/stems/{stem}",
+    "/chains/{chain_id}/stems/{stem:stem}",
     summary="One stem of the whole spine, as one file (paid tier)",
     description="The stem of every spine node, joined exactly as `POST …/export` joins the "
     "mix (same crossfades, so the four stems line up with the export). 409 until every "

@@ -107,6 +107,11 @@ class _Receiver:
         if b"name" not in options:
             raise InvalidInput("Every form part needs a Content-Disposition name.")
         self._part.name = _text(options[b"name"], "field name")
+        if self._part.name not in KNOWN_FIELDS:
+            raise InvalidInput(
+                f"Sparrow does not read a form field named {self._part.name[:40]!r}; send the "
+                "clip in a field named 'file' (and optionally a 'title')."
+            )
         if self._part.name == "file":
             if self.file_seen:
                 raise InvalidInput("Send exactly one 'file' field.")
@@ -124,11 +129,6 @@ class _Receiver:
         else:
             self._part.data += data[start:end]
             if len(self._part.data) > FIELD_MAX_BYTES:
-                if self._part.name not in KNOWN_FIELDS:
-                    raise InvalidInput(
-                        f"Sparrow does not read a form field named {self._part.name[:40]!r}; "
-                        "send the clip in a field named 'file'."
-                    )
                 raise InvalidInput(
                     f"Form field {self._part.name!r} is longer than {FIELD_MAX_BYTES} bytes."
                 )

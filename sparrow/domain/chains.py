@@ -7,6 +7,7 @@ to change rows, and keeps the files on disk in step with them.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -256,18 +257,28 @@ def shown(some_id: str) -> str:
     return repr(some_id if len(some_id) <= 40 else some_id[:40] + "…")
 
 
+TITLE_PATTERN = "[^\\s\\x00-\\x1f\\x7f-\\x9f]"
+"""What a title must contain, as the OpenAPI document states it: one character that is
+neither white space nor a control character, so that it is not blank once cleaned. (Lone
+surrogates, which JSON can escape but UTF-8 cannot carry, are cleaned away too.)"""
+
+
 def clean_title(title: str) -> str:
-    """Control characters (tabs, newlines …) become spaces; runs of space collapse."""
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in title).split())
+    """Control characters and lone surrogates become spaces; runs of white space collapse."""
+    return " ".join("".join(" " if _unsafe(ch) else ch for ch in title).split())
+
+
+def _unsafe(ch: str) -> bool:
+    return unicodedata.category(ch) in {"Cc", "Cs"}
 
 
 def given_title(title: str) -> str:
-    """A title the client chose: cleaned, and refused when empty or too long."""
+    """A title the client chose: refused when too long or blank, then cleaned."""
+    if len(title) > TITLE_MAX:
+        raise InvalidInput(f"The title is longer than {TITLE_MAX} characters.")
     cleaned = clean_title(title)
     if not cleaned:
         raise InvalidInput("The title is empty.")
-    if len(cleaned) > TITLE_MAX:
-        raise InvalidInput(f"The title is longer than {TITLE_MAX} characters.")
     return cleaned
 
 
