@@ -76,7 +76,9 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Uploads decoded at the same time; others wait."
     )
     upload_idle_timeout_s: float = Field(
-        default=30, gt=0, description="An upload that sends nothing this long is dropped (408)."
+        default=30,
+        gt=0,
+        description="An upload or request body that sends nothing this long is dropped (408).",
     )
     max_concurrent_uploads: int = Field(
         default=16, ge=1, description="Uploads received or decoded at once; more get 429."

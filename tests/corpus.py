@@ -39,6 +39,10 @@ BAD_NAMES = (
     "flac_magic_then_garbage", "wav_channels_0", "wav_rate_0", "wav_channels_65535",
     "wav_header_only", "wav_rate_100mhz", "wav_rate_1hz", "wav_datasize_ffffffff",
     "over_duration", "truncated_mp3", "mp4_video_only", "hls_playlist", "ffconcat_list",
+    "wav_two_fmt", "wav_data_before_fmt", "wav_two_data", "wav_riff_size_small",
+    "wav_fmt_size_huge", "wav_block_align_0", "wav_bits_0", "wav_bits_64", "wav_codec_ffff",
+    "wav_data_size_50x", "wav_junk_size_2gb", "rf64_without_ds64", "id3_size_256mb",
+    "flac_rate_0",
 )  # fmt: skip
 
 
@@ -260,6 +264,38 @@ def make_bad_uploads(dirpath: Path) -> list[BadUpload]:
     add("hls_playlist", playlist.encode(), 415, "an HLS playlist pointing at a server file")
     add("ffconcat_list", f"ffconcat version 1.0\nfile '{target}'\n".encode(), 415,
         "an FFmpeg concat list pointing at a server file")  # fmt: skip
+
+    # Lying sizes and conflicting chunks: one consistent reading, or a 422 — never a crash.
+    fmt = _chunk(b"fmt ", _fmt(2, 44100))
+    add("wav_two_fmt", _riff(fmt, _chunk(b"fmt ", _fmt(1, 8000)), _chunk(b"data", pcm)), 201,
+        "two conflicting fmt chunks: the first one is read")  # fmt: skip
+    add("wav_data_before_fmt", _riff(_chunk(b"data", pcm), fmt), 201,
+        "the data chunk before the fmt chunk")  # fmt: skip
+    add("wav_two_data", _riff(fmt, _chunk(b"data", pcm), _chunk(b"data", pcm[:1000])), 201,
+        "two data chunks: FFmpeg reads one of them")  # fmt: skip
+    add("wav_riff_size_small", _riff(fmt, _chunk(b"data", pcm), size=100), 201,
+        "a RIFF size smaller than the file: the chunks present are read")  # fmt: skip
+    add("wav_fmt_size_huge", _riff(_chunk(b"fmt ", _fmt(2, 44100), size=0xFFFFFFF0),
+        _chunk(b"data", pcm)), 422, "a fmt chunk that claims 4 GiB")  # fmt: skip
+    add("wav_block_align_0", _riff(_chunk(b"fmt ", _fmt(2, 44100, align=0)),
+        _chunk(b"data", pcm)), 201, "block align 0: computed from channels and bits")  # fmt: skip
+    add("wav_bits_0", _riff(_chunk(b"fmt ", _fmt(2, 44100, bits=0)), _chunk(b"data", pcm)),
+        422, "0 bits per sample")  # fmt: skip
+    add("wav_bits_64", _riff(_chunk(b"fmt ", _fmt(2, 44100, bits=64)), _chunk(b"data", pcm)),
+        201, "64-bit integer PCM: the same bytes read as a quarter of the frames")  # fmt: skip
+    add("wav_codec_ffff", _riff(_chunk(b"fmt ", _fmt(2, 44100, tag=0xFFFF)),
+        _chunk(b"data", pcm)), 422, "an unknown codec tag")  # fmt: skip
+    add("wav_data_size_50x", _riff(fmt, _chunk(b"data", pcm, size=len(pcm) * 50)), 201,
+        "a data size 50 times the bytes present: the bytes present are read")  # fmt: skip
+    add("wav_junk_size_2gb", _riff(fmt, _chunk(b"JUNK", b"", size=0x7FFFFFFF),
+        _chunk(b"data", pcm)), 422, "a JUNK chunk claiming 2 GiB hides the data")  # fmt: skip
+    add("rf64_without_ds64", b"RF64\xff\xff\xff\xffWAVE" + fmt + _chunk(b"data", pcm), 422,
+        "an RF64 header without its ds64 sizes")  # fmt: skip
+    add("id3_size_256mb", b"ID3\x04\x00\x00\x7f\x7f\x7f\x7f" + bytes(100), 422,
+        "an ID3 tag claiming 256 MiB, then nothing")  # fmt: skip
+    streaminfo = b"\x10\x00\x10\x00" + bytes(6) + b"\x00\x00\x01\x70" + bytes(20)
+    add("flac_rate_0", b"fLaC\x80\x00\x00\x22" + streaminfo, 422,
+        "a FLAC STREAMINFO with a 0 Hz rate")  # fmt: skip
     assert tuple(case.name for case in cases) == BAD_NAMES
     return cases
 
@@ -287,15 +323,28 @@ def _wav(
     data_size: int | None = None,
 ) -> bytes:
     """A plain PCM WAV whose header fields can be set to any (wrong) value."""
-    align = channels * bits // 8 if block_align is None else block_align
-    fmt = struct.pack(
-        "<HHIIHH", 1, channels, rate, (rate * align) & 0xFFFFFFFF, align & 0xFFFF, bits
-    )
-    size = len(data) if data_size is None else data_size
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"data" + struct.pack("<I", size) + data
-    riff_size = 0xFFFFFFFF if data_size is not None else len(body)
-    return b"RIFF" + struct.pack("<I", riff_size) + body
+    fmt = _chunk(b"fmt ", _fmt(channels, rate, bits=bits, align=block_align))
+    riff_size = 0xFFFFFFFF if data_size is not None else None  # a streaming header
+    return _riff(fmt, _chunk(b"data", data, size=data_size), size=riff_size)
+
+
+def _chunk(kind: bytes, payload: bytes, *, size: int | None = None) -> bytes:
+    """A RIFF chunk whose size field may lie."""
+    pad = b"\0" if len(payload) % 2 else b""
+    return kind + struct.pack("<I", len(payload) if size is None else size) + payload + pad
+
+
+def _fmt(
+    channels: int, rate: int, *, bits: int = 16, align: int | None = None, tag: int = 1
+) -> bytes:
+    align = channels * bits // 8 if align is None else align
+    byte_rate = rate * align & 0xFFFFFFFF
+    return struct.pack("<HHIIHH", tag, channels, rate, byte_rate, align & 0xFFFF, bits)
+
+
+def _riff(*chunks: bytes, size: int | None = None) -> bytes:
+    body = b"WAVE" + b"".join(chunks)
+    return b"RIFF" + struct.pack("<I", len(body) if size is None else size) + body
 
 
 def _tiny_png() -> bytes:

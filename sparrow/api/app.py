@@ -141,7 +141,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_openapi(app, settings)
-    app.add_middleware(BodyLimitMiddleware, exempt={"POST /api/chains"})
+    app.add_middleware(
+        BodyLimitMiddleware,
+        idle_timeout_s=settings.upload_idle_timeout_s,
+        exempt={"POST /api/chains"},
+    )
     app.add_middleware(HeadMiddleware)
     _install_cors(app, settings)  # outermost, so that every answer carries CORS headers
     app.include_router(health.router)

@@ -116,7 +116,7 @@ _DESCRIPTIONS = {
     401: "Missing or invalid API key (only with SPARROW_AUTH=on).",
     402: "The key's tier does not include this feature.",
     404: "No such resource (or it belongs to another key).",
-    408: "The upload stalled: nothing arrived for the idle timeout.",
+    408: "The request body stalled: nothing arrived for the idle timeout.",
     409: "The resource is not in a state that allows this.",
     413: "The upload or request is over a configured limit.",
     415: "The upload is not audio that FFmpeg can read.",
@@ -130,7 +130,8 @@ _DESCRIPTIONS = {
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error statuses a route can answer.
 
-    Every API route can answer 401 (with auth on) and 422.
+    Every API route can answer 401 (with auth on) and 422, and 408 and 413 to a body that
+    stalls or is too large (the body limit applies to every route, whatever it reads).
     """
     return {
         status: {
@@ -138,7 +139,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": _DESCRIPTIONS[status],
             **_HEADERS.get(status, {}),
         }
-        for status in sorted({*statuses, 401, 422})
+        for status in sorted({*statuses, 401, 408, 413, 422})
     }
 
 

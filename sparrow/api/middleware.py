@@ -2,7 +2,9 @@
 
 - ``BodyLimitMiddleware``: JSON requests are small; a body over the limit is
   refused with 413 before it is read (``Content-Length``) or at the first byte
-  past it (chunked). Uploads stream under their own, larger limit.
+  past it (chunked), and a body that stops arriving (a ``Content-Length`` that
+  lies, a stalled client) with 408 after the idle timeout. Uploads stream under
+  their own, larger limit and the same timeout.
 - ``HeadMiddleware``: ``HEAD`` works wherever ``GET`` does (RFC 9110): a route
   without its own HEAD handler runs as GET and the body is dropped.
 - ``JSONCORSMiddleware``: Starlette's CORS, with its refusals rendered as the
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
@@ -18,23 +21,33 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparrow.api.errors import error_response
 from sparrow.api.routing import serves
-from sparrow.errors import PayloadTooLarge
+from sparrow.errors import PayloadTooLarge, RequestTimeout
 
 JSON_BODY_LIMIT = 64 * 1024
 
 
 def too_large_response(detail: str) -> JSONResponse:
+    return _closing(PayloadTooLarge(detail))
+
+
+def _closing(error: PayloadTooLarge | RequestTimeout) -> JSONResponse:
     # Connection: close, so the server stops reading a body it has refused.
-    return error_response(
-        PayloadTooLarge.status_code, PayloadTooLarge.code, detail, {"Connection": "close"}
-    )
+    return error_response(error.status_code, error.code, error.detail, {"Connection": "close"})
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, limit: int = JSON_BODY_LIMIT, exempt: set[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: int = JSON_BODY_LIMIT,
+        idle_timeout_s: float,
+        exempt: set[str],
+    ) -> None:
         self.app = app
         self.limit = limit
-        self.exempt = exempt  # "METHOD /path" of routes that enforce their own limit
+        self.idle_timeout_s = idle_timeout_s
+        self.exempt = exempt  # "METHOD /path" of routes that enforce their own limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or f"{scope['method']} {scope['path']}" in self.exempt:
@@ -46,24 +59,33 @@ class BodyLimitMiddleware:
             await too_large_response(detail)(scope, receive, send)
             return
         seen = 0
-        cut_off = started = False
+        refused: PayloadTooLarge | RequestTimeout | None = None
+        started = body_done = False
 
         async def counting_receive() -> Message:
-            # Past the limit the app is told the client left; its answer is replaced below.
-            nonlocal seen, cut_off
-            if cut_off:
+            # Refused, the app is told the client left; its answer is replaced below.
+            nonlocal seen, refused, body_done
+            if refused is not None:
                 return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    cut_off = True
-                    return {"type": "http.disconnect"}
-            return message
+            if body_done:  # what follows the body is only a disconnect: no time limit
+                return await receive()
+            with anyio.move_on_after(self.idle_timeout_s):
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
+                    if seen > self.limit:
+                        refused = PayloadTooLarge(detail)
+                        return {"type": "http.disconnect"}
+                return message
+            refused = RequestTimeout(
+                f"The request body stalled: nothing arrived for {self.idle_timeout_s:g} s."
+            )
+            return {"type": "http.disconnect"}
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if cut_off:
+            if refused is not None:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -71,10 +93,10 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counting_receive, guarded_send)
         except Exception:
-            if not cut_off:
+            if refused is None:
                 raise
-        if cut_off and not started:
-            await too_large_response(detail)(scope, receive, send)
+        if refused is not None and not started:
+            await _closing(refused)(scope, receive, send)
 
 
 class HeadMiddleware:
