@@ -8,16 +8,18 @@ events in id order.
 
 Each subscriber has a bounded queue. When a subscriber falls behind, progress
 events are dropped for it first (a later one supersedes them); when even a
-status event does not fit, the subscriber is cut off: its stream ends and the
-client recovers every missed event through ``Last-Event-ID``. A slow client
-never slows the server or the other clients.
+status event does not fit, the subscriber is cut off: its queue is dropped,
+``on_cut_off`` lets the stream end its connection at once (its writes may be
+stuck behind a client that takes no bytes), and the client recovers every
+missed event through ``Last-Event-ID``. A slow client never slows the server or
+the other clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -158,6 +160,7 @@ class Subscription:
 
     chain_id: str
     limit: int
+    on_cut_off: Callable[[], None] | None = None
     _items: deque[StoredEvent] = field(default_factory=deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False
@@ -170,7 +173,10 @@ class Subscription:
             return  # keep room for the events that must not be lost
         if len(self._items) >= self.limit:
             self.cut_off = True
+            self._items.clear()  # never sent now: the client replays them from the log
             self.end()
+            if self.on_cut_off is not None:
+                self.on_cut_off()
             return
         self._items.append(event)
         self._wake.set()
@@ -201,8 +207,11 @@ class EventHub:
         self.closed = False
 
     @contextmanager
-    def subscribe(self, chain_id: str) -> Iterator[Subscription]:
-        sub = Subscription(chain_id, self.queue_limit)
+    def subscribe(
+        self, chain_id: str, *, on_cut_off: Callable[[], None] | None = None
+    ) -> Iterator[Subscription]:
+        """A subscription for the block; ``on_cut_off`` is called if it falls behind."""
+        sub = Subscription(chain_id, self.queue_limit, on_cut_off)
         if self.closed:
             sub.end()
         self._subscribers[chain_id].add(sub)
@@ -233,6 +242,10 @@ class EventHub:
         for subs in self._subscribers.values():
             for sub in subs:
                 sub.end()
+
+    def queued(self, chain_id: str) -> list[int]:
+        """How many events wait in each of the chain's subscriptions (none above the limit)."""
+        return [len(sub) for sub in self._subscribers.get(chain_id, ())]
 
     def subscriber_count(self, chain_id: str | None = None) -> int:
         if chain_id is not None:
