@@ -3,8 +3,11 @@
 Hundreds of subscribers on one chain while branches run; clients that stop
 reading; connect/disconnect churn; a shutdown with streams open. The clients are
 bare asyncio connections (HTTP/1.1, chunked) so that one test process holds
-hundreds of them. The bounds asserted are loose; ``pytest -s`` prints the
-measured numbers.
+hundreds of them. Most servers run in a thread of the test process, so that the
+hub, uvicorn's connections and the event loop's tasks can be looked at; latency is
+then measured from the hub's publish to the client's receipt on one clock, and
+includes the clients' own share of the interpreter. The bounds asserted are loose;
+``pytest -s`` prints the measured numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import statistics
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,9 @@ import httpx
 import pytest
 from helpers import SAMPLE, services, upload
 from live import LiveServer, free_port, live_server, server_process
+from sse_starlette.sse import AppStatus
 
+import sparrow.api.events
 from sparrow.events import EventHub, StoredEvent, Subscription
 from sparrow.settings import Settings
 
@@ -72,11 +77,11 @@ class Subscriber:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     events: list[Received] = field(default_factory=list)
+    statuses: list[tuple[int | None, Any]] = field(default_factory=list)  # node-status: id, data
+    seen: Counter[str] = field(default_factory=Counter)  # node-status events by status
     comments: list[str] = field(default_factory=list)
-    status_events: list[tuple[int | None, Any]] = field(default_factory=list)
     ended: bool = False  # the response ended properly (its last chunk came)
     dropped: bool = False  # the connection closed before that
-    seen: Counter[str] = field(default_factory=Counter)  # node-status events by status
     _pending: bytes = b""
 
     @classmethod
@@ -85,17 +90,6 @@ class Subscriber:
     ) -> Subscriber:
         """Open the stream and read up to the ``connected`` comment (it is subscribed)."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return await cls.start(reader, writer, chain_id, last_event_id=last_event_id)
-
-    @classmethod
-    async def start(
-        cls,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        chain_id: str,
-        *,
-        last_event_id: str | None = None,
-    ) -> Subscriber:
         writer.write(request(chain_id, last_event_id))
         sub = cls(reader, writer)
         await sub.read_head()
@@ -156,15 +150,8 @@ class Subscriber:
         if data is not None:
             self.events.append(Received(at, name, event_id, data))
             if name == "node-status":
-                self.status_events.append((event_id, json.loads(data)))
-                self.seen[self.status_events[-1][1]["status"]] += 1
-
-    def statuses(self) -> list[tuple[int | None, Any]]:
-        """The ``node-status`` events: (id, data)."""
-        return self.status_events
-
-    def count(self, status: str) -> int:
-        return self.seen[status]
+                self.statuses.append((event_id, json.loads(data)))
+                self.seen[self.statuses[-1][1]["status"]] += 1
 
     async def close(self, *, reset: bool = False) -> None:
         await hang_up(self.writer, reset=reset)
@@ -198,8 +185,7 @@ async def subscribe_many(port: int, chain_id: str, n: int) -> list[Subscriber]:
 
 @asynccontextmanager
 async def reading(
-    subs: list[Subscriber],
-    stalled: list[socket.socket] = (),  # type: ignore[assignment]
+    subs: list[Subscriber], stalled: Sequence[socket.socket] = ()
 ) -> AsyncIterator[list[asyncio.Task[None]]]:
     """Every subscriber reads until the block ends; then all are closed (stalled ones too)."""
     tasks = [asyncio.create_task(s.read()) for s in subs]
@@ -307,7 +293,7 @@ def event_ids(events: list[Received]) -> list[int]:
 
 
 def latencies_ms(subs: list[Subscriber], published: Published) -> list[float]:
-    return [(e.at - published.at[e.id]) * 1000 for s in subs for e in s.events if e.id]
+    return [(e.at - published.at[e.id]) * 1000 for s in subs for e in s.events if e.id is not None]
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -350,13 +336,13 @@ async def test_hundreds_of_subscribers_get_every_status_in_order_and_promptly(
                     nodes += await branch(http, root_id, count=4, duration_s=1.0)
                 took = await until(
                     "every subscriber to see every node ready",
-                    lambda: all(s.count("ready") == nodes for s in subs),
+                    lambda: all(s.seen["ready"] == nodes for s in subs),
                     timeout_s=40,
                 )
     expected = published.of(chain_id)
     assert len(expected) == 3 * nodes  # queued, generating, ready
     for sub in subs:
-        assert sub.statuses() == expected  # every status, in order, with the same ids
+        assert sub.statuses == expected  # every status, in order, with the same ids
         ids = event_ids(sub.events)
         assert ids == sorted(set(ids))
     progress = [sum(e.name == "node-progress" for e in s.events) for s in subs]
@@ -485,17 +471,17 @@ async def test_stalled_subscribers_are_cut_off_promptly_and_the_rest_are_unaffec
                 )
                 gone = latest(samples)
                 events_until_gone = len(published.events)
-                # Two more jobs' worth: what the server holds for the stalled clients
+                # A job more: what the server holds for the stalled clients
                 # does not grow.
                 nodes += await keep_generating(
                     http,
                     root_id,
                     published,
-                    lambda: len(published.events) > events_until_gone + 320,
+                    lambda: len(published.events) > events_until_gone + 160,
                 )
                 await until(
                     "healthy subscribers to see every node ready",
-                    lambda: all(s.count("ready") == nodes for s in healthy),
+                    lambda: all(s.seen["ready"] == nodes for s in healthy),
                     timeout_s=30,
                 )
                 after = latest(samples)
@@ -507,7 +493,7 @@ async def test_stalled_subscribers_are_cut_off_promptly_and_the_rest_are_unaffec
                     *(recover(live.port, chain_id, sock, published) for sock in stalled)
                 )
     for sub in healthy:
-        assert sub.statuses() == expected  # unaffected: every status, in order
+        assert sub.statuses == expected  # unaffected: every status, in order
     for before_cut, replayed in recovered:
         assert before_cut + replayed == expected
     assert len(cut_offs) == STALLED  # only the stalled ones overflowed
@@ -525,7 +511,7 @@ async def test_stalled_subscribers_are_cut_off_promptly_and_the_rest_are_unaffec
         peak_queue=peak_queue,
         peak_write_buffer_kib=round(peak_buffer / 1024, 1),
         held_kib_at_cut=round(held_at_gone / 1024, 1),
-        held_kib_320_events_later=round(held_after / 1024, 1),
+        held_kib_160_events_later=round(held_after / 1024, 1),
         rss_growth_mib=round(rss_growth, 1),
         **latency,
     )
@@ -550,7 +536,68 @@ async def recover(
     again = await Subscriber.connect(port, chain_id, last_event_id=str(late.events[-1].id))
     await again.read_until(lambda: again.events[-1:] != [] and again.events[-1].id == last_id, 10)
     await again.close()
-    return late.statuses(), again.statuses()
+    return late.statuses, again.statuses
+
+
+@asynccontextmanager
+async def stalled_by_pings(
+    tmp_path: Path, *, limit_s: float = 10
+) -> AsyncIterator[tuple[LiveServer, str, socket.socket]]:
+    """A server whose one stream is stuck on a client that takes no bytes.
+
+    Keepalive comments every half millisecond fill the buffers within a second or two, with no
+    events at all.
+    """
+    settings = Settings(data_dir=tmp_path / "data", engine="mock", sse_keepalive_s=0.0005)
+    with live_server(settings, sndbuf=SNDBUF) as live:
+        async with httpx.AsyncClient(base_url=live.base, timeout=30) as http:
+            chain_id, _ = await new_chain(http)
+        [sock] = await stalled_streams(live.port, chain_id, 1)
+        with closing([sock]):
+            await until(
+                "the stream's writes to block",
+                lambda: max(live.call(lambda: write_buffers(live)), default=0) > 64 * 1024,
+                timeout_s=limit_s,
+            )
+            yield live, chain_id, sock
+
+
+async def test_a_client_that_takes_no_bytes_and_gets_no_events_is_cut_off_by_the_send_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sparrow.api.events, "SEND_TIMEOUT_S", 1.0)  # 30 s in production
+    async with stalled_by_pings(tmp_path) as (live, chain_id, _):
+        hub = services(live.app).hub
+        assert await on_server(live, lambda: hub.subscriber_count(chain_id)) == 1
+        gone_s = await until(
+            "the stuck stream to end",
+            lambda: live.call(lambda: hub.subscriber_count(chain_id)) == 0,
+            timeout_s=5,
+        )
+        held = await on_server(live, lambda: write_buffers(live))
+    report("a stalled stream with only keepalives", cut_after_s=round(gone_s, 2), held=held)
+    assert max(held) <= MAX_WRITE_BUFFER
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="uvicorn closes, and never aborts, a connection whose peer takes no bytes, "
+    "and waits for it to close at shutdown: up to timeout_graceful_shutdown (10 s in "
+    "`sparrow serve`); a fix belongs in sparrow/cli.py (see the load tests' report)",
+)
+async def test_shutdown_is_prompt_even_with_a_client_that_takes_no_bytes(
+    tmp_path: Path,
+) -> None:
+    async with stalled_by_pings(tmp_path) as (live, _, sock):
+        started = time.monotonic()
+        AppStatus.should_exit = live.server.should_exit = True
+        with suppress(AssertionError):
+            await until("the server to stop", live.loop.is_closed, timeout_s=2.5)
+        shutdown_s = time.monotonic() - started
+        sock.close()  # lets a stuck shutdown finish
+        await until("the server to stop", live.loop.is_closed, timeout_s=10)
+    report("shutdown with a stalled stream", stopped_after_s=round(shutdown_s, 2))
+    assert shutdown_s < 2.5
 
 
 CYCLES, AT_ONCE = 200, 25
@@ -588,15 +635,22 @@ async def test_connect_disconnect_cycles_leave_no_subscribers_tasks_or_connectio
             await first.close()
         await until("a quiet server", lambda: live.call(lambda: not state.connections), 10)
         before = await on_server(live, tasks)
-        peak = 0
+        counts: list[int] = []
+
+        async def watch() -> None:
+            while True:
+                counts.append(await on_server(live, hub.subscriber_count))
+                await asyncio.sleep(0.01)
+
         async with httpx.AsyncClient(base_url=live.base, timeout=30) as http:
             nodes = await branch(http, root_id, count=4, duration_s=3.0)  # events flow meanwhile
             started = time.monotonic()
-            for wave in range(0, CYCLES, AT_ONCE):
-                await asyncio.gather(
-                    *(one_cycle(live.port, chain_id, i % 4) for i in range(wave, wave + AT_ONCE))
-                )
-                peak = max(peak, await on_server(live, hub.subscriber_count))
+            async with background(watch()):
+                for wave in range(0, CYCLES, AT_ONCE):
+                    cycles = (
+                        one_cycle(live.port, chain_id, i % 4) for i in range(wave, wave + AT_ONCE)
+                    )
+                    await asyncio.gather(*cycles)
             cycles_s = time.monotonic() - started
             await until("the branch to finish", lambda: published.finished() == nodes, 30)
         settle_s = await until(
@@ -613,7 +667,7 @@ async def test_connect_disconnect_cycles_leave_no_subscribers_tasks_or_connectio
     report(
         f"{CYCLES} connect/disconnect cycles, {AT_ONCE} at once",
         cycles_s=round(cycles_s, 2),
-        peak_subscribers=peak,
+        peak_subscribers=max(counts),
         settled_in_s=round(settle_s, 2),
         tasks_before=len(before),
         tasks_left_over=left,
