@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sparrow.api import create_app
+    from sparrow.api.serving import server_config
     from sparrow.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -30,13 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.Server(
+        server_config(create_app(settings), host=settings.host, port=settings.port)
+    ).run()
     return 0
 
 

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
+from sparrow.api.serving import server_config
 from sparrow.settings import Settings
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ def live_server(
     listener.listen(1024)
     port: int = listener.getsockname()[1]
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

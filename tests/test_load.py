@@ -579,12 +579,6 @@ async def test_a_client_that_takes_no_bytes_and_gets_no_events_is_cut_off_by_the
     assert max(held) <= MAX_WRITE_BUFFER
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn closes, and never aborts, a connection whose peer takes no bytes, "
-    "and waits for it to close at shutdown: up to timeout_graceful_shutdown (10 s in "
-    "`sparrow serve`); a fix belongs in sparrow/cli.py (see the load tests' report)",
-)
 async def test_shutdown_is_prompt_even_with_a_client_that_takes_no_bytes(
     tmp_path: Path,
 ) -> None:
