@@ -1,6 +1,6 @@
 """Spine export (crossfaded, exact length) against a plain FFmpeg concat, in the same run.
 
-    python bench/export.py [--segments 30] [--seconds 20] [--repeat 3] [--crossfade-ms 20]
+    python -m bench.export [--segments 30] [--seconds 20] [--repeat 3] [--crossfade-ms 20]
 
 Builds a spine like a real one in a temporary folder: a 44.1 kHz stereo root
 followed by 32 kHz mono continuations, ``render_music`` audio, ``--seconds``
@@ -12,20 +12,22 @@ each (30 × 20 s = 10 minutes by default). Then times, median of ``--repeat``:
   them and joins them with the ``concat`` filter (no crossfades, no length
   pinning), encoded the same way.
 
-Both run through ``run_ffmpeg`` (same limits, same binary), to WAV and to MP3.
-The ratio export/concat is what the crossfades and exact lengths cost.
+Both run through ``run_ffmpeg`` (same limits, same binary), to WAV and to MP3,
+sampled interleaved. The ratio export/concat is what the crossfades and exact
+lengths cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench.table import Options, Row
+from bench.timing import interleaved
 from sparrow.audio import render_music, write_wav
 from sparrow.audio.ffmpeg import ffmpeg_exe, run_ffmpeg
 from sparrow.audio.join import MP3_QUALITY, ExportFormat, join_segments
@@ -41,6 +43,7 @@ MAX_RATIO = 3.0
 
 
 def build(folder: Path, segments: int, seconds: float) -> list[Path]:
+    """WAV files of a spine like a real one: a 44.1 kHz stereo root, 32 kHz mono after it."""
     paths = []
     for i in range(segments):
         rate, channels = ROOT if i == 0 else CONTINUATION
@@ -67,13 +70,57 @@ async def concat(paths: list[Path], dst: Path, export: ExportFormat) -> None:
     assert result.returncode == 0, result.stderr[-300:]
 
 
-async def timed(fn: Callable[[], Awaitable[object]], repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+async def measure(
+    paths: list[Path], folder: Path, export: ExportFormat, crossfade_ms: float, repeat: int
+) -> tuple[float, float]:
+    """(export, concat): median seconds of each, sampled interleaved, writing to ``folder``."""
+
+    async def run_export() -> None:
+        await join_segments(
+            paths, folder / f"spine.{export}", format=export, crossfade_ms=crossfade_ms
+        )
+
+    async def run_concat() -> None:
+        await concat(paths, folder / f"concat.{export}", export)
+
+    t = await interleaved({"export": run_export, "concat": run_concat}, repeat)
+    return t["export"], t["concat"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    segments: int
+    seconds: float
+    repeat: int
+
+
+QUICK = Sizes(segments=10, seconds=10.0, repeat=2)
+FULL = Sizes(segments=30, seconds=20.0, repeat=5)
+
+
+async def rows_for(sizes: Sizes, crossfade_ms: float = 20.0) -> list[Row]:
+    """Export against concat, WAV and MP3, as seconds of audio written per wall second."""
+    audio_s = sizes.segments * sizes.seconds
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = build(folder, sizes.segments, sizes.seconds)
+        for export in CODECS:
+            t_export, t_concat = await measure(paths, folder, export, crossfade_ms, sizes.repeat)
+            rows.append(
+                Row(
+                    f"export of a {audio_s:g} s spine ({sizes.segments} nodes) to "
+                    f"{export.upper()} vs ffmpeg concat",
+                    audio_s / t_export,
+                    audio_s / t_concat,
+                    "audio s/s",
+                )
+            )
+    return rows
+
+
+def table_rows(options: Options) -> list[Row]:
+    return asyncio.run(rows_for(QUICK if options.quick else FULL))
 
 
 async def main(segments: int, seconds: float, repeat: int, crossfade_ms: float) -> None:
@@ -98,16 +145,7 @@ async def main(segments: int, seconds: float, repeat: int, crossfade_ms: float) 
 
         rows = []
         for export in CODECS:
-            out = folder / f"spine.{export}"
-
-            async def run_export(export: ExportFormat = export, out: Path = out) -> None:
-                await join_segments(paths, out, format=export, crossfade_ms=crossfade_ms)
-
-            async def run_concat(export: ExportFormat = export, out: Path = out) -> None:
-                await concat(paths, out, export)
-
-            t_export = await timed(run_export, repeat)
-            t_concat = await timed(run_concat, repeat)
+            t_export, t_concat = await measure(paths, folder, export, crossfade_ms, repeat)
             rows.append((export, t_export, t_concat))
 
     audio_s = segments * seconds

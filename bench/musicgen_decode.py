@@ -6,9 +6,10 @@
 Both run through ``MusicGenEngine.generate`` on the same random-weight model (speed
 depends on shapes, not values) with guidance 3, top-k 250 and a text prompt — the
 engine's whole path: text encoder, every decoding step, sampling, and Encodec — and
-differ only in the decoding loop (``decoder="transformers"`` or ``"sparrow"``). On
-a GPU the model runs in bfloat16 with SDPA; Sparrow's loop adds its static cache and
-CUDA graphs. The first call of each shape is a warm-up (it captures the graphs).
+differ only in the decoding loop (``decoder="transformers"`` or ``"sparrow"``); their
+samples are interleaved. On a GPU the model runs in bfloat16 with SDPA; Sparrow's loop
+adds its static cache and CUDA graphs. The first call of each shape is a warm-up (it
+captures the graphs).
 
 Columns: shape, audio seconds, batch, decoding steps, then for each loop the median
 wall time, ms per step and real-time factor (audio seconds per wall second, per
@@ -25,11 +26,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.table import Options, Row
+from bench.timing import rotations
 from sparrow.engines.base import Continuation
 from sparrow.engines.musicgen import MusicGenEngine
 from sparrow.engines.tiny import make_tiny_musicgen, musicgen_shaped
@@ -59,6 +63,49 @@ def _sync(engine: MusicGenEngine) -> None:
         torch.cuda.synchronize(engine.device)
 
 
+def compare_loops(
+    engines: dict[str, MusicGenEngine], seconds: float, batch: int, repeat: int
+) -> dict[str, tuple[int, float]]:
+    """(decoding steps, median wall seconds) per loop, sampled interleaved.
+
+    Each loop first makes a short warm-up generation (allocations, CUDA graphs).
+    """
+    for engine in engines.values():
+        timed(engine, min(seconds, 0.5), batch, 1)
+    walls: dict[str, list[float]] = {loop: [] for loop in engines}
+    steps: dict[str, int] = {}
+    for order in rotations(list(engines), repeat):
+        for loop in order:
+            steps[loop], wall = timed(engines[loop], seconds, batch, 1)
+            walls[loop].append(wall)
+    return {loop: (steps[loop], statistics.median(walls[loop])) for loop in engines}
+
+
+def engines_for(shape: str, device: str, folder: Path) -> dict[str, MusicGenEngine]:
+    """One engine per decoding loop over the same model.
+
+    ``tiny``: the test suite's tiny model, saved to ``folder`` and loaded like a real
+    checkpoint; ``small``/``medium``: a random-weight model of that shape, in memory.
+    """
+    if shape == "tiny":
+        saved = make_tiny_musicgen(folder / "tiny")
+        return {loop: MusicGenEngine(str(saved), device, loop) for loop in LOOPS}
+    model, processor = musicgen_shaped(shape)
+    return {
+        loop: MusicGenEngine.from_model(
+            model, processor, name=f"musicgen-{shape}-shaped", device=device, decoder=loop
+        )
+        for loop in LOOPS
+    }
+
+
+def resolve(device: str) -> str:
+    """``auto``: CUDA when available, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def compare(
     name: str,
     engines: dict[str, MusicGenEngine],
@@ -69,10 +116,7 @@ def compare(
     for duration in seconds:
         first: float | None = None
         for batch in batches:
-            results = {}
-            for loop, engine in engines.items():
-                timed(engine, min(duration, 0.5), batch, 1)  # warm-up: allocations, graphs
-                results[loop] = timed(engine, duration, batch, repeat)
+            results = compare_loops(engines, duration, batch, repeat)
             steps, theirs = results["transformers"]
             _, ours = results["sparrow"]
             first = first or ours
@@ -86,11 +130,64 @@ def compare(
             )
 
 
+@dataclass(frozen=True)
+class Sizes:
+    seconds: float
+    batches: tuple[int, ...]
+    repeat: int
+
+
+def sizes_for(shape: str, device: str, quick: bool) -> Sizes:
+    """Generation sizes for the table: 10 s of audio on a GPU, a fraction of that on a CPU."""
+    if device.startswith("cuda"):
+        return Sizes(5.0, (1,), 1) if quick else Sizes(10.0, (1, 4), 3)
+    if shape == "tiny":
+        return Sizes(1.0, (1,), 3) if quick else Sizes(4.0, (1, 4), 5)
+    return Sizes(0.5, (1,), 1)  # a step of the small shape takes about a second on 2 cores
+
+
+def table_rows(options: Options) -> list[Row]:
+    """Sparrow's loop against transformers' ``generate``, as decoding steps per second.
+
+    On the CPU the tiny shape runs with one torch thread unless ``--torch-threads``
+    says otherwise: its operations are too small to share, and a second thread
+    that spin-waits on a shared 2-core machine slows both loops many times over.
+    """
+    torch.set_grad_enabled(False)
+    device = resolve(options.device)
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    elif options.musicgen_shape == "tiny" and not device.startswith("cuda"):
+        torch.set_num_threads(1)
+    sizes = sizes_for(options.musicgen_shape, device, options.quick)
+    where = device if device.startswith("cuda") else f"{device} ({_threads()})"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = engines_for(options.musicgen_shape, device, Path(tmp))
+        for batch in sizes.batches:
+            results = compare_loops(engines, sizes.seconds, batch, sizes.repeat)
+            steps, theirs = results["transformers"]
+            _, ours = results["sparrow"]
+            rows.append(
+                Row(
+                    f"decoding, {options.musicgen_shape} shape, batch {batch}, {sizes.seconds:g} s "
+                    f"on {where}: Sparrow loop vs transformers generate",
+                    steps / ours,
+                    steps / theirs,
+                    "steps/s",
+                )
+            )
+    return rows
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve(args.device)
     on_gpu = device.startswith("cuda")
     shapes = args.shapes or (["small", "medium"] if on_gpu else ["small"])
     seconds = args.seconds or ([10.0, 30.0] if on_gpu else [0.5])
@@ -103,19 +200,11 @@ def main(args: argparse.Namespace) -> None:
     print(f"\n{'model':<7}{'audio':>6}{'batch':>6}{'steps':>7}{header}{'× hf':>9}{'× b1':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         if not on_gpu:
-            folder = make_tiny_musicgen(Path(tmp) / "tiny")
-            tiny = {loop: MusicGenEngine(str(folder), device, loop) for loop in LOOPS}
-            compare("tiny", tiny, [4.0], batches, args.repeat)
+            compare("tiny", engines_for("tiny", device, Path(tmp)), [4.0], batches, args.repeat)
         for shape in shapes:
-            model, processor = musicgen_shaped(shape)
-            engines = {
-                loop: MusicGenEngine.from_model(
-                    model, processor, name=f"musicgen-{shape}-shaped", device=device, decoder=loop
-                )
-                for loop in LOOPS
-            }
+            engines = engines_for(shape, device, Path(tmp))
             compare(shape, engines, seconds, batches, args.repeat)
-            del model, engines
+            del engines
             if on_gpu:
                 torch.cuda.empty_cache()
 
