@@ -18,10 +18,12 @@ the other clients.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
@@ -149,6 +151,11 @@ class StoredEvent:
     id: int
     name: str
     data: dict[str, Any]
+
+    @cached_property
+    def data_json(self) -> str:
+        """The data as JSON, encoded once for the log and every subscriber's stream."""
+        return json.dumps(self.data)
 
 
 # -- fan-out ------------------------------------------------------------------------

@@ -14,8 +14,42 @@ from helpers import SAMPLE
 from live import running_server
 from sse import Message, open_stream
 
-from sparrow.events import EventHub, StoredEvent
+from sparrow.api.schemas import EVENT_DATA
+from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
+from sparrow.events import (
+    ChainDeleted,
+    Event,
+    EventHub,
+    NodeProgress,
+    NodesDeleted,
+    NodeStatusChanged,
+    SpineChanged,
+    StemsProgress,
+    StemsStatusChanged,
+    StoredEvent,
+)
 from sparrow.settings import Settings
+
+
+def test_every_event_is_documented_by_the_schema_of_its_data() -> None:
+    error = NodeError("interrupted", "The server stopped.")
+    events: list[Event] = [
+        NodeStatusChanged("c", "n", NodeStatus.READY),
+        NodeStatusChanged("c", "n", NodeStatus.ERROR, error),
+        NodeProgress("c", "n", 0.5, 1.25),
+        NodeProgress("c", "n", 1.0),
+        NodesDeleted("c", ("a", "b")),
+        SpineChanged("c", ("a",)),
+        ChainDeleted("c"),
+        StemsStatusChanged("c", "n", StemsStatus.READY, stems=("drums", "bass")),
+        StemsStatusChanged("c", "n", StemsStatus.ERROR, error),
+        StemsProgress("c", "n", 0.25),
+    ]
+    for event in events:
+        model = EVENT_DATA[event.name]
+        data = event.data()
+        assert model.model_validate(data).model_dump(exclude_unset=True) == data, event
+
 
 # -- the hub ---------------------------------------------------------------------------
 

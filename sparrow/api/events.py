@@ -58,9 +58,9 @@ CUT_OFF_GRACE_S = 1.0  # a subscriber cut off for falling behind: then its respo
 
 _STREAM = {
     "description": "Server-Sent Events: `node-status`, `node-progress`, `node-deleted`, "
-    "`spine-changed`, `stems-status`, `stems-progress`, `chain-deleted`, and `reset` "
-    "(reload the chain). Every event "
-    "has an integer `id`; the data is JSON.",
+    "`spine-changed`, `stems-status`, `stems-progress`, `chain-deleted`, `reset` "
+    "(reload the chain), and `shutdown` (the server stops; reconnect). Every event but "
+    "`shutdown` has an integer `id`; the data is JSON.",
     "content": {"text/event-stream": {}},  # each event is described in sparrow.api.openapi
 }
 
@@ -189,7 +189,7 @@ class _Stream(EventSourceResponse):
 
 
 def _sse(event: StoredEvent) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(event.data), event=event.name, id=str(event.id))
+    return ServerSentEvent(data=event.data_json, event=event.name, id=str(event.id))
 
 
 def _parse_id(value: str | None) -> int | None:

@@ -55,7 +55,7 @@ def _describe_events(doc: dict[str, Any]) -> None:
     events = [
         {
             "type": "object",
-            "required": ["event", "id", "data"],
+            "required": ["event", "data"] if name == "shutdown" else ["event", "id", "data"],
             "properties": {
                 "event": {"const": name},
                 "id": {"type": "string", "pattern": "^[0-9]+$"},

@@ -356,6 +356,10 @@ class ResetData(BaseModel):
     last_event_id: int = Field(description="Resume from here after reloading the chain.")
 
 
+class ShutdownData(BaseModel):
+    reason: str
+
+
 EVENT_DATA: dict[str, type[BaseModel]] = {
     "node-status": NodeStatusData,
     "node-progress": ProgressData,
@@ -365,4 +369,5 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "stems-progress": ProgressData,
     "chain-deleted": ChainData,
     "reset": ResetData,
+    "shutdown": ShutdownData,  # the last event of a stream, without an id
 }

@@ -36,7 +36,7 @@ class EventWrites:
         stored = StoredEvent(event.chain_id, int(row[0]), event.name, event.data())
         await self.tx.execute(
             "INSERT INTO events (chain_id, id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
-            (stored.chain_id, stored.id, stored.name, json.dumps(stored.data), utc_now()),
+            (stored.chain_id, stored.id, stored.name, stored.data_json, utc_now()),
         )
         if stored.id > self.retention:
             await self.tx.execute(
