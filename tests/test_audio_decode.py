@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,9 +47,9 @@ def bad(bad_uploads: dict[str, BadUpload]) -> dict[str, BadUpload]:
     return bad_uploads
 
 
-def _children() -> list[int]:
-    """Pids of this process's children, zombies included."""
-    me = str(os.getpid())
+def _children(of: int | None = None) -> list[int]:
+    """Pids of this process's (or ``of``'s) children, zombies included."""
+    me = str(os.getpid() if of is None else of)
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -357,3 +360,44 @@ def test_probe_reads_sample_format_before_disposition_flags(line: str, fmt: str)
     probe = parse_probe(f"Input #0, matroska,webm, from 'f':\n  Stream #0:0: Audio: {line}\n")
     assert probe.audio is not None
     assert probe.audio.sample_fmt == fmt
+
+
+_SERVER_RUNNING_FFMPEG = """
+import asyncio
+from sparrow.audio.ffmpeg import run_ffmpeg
+
+async def main() -> None:
+    deadline = asyncio.get_running_loop().time() + 120
+    quiet = ["-nostats", "-loglevel", "error"]  # nothing on stderr: no SIGPIPE to end it
+    args = [*quiet, "-re", "-f", "lavfi", "-i", "sine=d=120", "-f", "null", "-"]
+    await run_ffmpeg(args, deadline=deadline)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ffmpeg_dies_with_a_killed_server() -> None:
+    server = subprocess.Popen([sys.executable, "-c", _SERVER_RUNNING_FFMPEG])
+    try:
+        deadline = time.monotonic() + 20
+        while not (ffmpeg := _children(of=server.pid)):
+            assert time.monotonic() < deadline, "FFmpeg did not start"
+            time.sleep(0.02)
+        time.sleep(0.2)  # past the exec of setpriv and FFmpeg
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 5
+        while _alive(ffmpeg[0]):
+            assert time.monotonic() < deadline, "FFmpeg outlived the killed server"
+            time.sleep(0.02)
+    finally:
+        server.kill()
+        server.wait(10)

@@ -14,7 +14,9 @@ with three bounds, because the input is whatever a client uploaded:
   ``sh``'s ``ulimit`` just before it ``exec``s FFmpeg, so a decoder bomb fails
   inside FFmpeg instead of taking the server down;
 - output: stderr is drained to the end (a full pipe would stall FFmpeg) but only
-  its first ``STDERR_LIMIT`` bytes are kept.
+  its first ``STDERR_LIMIT`` bytes are kept;
+- lifetime: FFmpeg dies with the server's process (``setpriv --pdeathsig``), so a
+  server killed by SIGKILL leaves no decoder or encoder running on.
 
 The process is always awaited, also when the caller is cancelled, so no zombie
 is left behind.
@@ -110,7 +112,15 @@ def _limited(argv: Sequence[str], *, memory_bytes: int, cpu_s: int) -> list[str]
     cpu = _capped(resource.RLIMIT_CPU, cpu_s)[0]
     # A decoder killed by a limit must not leave core files behind.
     script = f'ulimit -c 0 && ulimit -t {cpu} && ulimit -v {memory_kib} && exec "$0" "$@"'
-    return ["/bin/sh", "-c", script, *argv]
+    return ["/bin/sh", "-c", script, *_dies_with_the_server(), *argv]
+
+
+@functools.cache
+def _dies_with_the_server() -> list[str]:
+    """``setpriv --pdeathsig KILL`` where util-linux has it: FFmpeg is killed when the
+    server's process dies, even by SIGKILL, rather than decoding on as an orphan."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
 async def run_ffmpeg(
