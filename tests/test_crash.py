@@ -6,15 +6,13 @@ These run the real ``sparrow serve`` command in a child process on 127.0.0.1.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import socket
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from crashes import integrity_ok, kill_9
 from helpers import SAMPLE
 from live import free_port, server_process
 
@@ -27,7 +25,7 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     acknowledged: list[dict[str, object]] = []
     for round_ in range(3):
-        with server_process(data_dir, port) as proc:
+        with server_process(data_dir, port, SPARROW_ENGINE="mock") as proc:
             with httpx.Client(base_url=base, timeout=30) as client:
                 created = client.post(
                     "/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())}
@@ -51,8 +49,7 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             time.sleep(0.05 * round_)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            kill_9(proc)
             sock.close()
 
     assert any(media.tmp_dir.iterdir()), "the killed upload should have left a temp file"
@@ -61,7 +58,10 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"RIFF")
 
-    with server_process(data_dir, port), httpx.Client(base_url=base, timeout=30) as client:
+    with (
+        server_process(data_dir, port, SPARROW_ENGINE="mock"),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
         listed = client.get("/api/chains").json()
         assert listed["total"] == len(acknowledged) == 3
         for created_body in acknowledged:
@@ -73,8 +73,7 @@ def test_kill_during_uploads_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert list(media.tmp_dir.iterdir()) == []
         assert not orphan.exists() and not orphan.parent.exists()
 
-    with sqlite3.connect(data_dir / "sparrow.db") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    integrity_ok(data_dir)
 
 
 def test_kill_during_decoding_leaves_no_chain_and_no_file(tmp_path: Path) -> None:
@@ -88,7 +87,7 @@ def test_kill_during_decoding_leaves_no_chain_and_no_file(tmp_path: Path) -> Non
     data_dir = tmp_path / "data"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with server_process(data_dir, port, SPARROW_FFMPEG=str(wrapper)) as proc:
+    with server_process(data_dir, port, SPARROW_ENGINE="mock", SPARROW_FFMPEG=str(wrapper)) as proc:
         errors: list[BaseException] = []
 
         def send() -> None:
@@ -107,14 +106,16 @@ def test_kill_during_decoding_leaves_no_chain_and_no_file(tmp_path: Path) -> Non
         while not marker.exists():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill_9(proc)
         sender.join(30)
         assert errors, "the upload must not have been acknowledged"
 
     media = MediaStore(data_dir)
     assert any(media.audio_dir.iterdir()), "the chain folder was made before the kill"
-    with server_process(data_dir, port), httpx.Client(base_url=base, timeout=30) as client:
+    with (
+        server_process(data_dir, port, SPARROW_ENGINE="mock"),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
         assert client.get("/api/chains").json()["total"] == 0
         assert list(media.audio_dir.iterdir()) == []
         assert list(media.tmp_dir.iterdir()) == []
