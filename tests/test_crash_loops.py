@@ -665,16 +665,19 @@ def test_an_export_ffmpeg_outliving_the_server_leaves_no_file(tmp_path: Path) ->
     starting, and that FFmpeg runs on through the restart. What it writes after the
     start-up sweep must not stay in the data dir (it would until the next start-up).
 
-    The FFmpeg is held by a wrapper until the restarted server is ready."""
+    The FFmpeg is held by a wrapper until the restarted server is ready. Sparrow kills
+    its FFmpeg when the server dies (``setpriv --pdeathsig``); the wrapper runs it in a
+    background subshell, which does not inherit that, as where ``setpriv`` is missing."""
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
     started, go, done = tmp_path / "started", tmp_path / "go", tmp_path / "done"
     wrapper = tmp_path / "ffmpeg"
     wrapper.write_text(
         "#!/bin/sh\n"
         'case "$*" in *"/exports/"*)\n'
-        f'  touch "{started}"; i=0\n'
-        f'  while [ ! -e "{go}" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done\n'
-        f'  "{ffmpeg_exe()}" "$@"; status=$?; touch "{done}"; exit $status;;\n'
+        f'  ( touch "{started}"; i=0\n'
+        f'    while [ ! -e "{go}" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done\n'
+        f'    "{ffmpeg_exe()}" "$@"; status=$?; touch "{done}"; exit $status ) &\n'
+        "  wait $!; exit $?;;\n"
         "esac\n"
         f'exec "{ffmpeg_exe()}" "$@"\n'
     )
