@@ -157,3 +157,23 @@ def sparrow_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def read_status(sock: socket.socket, timeout_s: float) -> int:
+    """The status code of the answer arriving on ``sock`` (its first line is enough)."""
+    sock.settimeout(timeout_s)
+    head = b""
+    while b"\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident memory, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

@@ -17,7 +17,7 @@ import pytest
 from corpus import BAD_NAMES, GOOD_NAMES, BadUpload, GoodUpload
 from fastapi import FastAPI
 from helpers import services, upload
-from live import running_server
+from live import read_status, running_server
 
 from sparrow.api import create_app
 from sparrow.settings import Settings
@@ -132,17 +132,6 @@ async def test_over_the_size_limit_is_413(
         assert leftover_files(small_limit_app) == []
 
 
-def _read_status(sock: socket.socket, timeout_s: float) -> int:
-    sock.settimeout(timeout_s)
-    head = b""
-    while b"\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return int(head.split(b" ", 2)[1])
-
-
 def test_413_arrives_before_the_body_is_sent(tmp_path: Path) -> None:
     """Over a real socket: the answer comes while the client still holds most of the body."""
     settings = Settings(data_dir=tmp_path / "data", max_upload_mb=1)
@@ -158,7 +147,7 @@ def test_413_arrives_before_the_body_is_sent(tmp_path: Path) -> None:
                 b"Content-Length: 10000000000\r\n\r\n" + preamble
             )
             started = time.monotonic()
-            assert _read_status(sock, 5) == 413
+            assert read_status(sock, 5) == 413
             assert time.monotonic() - started < 5
 
         # Chunked, no length: refused once 1 MB has streamed in, not at the end of the body.
@@ -172,7 +161,7 @@ def test_413_arrives_before_the_body_is_sent(tmp_path: Path) -> None:
             sock.sendall(b"%x\r\n%s\r\n" % (len(preamble), preamble))
             for _ in range(20):  # 1.3 MB of an endless body, then we stop sending
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            assert _read_status(sock, 5) == 413
+            assert read_status(sock, 5) == 413
 
         with httpx.Client(base_url=base) as client:
             assert client.get("/readyz").status_code == 200

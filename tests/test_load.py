@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from helpers import SAMPLE, services, upload
-from live import LiveServer, free_port, live_server, server_process
+from live import LiveServer, free_port, live_server, rss_mib, server_process
 from sse_starlette.sse import AppStatus
 
 import sparrow.api.events
@@ -303,13 +303,6 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
         "p99_ms": round(cuts[98], 1),
         "max_ms": round(max(values_ms), 1),
     }
-
-
-def rss_mib(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 # -- the tests ---------------------------------------------------------------------------

@@ -26,10 +26,6 @@ from sparrow.errors import PayloadTooLarge, RequestTimeout
 JSON_BODY_LIMIT = 64 * 1024
 
 
-def too_large_response(detail: str) -> JSONResponse:
-    return _closing(PayloadTooLarge(detail))
-
-
 def _closing(error: PayloadTooLarge | RequestTimeout) -> JSONResponse:
     # Connection: close, so the server stops reading a body it has refused.
     return error_response(error.status_code, error.code, error.detail, {"Connection": "close"})
@@ -56,7 +52,7 @@ class BodyLimitMiddleware:
         detail = f"The request body is larger than {self.limit // 1024} KiB."
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
-            await too_large_response(detail)(scope, receive, send)
+            await _closing(PayloadTooLarge(detail))(scope, receive, send)
             return
         seen = 0
         refused: PayloadTooLarge | RequestTimeout | None = None
