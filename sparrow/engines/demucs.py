@@ -38,14 +38,13 @@ from demucs.pretrained import get_model
 from sparrow.engines.base import (
     STEM_NAMES,
     Audio,
-    Cancelled,
     EngineInfo,
     LoadsOnce,
     Progress,
     check_mix,
     describe,
 )
-from sparrow.engines.torch_device import resolve_device
+from sparrow.engines.torch_device import resolve_device, torch_failures
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 OVERLAP = 0.25
@@ -124,30 +123,28 @@ class DemucsEngine(LoadsOnce[_Loaded]):
             progress(1.0)
             return {name: np.zeros((0, m.channels), np.float32) for name in STEM_NAMES}
         chunks = _ChunkProgress(m, frames, progress)
-        try:
-            with torch.inference_mode():
-                mix = torch.from_numpy(np.ascontiguousarray(audio.T))  # (channels, frames)
-                ref = mix.mean(0)
-                mean = ref.mean()
-                std = (ref.std() if frames > 1 else torch.zeros(())) + 1e-8
-                out = apply_model(
-                    m.model,
-                    ((mix - mean) / std)[None],
-                    shifts=SHIFTS,
-                    split=True,
-                    overlap=OVERLAP,
-                    device=self.device,
-                    num_workers=0,
-                    callback=chunks,
-                )
-                separated = (out[0] * std + mean).float().cpu().numpy()  # (sources, ch, frames)
-        except Cancelled:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise GenerationFailed("Demucs ran out of GPU memory while separating.") from exc
-        except Exception as exc:
-            raise GenerationFailed(f"Demucs failed while separating: {describe(exc)}") from exc
+        with (
+            torch_failures(
+                "Demucs failed while separating",
+                out_of_memory="Demucs ran out of GPU memory while separating.",
+            ),
+            torch.inference_mode(),
+        ):
+            mix = torch.from_numpy(np.ascontiguousarray(audio.T))  # (channels, frames)
+            ref = mix.mean(0)
+            mean = ref.mean()
+            std = (ref.std() if frames > 1 else torch.zeros(())) + 1e-8
+            out = apply_model(
+                m.model,
+                ((mix - mean) / std)[None],
+                shifts=SHIFTS,
+                split=True,
+                overlap=OVERLAP,
+                device=self.device,
+                num_workers=0,
+                callback=chunks,
+            )
+            separated = (out[0] * std + mean).float().cpu().numpy()  # (sources, ch, frames)
         if not np.isfinite(separated).all():
             raise GenerationFailed("Demucs produced non-finite audio.")
         stems = {name: np.zeros((frames, m.channels), np.float32) for name in STEM_NAMES}

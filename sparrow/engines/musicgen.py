@@ -66,16 +66,14 @@ from transformers import (
 
 from sparrow.engines.base import (
     Audio,
-    Cancelled,
     Continuation,
     EngineInfo,
     LoadsOnce,
     Progress,
-    describe,
     frames_for,
 )
 from sparrow.engines.decoding import MusicGenDecoder, Sampling
-from sparrow.engines.torch_device import resolve_device
+from sparrow.engines.torch_device import resolve_device, torch_failures
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
 STRIDE = 0.6  # share of a window that is new audio when more remains after it
@@ -245,7 +243,10 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         whole = len(request.context) - len(request.context) % m.hop
         tails = [request.context[len(request.context) - whole :]] * request.count
         made: list[list[Audio]] = [[] for _ in request.seeds]
-        try:
+        with torch_failures(
+            "MusicGen failed while generating",
+            out_of_memory="MusicGen ran out of GPU memory; try fewer siblings.",
+        ):
             # Sparrow's loop draws its uniforms on the CPU, whatever the device.
             where = "cpu" if m.decoder else m.model.device
             generators = [torch.Generator(where).manual_seed(seed) for seed in request.seeds]
@@ -259,13 +260,6 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
                         _crossfade_into(made[i][-1], audio[:start], int(JOIN_S * m.sample_rate))
                     made[i].append(new)
                     tails[i] = np.concatenate([tails[i], new])[-m.window * m.hop :]
-        except Cancelled:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise GenerationFailed("MusicGen ran out of GPU memory; try fewer siblings.") from exc
-        except Exception as exc:
-            raise GenerationFailed(f"MusicGen failed while generating: {describe(exc)}") from exc
         return [np.concatenate(parts)[:samples].astype(np.float32, copy=False) for parts in made]
 
     def _window(
