@@ -31,7 +31,7 @@ from sparrow.domain.keys import KeyService
 from sparrow.domain.models import JobKind
 from sparrow.domain.queue import QueueLimits
 from sparrow.domain.stems import StemsService
-from sparrow.engines import GenerationEngine, StemEngine, build_engine, build_stem_engine
+from sparrow.engines import Engine, GenerationEngine, StemEngine, build_engine, build_stem_engine
 from sparrow.events import EventHub
 from sparrow.jobs import Worker
 from sparrow.media import MediaStore
@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _preload(engine: GenerationEngine | StemEngine) -> None:
+async def _preload(engine: Engine) -> None:
     try:
         await anyio.to_thread.run_sync(engine.load)
     except Exception as exc:  # the first job reports it too, on its nodes

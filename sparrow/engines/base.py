@@ -77,20 +77,27 @@ class EngineInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class GenerationEngine(Protocol):
+class Engine(Protocol):
+    """What every engine has: the audio format it takes and returns, a description, and
+    ``load()``, which loads its model once (later calls return at once)."""
+
     @property
     def sample_rate(self) -> int:
-        """Output (and context) sample rate; valid after ``load()``."""
+        """The rate of the audio the engine takes and returns; valid after ``load()``."""
         ...
 
     @property
     def channels(self) -> int:
-        """Output (and context) channel count; valid after ``load()``."""
+        """The channel count of the audio it takes and returns; valid after ``load()``."""
         ...
 
     def info(self) -> EngineInfo: ...
 
     def load(self) -> None: ...
+
+
+class GenerationEngine(Engine, Protocol):
+    """Continues a context (``sample_rate``, ``channels``) with new audio of that format."""
 
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]: ...
 
@@ -100,7 +107,7 @@ def frames_for(duration_s: float, sample_rate: int) -> int:
     return round(duration_s * sample_rate)
 
 
-class StemEngine(Protocol):
+class StemEngine(Engine, Protocol):
     """Splits a mix into ``STEM_NAMES``.
 
     ``separate`` takes float32 ``(frames, channels)`` audio already at the engine's
@@ -108,20 +115,6 @@ class StemEngine(Protocol):
     float32 ``(frames, channels)`` array per stem name with exactly the mix's frame
     count. Progress rises monotonically and ends at 1.0.
     """
-
-    @property
-    def sample_rate(self) -> int:
-        """The rate ``separate`` takes and returns; valid after ``load()``."""
-        ...
-
-    @property
-    def channels(self) -> int:
-        """The channel count ``separate`` takes and returns; valid after ``load()``."""
-        ...
-
-    def info(self) -> EngineInfo: ...
-
-    def load(self) -> None: ...
 
     def separate(self, audio: Audio, progress: Progress) -> dict[str, Audio]: ...
 
