@@ -16,9 +16,10 @@ stream events). One handler in ``sparrow.api.errors`` renders them as
     ├── UnsupportedMedia      415 unsupported_media
     ├── RangeNotSatisfiable   416 range_not_satisfiable
     ├── Overloaded            429 overloaded
-    ├── EngineUnavailable     503 engine_unavailable
-    ├── GenerationFailed      500 generation_failed   (recorded on a node, never an HTTP answer)
-    └── StorageUnavailable    503 storage_unavailable
+    ├── Unavailable           503 (with Retry-After): the server's trouble
+    │   ├── EngineUnavailable     engine_unavailable
+    │   └── StorageUnavailable    storage_unavailable
+    └── GenerationFailed      500 generation_failed   (recorded on a node, never an HTTP answer)
 
 Errors of the libraries underneath (sqlite, FFmpeg, torch) are translated into
 these where they are caught, never in the routes.
@@ -94,8 +95,16 @@ class Overloaded(SparrowError):
         self.retry_after_s = retry_after_s
 
 
-class EngineUnavailable(SparrowError):
+class Unavailable(SparrowError):
+    """The server's own trouble, not the client's: a 503 with ``Retry-After``."""
+
     status_code = 503
+    retry_after_s: int = 10
+
+
+class EngineUnavailable(Unavailable):
+    """An engine or FFmpeg cannot be used: missing, failing, hanging or lying."""
+
     code = "engine_unavailable"
 
 
@@ -109,8 +118,8 @@ class GenerationFailed(SparrowError):
     code = "generation_failed"
 
 
-class StorageUnavailable(SparrowError):
-    """The database cannot be written or read right now (disk full, I/O error, locked)."""
+class StorageUnavailable(Unavailable):
+    """The database or the data dir cannot be used right now (disk full, read-only, I/O
+    error, locked), or a stored file no longer matches what was recorded (damaged, missing)."""
 
-    status_code = 503
     code = "storage_unavailable"

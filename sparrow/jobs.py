@@ -16,6 +16,14 @@ At start-up, before the worker runs, ``recover`` asks each runner to end what a
 job running when the process died had left unfinished (nodes or stems left
 queued or generating become ``error`` with code ``interrupted``: the lifecycle
 has no way back to ``queued``). Jobs that were still queued stay, and run.
+
+A job never stays half-ended while the server runs. The runners write each
+job's end (its nodes' last status) ``persistently``: a write the storage
+refuses (disk full, database locked) is retried with backoff until it goes
+through, so a node ends ``ready`` or ``error`` as soon as storage is back, with
+no restart. Once the runner returns, the worker ends whatever of the job is
+still queued or running (a runner that failed before it could) and removes the
+job's row, persistently too.
 """
 
 from __future__ import annotations
@@ -24,18 +32,53 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sparrow.domain.models import Job, JobKind, NodeError
+from sparrow.errors import SparrowError, StorageUnavailable
 from sparrow.store import ChainStore, ChainWriter
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 INTERRUPTED = NodeError(
     "interrupted", "The server stopped while this work was running; ask for it again."
 )
+UNFINISHED = NodeError("internal", "The job failed unexpectedly; the error has been logged.")
+FIRST_RETRY_S = 0.1
+MAX_RETRY_S = 5.0
+
+
+def storage_error(exc: OSError, what: str) -> NodeError:
+    """What a node (or its stems) records when its ``what`` ("generated audio") could
+    not be written: the same code whichever job met it."""
+    reason = (exc.strerror or type(exc).__name__).lower()
+    return NodeError("storage_unavailable", f"The {what} could not be saved ({reason}).")
+
+
+async def persistently(write: Callable[[], Awaitable[T]], what: str) -> T:
+    """``await write()`` until the storage takes it: ``StorageUnavailable`` is retried
+    with exponential backoff (``FIRST_RETRY_S`` up to ``MAX_RETRY_S``), anything else
+    raised. For writes that must happen, such as the end of a job; ``write`` must be
+    safe to repeat (status changes guarded by the lifecycle are)."""
+    delay = FIRST_RETRY_S
+    failures = 0
+    while True:
+        try:
+            result = await write()
+        except StorageUnavailable as exc:
+            failures += 1
+            if failures == 1 or delay >= MAX_RETRY_S:
+                log.warning("%s: %s; retrying every %.1f s at most", what, exc.detail, MAX_RETRY_S)
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_S, delay * 2)
+            continue
+        if failures:
+            log.info("%s: done after %d failed attempt(s)", what, failures)
+        return result
 
 
 @dataclass(eq=False)
@@ -67,8 +110,11 @@ class Runner(Protocol):
         """Do the job; record its outcome on its rows. Raising fails this job only."""
         ...
 
-    async def recover(self, w: ChainWriter) -> int:
-        """End (as ``INTERRUPTED``) what a job running at a crash left unfinished; how many."""
+    async def recover(
+        self, w: ChainWriter, job_id: str | None = None, error: NodeError = INTERRUPTED
+    ) -> int:
+        """End as ``error`` what is still queued or running of one job (``job_id``), or of
+        every job that was running when the process died (None); returns how many."""
         ...
 
 
@@ -146,18 +192,26 @@ class Worker:
 
     async def _execute(self, job: Job) -> None:
         control = self.running = JobControl(job)
+        error = UNFINISHED
         try:
             await self.runners[job.kind].run(job, control)
-        except Exception:
+        except Exception as exc:
             # A failed job fails that job, never the worker.
             log.exception("job %s (%s) failed", job.id, job.kind)
+            if isinstance(exc, SparrowError):
+                error = NodeError(exc.code, exc.detail)
         finally:
             self.running = None
             elapsed = time.monotonic() - control.started
             self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * elapsed
-        try:
-            async with self.store.write() as w:
-                await w.delete_job(job.id)
-        except Exception:
-            # The row stays 'running'; the next start-up's recovery ends its nodes.
-            log.exception("cannot remove finished job %s", job.id)
+        await persistently(lambda: self._end_job(job, error), f"ending job {job.id}")
+
+    async def _end_job(self, job: Job, error: NodeError) -> None:
+        """End what the runner left of the job (nothing, unless it failed) and remove its row."""
+        async with self.store.write() as w:
+            left = sum([await runner.recover(w, job.id, error) for runner in self.runners.values()])
+            await w.delete_job(job.id)
+        if left:
+            log.warning(
+                "job %s left %d piece(s) of work unfinished; ended as %s", job.id, left, error.code
+            )

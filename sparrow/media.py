@@ -18,8 +18,11 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import anyio
+
 from sparrow.audio.atomic import fsync_path
-from sparrow.domain.models import new_id
+from sparrow.audio.integrity import FileCheck, Recorded
+from sparrow.domain.models import Node, Stems, new_id
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class MediaStore:
         self.stems_dir = data_dir / "stems"
         self.exports_dir = data_dir / "exports"
         self.tmp_dir = data_dir / "tmp"
+        self.check = FileCheck()
 
     def ensure(self) -> None:
         for folder in (self.audio_dir, self.stems_dir, self.exports_dir, self.tmp_dir):
@@ -44,6 +48,30 @@ class MediaStore:
 
     def node_audio(self, chain_id: str, node_id: str) -> Path:
         return self.chain_dir(chain_id) / f"{node_id}.wav"
+
+    async def checked_node_audio(self, node: Node) -> Path:
+        """A ready node's file, once checked against its record (``audio.integrity``):
+        ``DamagedAudio`` or ``MissingAudio`` (503s) when it is not the file recorded."""
+        path = self.node_audio(node.chain_id, node.id)
+        recorded = Recorded(
+            node.audio_sha256 or "", node.frames or 0, node.sample_rate or 0, node.channels or 0
+        )
+        what = f"the audio of node '{node.id}'"
+        await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
+        return path
+
+    async def checked_stem(self, stems: Stems, stem: str) -> Path:
+        """One stem of ready stems, once checked against its record, as ``checked_node_audio``."""
+        path = self.stem_file(stems.chain_id, stems.node_id, stem)
+        recorded = Recorded(
+            (stems.files or {}).get(stem, ""),
+            stems.frames or 0,
+            stems.sample_rate or 0,
+            stems.channels or 0,
+        )
+        what = f"the {stem} stem of node '{stems.node_id}'"
+        await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
+        return path
 
     def node_stems(self, chain_id: str, node_id: str) -> Path:
         return self.stems_dir / chain_id / node_id

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_export_s: float = Field(
         default=3600, gt=0, description="Longest spine that can be exported, in seconds."
     )
+    export_timeout_s: float = Field(
+        default=300, gt=0, description="Wall-clock limit for encoding one export."
+    )
     export_concurrency: int = Field(
         default=2, ge=1, description="Exports encoded at the same time; others wait."
     )
@@ -87,6 +90,9 @@ class Settings(BaseSettings):
     # Events.
     event_retention: int = Field(
         default=10_000, ge=1, description="Events kept per chain for Last-Event-ID replay."
+    )
+    event_retention_mb: float = Field(
+        default=8, gt=0, description="At most this much of each chain's log is kept (MB)."
     )
     sse_keepalive_s: float = Field(default=15, gt=0, description="Keepalive comment interval.")
     sse_queue_limit: int = Field(
@@ -114,6 +120,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.database_path or self.data_dir / "sparrow.db"
+
+    @property
+    def event_retention_bytes(self) -> int:
+        return int(self.event_retention_mb * 1_000_000)
 
     @property
     def max_upload_bytes(self) -> int:

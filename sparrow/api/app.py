@@ -78,7 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await db.open()
             media = MediaStore(settings.data_dir)
             media.ensure()
-            store = ChainStore(db, hub, event_retention=settings.event_retention)
+            store = ChainStore(
+                db,
+                hub,
+                event_retention=settings.event_retention,
+                event_retention_bytes=settings.event_retention_bytes,
+            )
             engine = build_engine(settings)
             stem_engine = build_stem_engine(settings)
             keys = KeyService(KeyStore(db), enabled=settings.auth == "on")

@@ -25,6 +25,7 @@ from sparrow.errors import (
     RequestTimeout,
     SparrowError,
     Unauthorized,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 async def _sparrow_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SparrowError)
     headers = None
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | Unavailable):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, RangeNotSatisfiable):
         headers = {"Content-Range": f"bytes */{exc.size}"}
@@ -123,15 +124,18 @@ _DESCRIPTIONS = {
     416: "The requested byte range is outside the file.",
     422: "The request or the uploaded audio is invalid.",
     429: "Too busy; retry after `Retry-After` seconds.",
-    503: "A component (engine, FFmpeg or the database) cannot be used right now.",
+    503: "The server's own trouble: the database, the data dir or a stored file "
+    "(`storage_unavailable`), or an engine or FFmpeg (`engine_unavailable`), cannot be used "
+    "right now; retry after `Retry-After` seconds.",
 }
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error statuses a route can answer.
 
-    Every API route can answer 401 (with auth on) and 422, and 408 and 413 to a body that
-    stalls or is too large (the body limit applies to every route, whatever it reads).
+    Every API route can answer 401 (with auth on) and 422, 408 and 413 to a body that
+    stalls or is too large (the body limit applies to every route, whatever it reads), and
+    503 when the database or the data dir cannot be used.
     """
     return {
         status: {
@@ -139,17 +143,16 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": _DESCRIPTIONS[status],
             **_HEADERS.get(status, {}),
         }
-        for status in sorted({*statuses, 401, 408, 413, 422})
+        for status in sorted({*statuses, 401, 408, 413, 422, 503})
     }
 
 
-_HEADERS: dict[int, dict[str, Any]] = {
-    429: {
-        "headers": {
-            "Retry-After": {
-                "description": "Seconds to wait before trying again.",
-                "schema": {"type": "integer"},
-            }
+_RETRY_AFTER = {
+    "headers": {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer"},
         }
     }
 }
+_HEADERS: dict[int, dict[str, Any]] = {429: _RETRY_AFTER, 503: _RETRY_AFTER}

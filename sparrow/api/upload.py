@@ -9,6 +9,7 @@ of the body is read.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from sparrow.audio.storage import storage_failure
 from sparrow.errors import (
     InvalidInput,
     Overloaded,
@@ -201,6 +203,10 @@ async def receive_upload(
                 raise InvalidInput("The client went away before the upload finished.") from exc
             except FormParserError as exc:
                 raise InvalidInput("The multipart body is malformed.") from exc
+    except OSError as exc:  # the data dir is full, read-only or not ours to write
+        with contextlib.suppress(OSError):
+            await anyio.Path(dest).unlink(missing_ok=True)
+        raise storage_failure(exc, "receiving the upload") from exc
     except BaseException:
         await anyio.Path(dest).unlink(missing_ok=True)
         raise

@@ -20,6 +20,11 @@ reports them:
 - no samples at all (e.g. a WAV header without data) → 422;
 - decoding past ``timeout_s`` (probe and decode together) → 422.
 
+Each of those 415 and 422 answers blames the file only once FFmpeg has shown
+that it decodes a known input (``sparrow.audio.canary``): an FFmpeg that fails,
+hangs or lies is 503 ``EngineUnavailable`` instead, and a decoded file that
+cannot be written (disk full, read-only) is 503 ``StorageUnavailable``.
+
 What is accepted: the first audio stream only, keeping its sample rate and
 channel count, except that rates above 192 kHz become 48 kHz and more than
 two channels are downmixed to stereo: with FFmpeg's standard matrix when the
@@ -54,11 +59,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow.audio.atomic import publish, temp_path_for
+from sparrow.audio.canary import blame_ffmpeg
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
 from sparrow.audio.sniff import sniff
+from sparrow.audio.storage import says_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import AudioInfo, WavFormatError, file_sha256, read_layout
-from sparrow.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from sparrow.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    StorageUnavailable,
+    UnsupportedMedia,
+)
 
 MAX_CHANNELS = 64  # FFmpeg's resampler cannot downmix more
 MIN_SAMPLE_RATE = 1_000
@@ -131,15 +143,25 @@ async def decode_upload(
             args = _decode_args(src, tmp, plan, max_duration_s)
             run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
             if run.returncode != 0:
+                if says_storage_failed(run.stderr):
+                    raise StorageUnavailable(
+                        "The server could not store the decoded audio (its disk is full or "
+                        "not writable); try again later."
+                    )
                 raise _cannot_decode(kind, probe, _short_reason(run.stderr))
             info = await _finish_in_thread(tmp, dst, probe, kind, max_duration_s)
         except BaseException:
             _discard(tmp)
             raise
     except FFmpegTimeout:
+        await blame_ffmpeg(ffmpeg, "The upload cannot be decoded")
         raise InvalidInput(
             f"Decoding took longer than {timeout_s:g} s; the file may be damaged."
         ) from None
+    except (InvalidInput, UnsupportedMedia):
+        # The file's fault only if FFmpeg can decode anything at all.
+        await blame_ffmpeg(ffmpeg, "The upload cannot be decoded")
+        raise
     assert probe.format is not None
     return DecodedUpload(info=info, source_format=probe.format, source_codec=stream.codec)
 
@@ -276,7 +298,7 @@ def _finish(
 ) -> AudioInfo:
     try:
         layout = read_layout(tmp)
-    except WavFormatError as exc:
+    except (WavFormatError, FileNotFoundError) as exc:
         raise _cannot_decode(kind, probe, "FFmpeg produced no usable audio") from exc
     if layout.frames == 0:
         raise InvalidInput("The file contains no audio samples.")
@@ -290,7 +312,8 @@ def _finish(
         bits=layout.bits,
         sha256=file_sha256(tmp),
     )
-    publish(tmp, dst)
+    with storing("saving the decoded audio"):
+        publish(tmp, dst)
     return info
 
 
@@ -331,4 +354,4 @@ def _short_reason(stderr: str) -> str:
         chosen = chosen[: _REASON_MAX - 1] + "…"
     if chosen[:1].isupper() and chosen[1:2].islower():
         chosen = chosen[:1].lower() + chosen[1:]
-    return chosen
+    return scrub_paths(chosen)

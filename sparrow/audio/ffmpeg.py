@@ -33,6 +33,7 @@ import resource
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sparrow.errors import EngineUnavailable
 
@@ -54,6 +55,10 @@ class FFmpegResult:
     returncode: int
     stderr: str
     """The first ``STDERR_LIMIT`` bytes of stderr, decoded leniently."""
+    stdout: bytes = b""
+    """What FFmpeg wrote to ``pipe:1``, when the caller asked for it."""
+    stdout_overflow: bool = False
+    """FFmpeg wrote more to ``pipe:1`` than the caller's limit."""
 
 
 def ffmpeg_exe(configured: str | None = None) -> str:
@@ -129,12 +134,15 @@ async def run_ffmpeg(
     deadline: float,
     memory_bytes: int = MEMORY_LIMIT_BYTES,
     ffmpeg: str | None = None,
+    stdout_limit: int | None = None,
 ) -> FFmpegResult:
-    """Run ``ffmpeg *args`` with stdin and stdout closed; collect (capped) stderr.
+    """Run ``ffmpeg *args`` with stdin closed; collect (capped) stderr.
 
     ``deadline`` is in ``loop.time()`` units. Raises ``FFmpegTimeout`` past it
     and ``FFmpegNotFound`` when the binary cannot be started. A non-zero exit is
-    not an error here: callers read ``returncode`` and ``stderr``.
+    not an error here: callers read ``returncode`` and ``stderr``. With
+    ``stdout_limit``, what FFmpeg writes to ``pipe:1`` is kept, up to that many
+    bytes (``stdout_overflow`` says whether there was more); otherwise stdout is closed.
     """
     loop = asyncio.get_running_loop()
     remaining = deadline - loop.time()
@@ -145,27 +153,23 @@ async def run_ffmpeg(
     cpu_s = math.ceil(2 * remaining) + 1
     exe = shutil.which(ffmpeg_exe(ffmpeg))
     if exe is None:
-        raise FFmpegNotFound(f"FFmpeg is not available: {ffmpeg_exe(ffmpeg)} cannot be run.")
+        raise FFmpegNotFound(f"FFmpeg is not available: {_name(ffmpeg)} cannot be run.")
     try:
         proc = await asyncio.create_subprocess_exec(
             *_limited([exe, *args], memory_bytes=memory_bytes, cpu_s=cpu_s),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL if stdout_limit is None else asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            # A minimal environment for a process that reads hostile input. glibc
-            # reserves 64 MiB of address space per malloc arena, up to 8 per core:
-            # without a cap, thread count alone can hit the memory limit. LC_ALL=C
-            # keeps the messages that probing parses in one language.
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "MALLOC_ARENA_MAX": "2",
-                "LC_ALL": "C",
-            },
+            env=_decoder_env(),
         )
     except OSError as exc:
-        raise FFmpegNotFound(f"FFmpeg is not available: cannot run {exe} ({exc}).") from exc
+        raise FFmpegNotFound(
+            f"FFmpeg is not available: {_name(ffmpeg)} cannot be run ({exc.strerror})."
+        ) from exc
     try:
-        stderr = await asyncio.wait_for(_collect(proc), timeout=deadline - loop.time())
+        stderr, stdout, overflow = await asyncio.wait_for(
+            _collect(proc, stdout_limit or 0), timeout=deadline - loop.time()
+        )
     except TimeoutError:
         raise FFmpegTimeout from None
     finally:
@@ -175,14 +179,34 @@ async def run_ffmpeg(
             # Shielded so that a second cancellation cannot leave a zombie behind.
             await asyncio.shield(proc.wait())
     assert proc.returncode is not None
-    return FFmpegResult(proc.returncode, stderr.decode("utf-8", errors="replace"))
+    return FFmpegResult(proc.returncode, stderr.decode("utf-8", errors="replace"), stdout, overflow)
 
 
-async def _collect(proc: asyncio.subprocess.Process) -> bytes:
-    assert proc.stderr is not None
+def _name(ffmpeg: str | None) -> str:
+    # Error details never show a server path: the binary's name is enough.
+    return Path(ffmpeg_exe(ffmpeg)).name
+
+
+async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, bool]:
+    """Read ``stream`` to its end, keeping its first ``limit`` bytes; (kept, more was read)."""
     kept = bytearray()
-    while chunk := await proc.stderr.read(_READ_CHUNK):
-        if len(kept) < STDERR_LIMIT:
-            kept += chunk[: STDERR_LIMIT - len(kept)]
+    overflow = False
+    if stream is None:
+        return b"", False
+    while chunk := await stream.read(_READ_CHUNK):
+        room = limit - len(kept)
+        overflow = overflow or len(chunk) > room
+        if room > 0:
+            kept += chunk[:room]
+    return bytes(kept), overflow
+
+
+async def _collect(
+    proc: asyncio.subprocess.Process, stdout_limit: int
+) -> tuple[bytes, bytes, bool]:
+    # Both pipes drained together: a full one would stall FFmpeg.
+    (stderr, _), (stdout, overflow) = await asyncio.gather(
+        _drain(proc.stderr, STDERR_LIMIT), _drain(proc.stdout, stdout_limit)
+    )
     await proc.wait()
-    return bytes(kept)
+    return stderr, stdout, overflow

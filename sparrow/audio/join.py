@@ -42,16 +42,23 @@ The graph is passed inline: FFmpeg 5.1 reads a graph file only with
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import mutagen
+import mutagen.flac
+import mutagen.mp3
 
 from sparrow.audio.atomic import publish, temp_path_for
+from sparrow.audio.canary import blame_ffmpeg
 from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
+from sparrow.audio.storage import says_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import WavFormatError, WavLayout, read_layout
-from sparrow.errors import InvalidInput, StorageUnavailable
+from sparrow.errors import EngineUnavailable, InvalidInput, StorageUnavailable
 
 ExportFormat = Literal["wav", "mp3", "flac"]
 MEDIA_TYPES: dict[ExportFormat, str] = {
@@ -72,6 +79,10 @@ _MEMORY_PER_SEGMENT = 32 << 20
 # A RIFF size field is 32 bits; the header of a canonical WAV is under 64 bytes.
 _MAX_WAV_BITS = (0xFFFF_FFFF - 64) * 8
 _STDERR_TAIL = 300
+# mutagen's MP3 length counts whole MPEG frames, encoder delay and padding included.
+_MP3_SLACK_FRAMES = 3 * 1152
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,11 @@ async def join_segments(
     """Join the WAVs at ``paths`` into one ``format`` file published atomically at ``dst``.
 
     ``dst``'s folder must exist; nothing appears at ``dst`` (and no temporary
-    file is left) unless the export succeeds. Raises what ``plan_join`` raises,
-    and ``StorageUnavailable`` when FFmpeg fails or runs past ``timeout_s``.
+    file is left) unless the export succeeds and its file passes
+    ``output_problem``. Raises what ``plan_join`` raises; ``EngineUnavailable``
+    when FFmpeg is broken (it fails its canary, runs past ``timeout_s``, or writes
+    a file that fails the check); ``StorageUnavailable`` when the file cannot be
+    written or FFmpeg fails otherwise.
 
     FFmpeg writes into a hidden folder of its own next to ``dst``. FFmpeg is a
     process of its own and outlives a server killed with SIGKILL; the start-up
@@ -166,10 +180,8 @@ async def join_segments(
     deadline = asyncio.get_running_loop().time() + timeout_s
     work = temp_path_for(dst)
     tmp = work / dst.name
-    try:
+    with storing("writing the export"):
         await asyncio.to_thread(work.mkdir)
-    except OSError as exc:
-        raise StorageUnavailable(f"The export could not be written: {exc.strerror}.") from exc
     try:
         result = await run_ffmpeg(
             _args(paths, plan, format, tmp),
@@ -178,14 +190,62 @@ async def join_segments(
             ffmpeg=ffmpeg,
         )
         if result.returncode != 0:
-            tail = result.stderr.strip()[-_STDERR_TAIL:]
+            if says_storage_failed(result.stderr):
+                raise StorageUnavailable(
+                    "The server could not write the export (its disk is full or not "
+                    "writable); try again later."
+                )
+            await blame_ffmpeg(ffmpeg, "The spine cannot be exported")
+            tail = scrub_paths(result.stderr.strip()[-_STDERR_TAIL:]) or "no reason given"
             raise StorageUnavailable(f"The spine could not be exported: {tail}")
-        await asyncio.to_thread(publish, tmp, dst)
+        problem = await asyncio.to_thread(output_problem, tmp, plan, format)
+        if problem is not None:
+            log.error("FFmpeg wrote a bad export (%s); it is not kept", problem)
+            raise EngineUnavailable(
+                f"FFmpeg wrote an export that fails its check ({problem}); it was not kept."
+            )
+        with storing("writing the export"):
+            await asyncio.to_thread(publish, tmp, dst)
     except FFmpegTimeout:
-        raise StorageUnavailable(f"Exporting the spine took longer than {timeout_s:g} s.") from None
+        raise EngineUnavailable(f"Exporting the spine took longer than {timeout_s:g} s.") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # FFmpeg has ended: run_ffmpeg waits for it
     return plan
+
+
+def output_problem(path: Path, plan: JoinPlan, format: ExportFormat) -> str | None:
+    """Why the file at ``path`` is not the export ``plan`` describes, or None if it is.
+
+    WAV: Sparrow's own reader, exact frames and size. FLAC: its STREAMINFO (exact
+    samples). MP3: its frame headers and Xing/LAME tag as mutagen reads them; that
+    length counts the encoder's padding, so it may exceed the plan by a few frames.
+    """
+    try:
+        if format == "wav":
+            layout = read_layout(path)
+            rate, channels, frames = layout.sample_rate, layout.channels, layout.frames
+            data = frames * layout.block_align
+            if path.stat().st_size != layout.data_offset + data + (data & 1):
+                return "its size does not match its header"
+            if layout.bits != plan.bits:
+                return f"it has {layout.bits}-bit samples instead of {plan.bits}-bit"
+        elif format == "flac":
+            flac: Any = mutagen.flac.FLAC(path).info  # type: ignore[no-untyped-call]
+            rate, channels, frames = flac.sample_rate, flac.channels, flac.total_samples
+        else:
+            mp3: Any = mutagen.mp3.MP3(path).info  # type: ignore[no-untyped-call]
+            rate, channels = mp3.sample_rate, mp3.channels
+            frames = round(mp3.length * mp3.sample_rate)
+    except (OSError, WavFormatError, mutagen.MutagenError) as exc:
+        return f"it is not a readable {format} file ({type(exc).__name__})"
+    if (rate, channels) != (plan.sample_rate, plan.channels):
+        return (
+            f"it is {rate} Hz in {channels} channels, not {plan.sample_rate} Hz in {plan.channels}"
+        )
+    slack = _MP3_SLACK_FRAMES if format == "mp3" else 0
+    if not plan.total_frames <= frames <= plan.total_frames + slack:
+        return f"it holds {frames} frames instead of {plan.total_frames}"
+    return None
 
 
 def _read_segment(path: Path, index: int) -> WavLayout:

@@ -10,7 +10,6 @@ segment to the engine's format, and concatenates them.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from sparrow.audio.canary import blame_ffmpeg
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
-from sparrow.errors import GenerationFailed
+from sparrow.audio.storage import scrub_paths
+from sparrow.errors import EngineUnavailable, StorageUnavailable
 
 TIMEOUT_S = 60.0
 
@@ -36,12 +37,14 @@ async def read_tail(
     *,
     sample_rate: int,
     channels: int,
-    tmp_dir: Path,
     ffmpeg: str | None = None,
 ) -> npt.NDArray[np.float32]:
     """The last ``seconds`` of the segments played back to back, float32 (frames, channels).
 
-    Fewer frames come back when the segments are shorter than ``seconds``.
+    Fewer frames come back when the segments are shorter than ``seconds``. The
+    samples come back through a pipe, so reading needs no room on the disk. Raises
+    ``EngineUnavailable`` when FFmpeg is broken (it fails its canary, or hangs) and
+    ``StorageUnavailable`` when it works but cannot read the files.
     """
     wanted = round(seconds * sample_rate)
     if wanted <= 0 or not segments:
@@ -67,16 +70,29 @@ async def read_tail(
     joined = "".join(f"[a{i}]" for i in range(len(needed)))
     graph = ";".join([*chains, f"{joined}concat=n={len(needed)}:v=0:a=1[out]"])
 
-    with tempfile.TemporaryDirectory(dir=tmp_dir) as work:
-        raw = Path(work) / "tail.f32"
-        args += ["-filter_complex", graph, "-map", "[out]", "-f", "f32le", "-y", str(raw)]
-        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
-        try:
-            result = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
-        except FFmpegTimeout:
-            raise GenerationFailed("Reading the parent audio took too long.") from None
-        if result.returncode != 0 or not raw.is_file():
-            raise GenerationFailed(f"The parent audio could not be read: {result.stderr[-300:]}")
-        samples = np.fromfile(raw, dtype="<f4")
+    args += ["-filter_complex", graph, "-map", "[out]", "-f", "f32le", "pipe:1"]
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    # Seeking leaves about ``wanted`` frames to read; a second more is slack.
+    limit = (wanted + sample_rate) * channels * 4
+    try:
+        result = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg, stdout_limit=limit)
+    except FFmpegTimeout:
+        raise EngineUnavailable(
+            f"FFmpeg did not read the stored audio within {TIMEOUT_S:g} s."
+        ) from None
+    if result.returncode != 0 or result.stdout_overflow:
+        await blame_ffmpeg(ffmpeg, "The stored audio cannot be read")
+        raise StorageUnavailable(
+            "The stored audio could not be read: "
+            f"{scrub_paths(result.stderr.strip()[-200:]) or 'FFmpeg gave no reason'}."
+        )
+    samples = np.frombuffer(result.stdout[: len(result.stdout) // 4 * 4], dtype="<f4")
     samples = samples[: len(samples) - len(samples) % channels].reshape(-1, channels)
+    # What the segments hold, give or take the resampler's rounding at each one.
+    expected = min(wanted, round(sum(s.duration_s - start for s, start in needed) * sample_rate))
+    if abs(len(samples) - expected) > 4 * len(needed) + 16:
+        await blame_ffmpeg(ffmpeg, "The stored audio cannot be read")
+        raise StorageUnavailable(
+            f"Reading the stored audio gave {len(samples)} frames instead of {expected}."
+        )
     return np.ascontiguousarray(samples[-wanted:], dtype=np.float32)

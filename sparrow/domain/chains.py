@@ -14,6 +14,8 @@ from pathlib import Path
 import anyio
 
 from sparrow.audio import decode_upload
+from sparrow.audio.integrity import MissingAudio
+from sparrow.audio.storage import storing
 from sparrow.domain.models import (
     Caller,
     Chain,
@@ -61,7 +63,8 @@ class ChainService:
         chain_id, node_id = new_id(), new_id()
         dst = self.media.node_audio(chain_id, node_id)
         try:
-            self.media.make_chain_dir(chain_id)
+            with storing("saving the upload"):
+                self.media.make_chain_dir(chain_id)
             async with self._decode_slots:
                 decoded = await decode_upload(
                     upload,
@@ -185,14 +188,17 @@ class ChainService:
         return deleted
 
     async def audio_file(self, caller: Caller, node_id: str) -> tuple[Node, Path]:
-        """The canonical WAV of a ready node."""
+        """The canonical WAV of a ready node, checked against what was recorded about it."""
         node = await self.get_node(caller, node_id)
         if node.status is not NodeStatus.READY:
             raise Conflict(f"Node {shown(node_id)} has no audio: {_WHY_NO_AUDIO[node.status]}.")
-        path = self.media.node_audio(node.chain_id, node.id)
-        if not path.is_file():
-            # Deleted between the row read and now (discard racing a download).
-            raise NotFound(f"There is no node {shown(node_id)}.")
+        try:
+            path = await self.media.checked_node_audio(node)
+        except MissingAudio:
+            # Deleted with its row between the read and now (a discard racing a download)?
+            if await self.store.get_node(node_id, owner=caller.owner) is None:
+                raise NotFound(f"There is no node {shown(node_id)}.") from None
+            raise
         return node, path
 
     async def peaks_source(

@@ -14,15 +14,17 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
-from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments
+from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments, output_problem, plan_join
+from sparrow.audio.storage import storage_failure
 from sparrow.domain.chains import found_chain, shown
-from sparrow.domain.models import Caller, Chain, StemsStatus
-from sparrow.errors import Conflict, InvalidInput, PaymentRequired
+from sparrow.domain.models import Caller, Chain, Node, StemsStatus
+from sparrow.errors import Conflict, InvalidInput, NotFound, PaymentRequired, Unavailable
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
@@ -65,13 +67,20 @@ class ExportService:
     ) -> ExportFile:
         """The chain's spine as one file."""
         chain = found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
-        parts = [
-            Part(
-                n.id, n.audio_sha256 or "", self.media.node_audio(chain_id, n.id), n.duration_s or 0
-            )
-            for n in await self.store.spine(chain_id)
-        ]
-        return await self._export(chain, parts, "", format=format, crossfade_ms=crossfade_ms)
+        spine = await self.store.spine(chain_id)
+
+        async def parts() -> list[Part]:
+            return [
+                Part(
+                    n.id,
+                    n.audio_sha256 or "",
+                    await self.media.checked_node_audio(n),
+                    n.duration_s or 0,
+                )
+                for n in spine
+            ]
+
+        return await self._export(chain, spine, parts, "", format=format, crossfade_ms=crossfade_ms)
 
     async def spine_stem(
         self,
@@ -98,50 +107,93 @@ class ExportService:
                 f"{len(missing)} of the spine's {len(spine)} nodes have no ready stems "
                 f"(first: {shown(missing[0])}); POST /api/chains/{chain_id}/stems first."
             )
-        parts = []
-        for node in spine:
-            files = stems[node.id].files or {}
-            path = self.media.stem_file(chain_id, node.id, stem)
-            parts.append(Part(node.id, files.get(stem, ""), path, node.duration_s or 0))
+
+        async def parts() -> list[Part]:
+            return [
+                Part(
+                    n.id,
+                    (stems[n.id].files or {}).get(stem, ""),
+                    await self.media.checked_stem(stems[n.id], stem),
+                    n.duration_s or 0,
+                )
+                for n in spine
+            ]
+
         return await self._export(
-            chain, parts, f" - {stem}", format=format, crossfade_ms=crossfade_ms
+            chain, spine, parts, f" - {stem}", format=format, crossfade_ms=crossfade_ms
         )
 
     async def _export(
         self,
         chain: Chain,
-        parts: list[Part],
+        spine: list[Node],
+        parts: Callable[[], Awaitable[list[Part]]],
         label: str,
         *,
         format: ExportFormat,
         crossfade_ms: float,
     ) -> ExportFile:
-        if not parts:
+        """Make (or reuse) the export of ``spine``; ``parts`` checks and lists its files.
+
+        Whatever fails while the chain is deleted or its spine changes is answered for
+        what it is (404, 409), and nothing of a deleted chain stays on disk.
+        """
+        if not spine:
             raise Conflict(f"The spine of chain {shown(chain.id)} is empty: nothing to export.")
-        total_s = sum(p.duration_s for p in parts)
+        total_s = sum(n.duration_s or 0 for n in spine)
         if total_s > self.settings.max_export_s:
             raise InvalidInput(
                 f"The spine is {total_s:.0f} s long; exports are limited to "
                 f"{self.settings.max_export_s:.0f} s."
             )
+        try:
+            made = await self._make(chain, await parts(), label, format, crossfade_ms)
+        except (Unavailable, OSError) as exc:
+            await self._still_there(chain, spine)
+            if isinstance(exc, OSError):
+                raise storage_failure(exc, "writing the export") from exc
+            raise
+        await self._still_there(chain, [])
+        return made
+
+    async def _still_there(self, chain: Chain, spine: list[Node]) -> None:
+        """NotFound if the chain was deleted meanwhile (its exports go too); Conflict if its
+        spine is no longer ``spine`` (given non-empty)."""
+        if await self.store.get_chain(chain.id) is None:
+            # The delete's own cleanup may have run before this export wrote its folder.
+            await anyio.to_thread.run_sync(self.media.remove_chain, chain.id)
+            raise NotFound(f"There is no chain {shown(chain.id)}: it was deleted.")
+        if spine and await self.store.spine_ids(chain.id) != [n.id for n in spine]:
+            raise Conflict("The spine changed while it was being exported; export it again.")
+
+    async def _make(
+        self,
+        chain: Chain,
+        parts: list[Part],
+        label: str,
+        format: ExportFormat,
+        crossfade_ms: float,
+    ) -> ExportFile:
         key = _key(parts, format, crossfade_ms)
         folder = self.media.chain_exports(chain.id)
         dst = folder / f"{key}.{format}"
         result = ExportFile(dst, MEDIA_TYPES[format], f"{chain.title}{label}.{format}", key)
+        paths = [p.path for p in parts]
         lock, requests = self._making.get(key, (asyncio.Lock(), 0))
         self._making[key] = (lock, requests + 1)
         try:
             async with lock:  # one request makes it; the others wait and reuse it
-                if await anyio.Path(dst).is_file():
+                if await anyio.to_thread.run_sync(_reusable, paths, dst, format, crossfade_ms):
                     return result
                 async with self._slots:
                     await anyio.Path(folder).mkdir(exist_ok=True)
                     await join_segments(
-                        [p.path for p in parts],
+                        paths,
                         dst,
                         format=format,
                         crossfade_ms=crossfade_ms,
                         ffmpeg=self.settings.ffmpeg,
+                        timeout_s=self.settings.export_timeout_s,
                     )
                 await anyio.to_thread.run_sync(_prune, folder, dst)
         finally:
@@ -152,6 +204,21 @@ class ExportService:
             else:
                 self._making[key] = (lock, requests - 1)
         return result
+
+
+def _reusable(paths: list[Path], dst: Path, format: ExportFormat, crossfade_ms: float) -> bool:
+    """Whether the export already made at ``dst`` can be served; one that fails its check
+    (a file damaged since, or made by a faulty FFmpeg) is removed, to be made again."""
+    if not dst.is_file():
+        return False
+    problem = output_problem(
+        dst, plan_join(paths, format=format, crossfade_ms=crossfade_ms), format
+    )
+    if problem is None:
+        return True
+    log.error("export %s fails its check (%s); making it again", dst.name, problem)
+    dst.unlink(missing_ok=True)
+    return False
 
 
 def _key(parts: list[Part], format: ExportFormat, crossfade_ms: float) -> str:

@@ -41,7 +41,7 @@ from sparrow.domain.queue import QueueLimits
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
 from sparrow.errors import Conflict, InvalidInput, SparrowError
 from sparrow.events import NodeProgress, NodeStatusChanged
-from sparrow.jobs import INTERRUPTED, JobControl
+from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
@@ -178,11 +178,14 @@ class GenerationService:
 
     # -- the job ------------------------------------------------------------------------
 
-    async def recover(self, w: ChainWriter) -> int:
-        """End the nodes a crash left queued or generating in a job that was running."""
-        stranded = await w.stranded_node_ids()
+    async def recover(
+        self, w: ChainWriter, job_id: str | None = None, error: NodeError = INTERRUPTED
+    ) -> int:
+        """End the nodes left queued or generating by one ended job, or (None) by the jobs
+        that were running when the process died."""
+        stranded = await w.stranded_node_ids(job_id)
         for node_id in stranded:
-            await self._set(w, node_id, NodeStatus.ERROR, error=INTERRUPTED)
+            await self._set(w, node_id, NodeStatus.ERROR, error=error)
         return len(stranded)
 
     async def run(self, job: Job, control: JobControl) -> None:
@@ -214,13 +217,8 @@ class GenerationService:
             await self._end(started, NodeStatus.ERROR, error)
             return
         for node, audio in zip(started, outputs, strict=True):
-            if node.id not in control.node_ids:
-                continue
-            try:
+            if node.id in control.node_ids:
                 await self._publish_audio(node, audio)
-            except Exception:
-                log.exception("cannot publish the audio of node %s", node.id)
-                await self._end([node], NodeStatus.ERROR, _storage_error())
 
     async def _generate(self, job: Job, nodes: list[Node], control: JobControl) -> list[Audio]:
         first = nodes[0]
@@ -253,18 +251,20 @@ class GenerationService:
     async def _context(self, parent_id: str, seconds: float) -> Audio:
         path = await self.store.path_to(parent_id)
         segments = [
-            Segment(self.media.node_audio(n.chain_id, n.id), n.duration_s or 0.0) for n in path
+            Segment(await self.media.checked_node_audio(n), n.duration_s or 0.0) for n in path
         ]
         return await read_tail(
             segments,
             seconds,
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,
-            tmp_dir=self.media.tmp_dir,
             ffmpeg=self.settings.ffmpeg,
         )
 
     async def _publish_audio(self, node: Node, audio: Audio) -> None:
+        """Write the node's file, then mark it ready; a file that cannot be written ends
+        the node ``storage_unavailable``, and a ready write the storage refuses is retried
+        until it goes through (``persistently``)."""
         path = self.media.node_audio(node.chain_id, node.id)
         try:
             info = await anyio.to_thread.run_sync(
@@ -272,6 +272,10 @@ class GenerationService:
             )
         except FileNotFoundError:
             return  # the chain was deleted meanwhile
+        except OSError as exc:
+            log.error("cannot write the audio of node %s: %s", node.id, exc)
+            await self._end([node], NodeStatus.ERROR, storage_error(exc, "generated audio"))
+            return
         facts = {
             "duration_s": info.duration_s,
             "sample_rate": info.sample_rate,
@@ -279,15 +283,23 @@ class GenerationService:
             "frames": info.frames,
             "audio_sha256": info.sha256,
         }
-        async with self.store.write() as w:
-            ready = await self._set(w, node.id, NodeStatus.READY, audio=facts)
-        if ready is None:  # cancelled or discarded while its file was being written
-            path.unlink(missing_ok=True)
+
+        async def mark_ready() -> Node | None:
+            async with self.store.write() as w:
+                return await self._set(w, node.id, NodeStatus.READY, audio=facts)
+
+        if await persistently(mark_ready, f"marking node {node.id} ready") is None:
+            path.unlink(missing_ok=True)  # cancelled or discarded while its file was written
 
     async def _end(self, nodes: list[Node], status: NodeStatus, error: NodeError | None) -> None:
-        async with self.store.write() as w:
-            for node in nodes:
-                await self._set(w, node.id, status, error=error)
+        """The nodes' last status: written persistently, it never stays unwritten."""
+
+        async def end() -> None:
+            async with self.store.write() as w:
+                for node in nodes:
+                    await self._set(w, node.id, status, error=error)
+
+        await persistently(end, f"ending {len(nodes)} node(s) {status}")
 
     async def _set(
         self,
@@ -315,7 +327,3 @@ class GenerationService:
                         await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))
         except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
             log.debug("progress not recorded: %s", exc)
-
-
-def _storage_error() -> NodeError:
-    return NodeError("storage_unavailable", "The generated audio could not be saved.")

@@ -52,14 +52,12 @@ from sparrow.engines import STEM_NAMES, Audio, Cancelled, StemEngine
 from sparrow.errors import (
     Conflict,
     EngineUnavailable,
-    GenerationFailed,
     NotFound,
     PaymentRequired,
     SparrowError,
-    StorageUnavailable,
 )
 from sparrow.events import StemsProgress, StemsStatusChanged
-from sparrow.jobs import INTERRUPTED, JobControl
+from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
@@ -210,18 +208,20 @@ class StemsService:
         if stems is None or stems.status is not StemsStatus.READY or not stems.files:
             state = "never asked for" if stems is None else stems.status
             raise Conflict(f"The stems of node {shown(node_id)} are {state}, not ready.")
-        path = self.media.stem_file(stems.chain_id, node_id, stem)
-        if stem not in stems.files or not path.is_file():
+        if stem not in stems.files:
             raise NotFound(f"There is no stem {stem!r} of node {shown(node_id)}.")
-        return stems, path
+        return stems, await self.media.checked_stem(stems, stem)
 
     # -- the job ------------------------------------------------------------------------
 
-    async def recover(self, w: ChainWriter) -> int:
-        """End the stems a crash left queued or separating in a job that was running."""
-        stranded = await w.stranded_stems()
+    async def recover(
+        self, w: ChainWriter, job_id: str | None = None, error: NodeError = INTERRUPTED
+    ) -> int:
+        """End the stems left queued or separating by one ended job, or (None) by the jobs
+        that were running when the process died."""
+        stranded = await w.stranded_stems(job_id)
         for node_id in stranded:
-            await self._set(w, node_id, StemsStatus.ERROR, error=INTERRUPTED)
+            await self._set(w, node_id, StemsStatus.ERROR, error=error)
         return len(stranded)
 
     async def run(self, job: Job, control: JobControl) -> None:
@@ -298,19 +298,16 @@ class StemsService:
 
     async def _decode(self, node: Node, frames: int) -> Audio:
         """The node's audio at the engine's rate and layout, exactly ``frames`` long."""
-        path = self.media.node_audio(node.chain_id, node.id)
-        seconds = (node.duration_s or 0.0) + 1.0  # more than all of it: nothing is cut
-        try:
-            audio = await read_tail(
-                [Segment(path, seconds)],
-                seconds,
-                sample_rate=self.engine.sample_rate,
-                channels=self.engine.channels,
-                tmp_dir=self.media.tmp_dir,
-                ffmpeg=self.settings.ffmpeg,
-            )
-        except GenerationFailed as exc:
-            raise StorageUnavailable(f"The node's audio could not be read: {exc.detail}") from exc
+        path = await self.media.checked_node_audio(node)
+        duration_s = node.duration_s or 0.0
+        audio = await read_tail(
+            [Segment(path, duration_s)],
+            duration_s + 1.0,  # more than all of it: nothing is cut
+            sample_rate=self.engine.sample_rate,
+            channels=self.engine.channels,
+            ffmpeg=self.settings.ffmpeg,
+        )
+        # The resampler may end a few frames short of the rounded length.
         if len(audio) < frames:
             audio = np.pad(audio, ((0, frames - len(audio)), (0, 0)))
         return np.ascontiguousarray(audio[:frames])
@@ -329,12 +326,13 @@ class StemsService:
         try:
             files = await anyio.to_thread.run_sync(write_all)
         except FileNotFoundError:
+            await self._forget_if_deleted(node.chain_id)
             return  # the chain was deleted meanwhile
-        except OSError:
-            log.exception("cannot write the stems of node %s", node.id)
+        except OSError as exc:
+            log.error("cannot write the stems of node %s: %s", node.id, exc)
             self.media.remove_stems(node.chain_id, node.id)
-            error = NodeError("storage_unavailable", "The stems could not be saved.")
-            await self._end([node.id], StemsStatus.ERROR, error)
+            await self._end([node.id], StemsStatus.ERROR, storage_error(exc, "stems"))
+            await self._forget_if_deleted(node.chain_id)
             return
         first = next(iter(stems.values()))
         facts = {
@@ -344,15 +342,31 @@ class StemsService:
             "frames": int(first.shape[0]),
             "files": files,
         }
-        async with self.store.write() as w:
-            ready = await self._set(w, node.id, StemsStatus.READY, facts=facts)
-        if ready is None:  # cancelled or deleted while its files were being written
+
+        async def mark_ready() -> Stems | None:
+            async with self.store.write() as w:
+                return await self._set(w, node.id, StemsStatus.READY, facts=facts)
+
+        if await persistently(mark_ready, f"marking the stems of node {node.id} ready") is None:
+            # Cancelled or deleted while its files were being written.
             self.media.remove_stems(node.chain_id, node.id)
+            await self._forget_if_deleted(node.chain_id)
+
+    async def _forget_if_deleted(self, chain_id: str) -> None:
+        """Remove the chain's folders if the chain is gone: its delete may have cleaned up
+        before this job created a folder in them."""
+        if await self.store.get_chain(chain_id) is None:
+            await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
 
     async def _end(self, node_ids: list[str], status: StemsStatus, error: NodeError | None) -> None:
-        async with self.store.write() as w:
-            for node_id in node_ids:
-                await self._set(w, node_id, status, error=error)
+        """The stems' last status: written persistently, it never stays unwritten."""
+
+        async def end() -> None:
+            async with self.store.write() as w:
+                for node_id in node_ids:
+                    await self._set(w, node_id, status, error=error)
+
+        await persistently(end, f"ending the stems of {len(node_ids)} node(s) {status}")
 
     async def _set(
         self,

@@ -80,10 +80,18 @@ _INSERT_NODE = (
 
 
 class ChainStore:
-    def __init__(self, db: Database, hub: EventHub, *, event_retention: int = 1000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hub: EventHub,
+        *,
+        event_retention: int = 1000,
+        event_retention_bytes: int = 8 << 20,
+    ) -> None:
         self.db = db
         self.hub = hub
         self.event_retention = event_retention
+        self.event_retention_bytes = event_retention_bytes
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[ChainWriter]:
@@ -95,7 +103,7 @@ class ChainStore:
         """
         emitted: list[StoredEvent] = []
         async with self.db.transaction(on_commit=lambda: self.hub.publish(emitted)) as tx:
-            yield ChainWriter(tx, emitted, self.event_retention)
+            yield ChainWriter(tx, emitted, self.event_retention, self.event_retention_bytes)
 
     async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
         """The chain, if it exists and ``owner`` (when given) owns it."""
@@ -176,11 +184,16 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
     """The writes, bound to one open transaction (see ``ChainStore.write``)."""
 
     def __init__(
-        self, tx: aiosqlite.Connection, emitted: list[StoredEvent], retention: int
+        self,
+        tx: aiosqlite.Connection,
+        emitted: list[StoredEvent],
+        retention: int,
+        retention_bytes: int,
     ) -> None:
         self.tx = tx
         self.emitted = emitted
         self.retention = retention
+        self.retention_bytes = retention_bytes
 
     async def get_node(self, node_id: str, *, owner: str | None = None) -> Node | None:
         """The node as this transaction sees it (``owner``: as in ``ChainStore.get_node``)."""
@@ -219,9 +232,11 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
     async def delete_chain(self, chain_id: str) -> list[str] | None:
         """Delete the chain with its nodes, jobs and events; returns its node ids,
         or None if there is no such chain."""
-        async with self.tx.execute("SELECT id FROM nodes WHERE chain_id = ?", (chain_id,)) as cur:
-            node_ids = [r[0] for r in await cur.fetchall()]
-        # The foreign keys cascade to the chain's nodes, jobs and events.
+        # The nodes first, in one statement (see delete_subtree); the foreign keys
+        # cascade from the chain to its jobs and events, one level each.
+        node_ids = await self._ids(
+            "DELETE FROM nodes WHERE chain_id = :chain_id RETURNING id", {"chain_id": chain_id}
+        )
         cur = await self.tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
         return node_ids if cur.rowcount > 0 else None
 
@@ -277,7 +292,12 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         return changed
 
     async def delete_subtree(self, node_id: str, chain_id: str) -> list[str]:
-        """Delete the node and its descendants; returns their ids, parents first."""
+        """Delete the node and its descendants; returns their ids, parents first.
+
+        One statement deletes the whole subtree, whatever its depth: ``parent_id`` has no
+        cascade (SQLite stops a recursive one at 1,000 levels), and its foreign key is
+        checked once the statement is done, when no deleted node has a child left.
+        """
         params = {"node_id": node_id}
         ids = await self._ids(f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", params)
         await self.tx.execute(

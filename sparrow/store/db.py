@@ -61,11 +61,30 @@ class Database:
         async with self._writer.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            # executescript commits first; wrap script and version bump in one transaction.
-            await self._writer.executescript(
-                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-            )
+        if version == len(MIGRATIONS):
+            return
+        # Off outside the transactions (SQLite ignores the pragma inside one), so that a
+        # migration can rebuild a table; each is checked before it commits.
+        await self._writer.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                # executescript commits first; script and version bump share one transaction.
+                try:
+                    await self._writer.executescript(
+                        f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};"
+                    )
+                except BaseException:
+                    if self._writer.in_transaction:
+                        await self._writer.execute("ROLLBACK")
+                    raise
+                async with self._writer.execute("PRAGMA foreign_key_check") as cur:
+                    broken = list(await cur.fetchall())
+                if broken:
+                    await self._writer.execute("ROLLBACK")
+                    raise RuntimeError(f"migration {number} breaks foreign keys: {broken[:5]}")
+                await self._writer.execute("COMMIT")
+        finally:
+            await self._writer.execute("PRAGMA foreign_keys = ON")
 
     @asynccontextmanager
     async def transaction(

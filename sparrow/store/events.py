@@ -3,7 +3,8 @@
 ``chains.last_event_id`` is each chain's counter; ``emit`` bumps it and writes
 the event in the caller's transaction, so an event exists exactly when the
 change it describes does. The log keeps the last ``retention`` events of each
-chain.
+chain, and no more than ``retention_bytes`` of them (``chains.event_log_bytes``
+counts what is kept).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ class EventWrites:
     tx: aiosqlite.Connection
     emitted: list[StoredEvent]
     retention: int
+    retention_bytes: int
 
     async def emit(self, event: Event) -> StoredEvent:
         async with self.tx.execute(
             "UPDATE chains SET last_event_id = last_event_id + 1 WHERE id = ? "
-            "RETURNING last_event_id",
+            "RETURNING last_event_id, event_log_bytes",
             (event.chain_id,),
         ) as cur:
             row = await cur.fetchone()
@@ -38,13 +40,40 @@ class EventWrites:
             "INSERT INTO events (chain_id, id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
             (stored.chain_id, stored.id, stored.name, stored.data_json, utc_now()),
         )
-        if stored.id > self.retention:
-            await self.tx.execute(
-                "DELETE FROM events WHERE chain_id = ? AND id <= ?",
-                (stored.chain_id, stored.id - self.retention),
-            )
+        size = len(stored.data_json)  # ASCII JSON: characters are bytes
+        freed = await self._prune(stored.chain_id, stored.id, int(row[1]) + size)
+        await self.tx.execute(
+            "UPDATE chains SET event_log_bytes = event_log_bytes + ? WHERE id = ?",
+            (size - freed, stored.chain_id),
+        )
         self.emitted.append(stored)
         return stored
+
+    async def _prune(self, chain_id: str, last_id: int, log_bytes: int) -> int:
+        """Keep the last ``retention`` events, and at most ``retention_bytes`` of them (once
+        over, trimmed to three quarters of it, so trimming is rare); the newest always
+        stays. Returns the bytes freed."""
+        cutoff = last_id - self.retention
+        if log_bytes > self.retention_bytes:
+            excess = log_bytes - self.retention_bytes * 3 // 4
+            async with self.tx.execute(
+                "SELECT id, length(CAST(data AS BLOB)) FROM events "
+                "WHERE chain_id = ? AND id < ? ORDER BY id",
+                (chain_id, last_id),
+            ) as cur:
+                async for event_id, event_bytes in cur:
+                    cutoff = max(cutoff, int(event_id))
+                    excess -= int(event_bytes)
+                    if excess <= 0:
+                        break
+        if cutoff <= 0:
+            return 0
+        async with self.tx.execute(
+            "DELETE FROM events WHERE chain_id = ? AND id <= ? "
+            "RETURNING length(CAST(data AS BLOB))",
+            (chain_id, cutoff),
+        ) as cur:
+            return sum(int(r[0]) for r in await cur.fetchall())
 
 
 class EventLog:

@@ -27,6 +27,9 @@ WAITING_JOBS = (
     "EXISTS (SELECT 1 FROM stems WHERE job_id = j.id AND status = 'queued'))"
 )
 
+# Rows whose job no worker will run: it was running when the process died, or is gone.
+STRANDED = "(job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'running'))"
+
 AUDIO_FACTS = frozenset({"duration_s", "sample_rate", "channels", "frames", "audio_sha256"})
 
 _JOB_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at"
@@ -101,13 +104,14 @@ class JobWrites:
         )
         return [r[0] for r in rows]
 
-    async def stranded_node_ids(self) -> list[str]:
-        """Queued or generating nodes that no job will finish: their job was running
-        when the process died, or is gone."""
+    async def stranded_node_ids(self, job_id: str | None = None) -> list[str]:
+        """Queued or generating nodes that no job will finish: those of ``job_id``, which
+        has ended, or (None) those whose job was running when the process died, or is gone."""
         rows = await self._rows(
-            "SELECT id FROM nodes WHERE status IN ('queued', 'generating') AND ("
-            "job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'running')) "
-            "ORDER BY rowid"
+            "SELECT id FROM nodes WHERE status IN ('queued', 'generating') AND "
+            + (STRANDED if job_id is None else "job_id = :job_id")
+            + " ORDER BY rowid",
+            {"job_id": job_id},
         )
         return [r[0] for r in rows]
 

@@ -1,8 +1,9 @@
 """The schema, as numbered migrations.
 
 ``PRAGMA user_version`` records how many have run; each runs once, in order,
-inside one transaction with the version bump. Never edit a released migration:
-append a new one.
+inside one transaction with the version bump, with foreign keys off (so that a
+table can be rebuilt, SQLite's way of changing a constraint) and checked before
+the commit. Never edit a released migration: append a new one.
 """
 
 from __future__ import annotations
@@ -110,5 +111,57 @@ MIGRATIONS: list[str] = [
     CREATE INDEX stems_chain ON stems (chain_id);
     CREATE INDEX stems_job ON stems (job_id) WHERE job_id IS NOT NULL;
     CREATE INDEX jobs_owner ON jobs (owner, status);
+    """,
+    # 4: the tree without a recursive cascade, the event log's size, readiness probes.
+    """
+    -- A cascade through parent_id recurses once per level, and SQLite stops at 1,000
+    -- levels: a deep chain could never be deleted. Subtrees are deleted by their ids in
+    -- one statement instead (checked at its end), so parent_id has no ON DELETE action.
+    CREATE TABLE nodes_rebuilt (
+        id            TEXT PRIMARY KEY,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        parent_id     TEXT REFERENCES nodes (id),
+        kind          TEXT NOT NULL CHECK (kind IN ('upload', 'continuation')),
+        status        TEXT NOT NULL
+                      CHECK (status IN ('queued', 'generating', 'ready', 'error', 'cancelled')),
+        committed     INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
+        duration_s    REAL,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        frames        INTEGER,
+        prompt        TEXT,
+        params        TEXT,
+        error         TEXT,
+        audio_sha256  TEXT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        job_id        TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+        CHECK (parent_id IS NOT NULL OR committed = 1)
+    );
+    INSERT INTO nodes_rebuilt (
+        id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels,
+        frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id
+    )
+    SELECT id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels,
+           frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id
+    FROM nodes ORDER BY rowid;
+    DROP TABLE nodes;
+    ALTER TABLE nodes_rebuilt RENAME TO nodes;
+    CREATE INDEX nodes_chain ON nodes (chain_id, created_at);
+    CREATE INDEX nodes_parent ON nodes (parent_id);
+    CREATE UNIQUE INDEX nodes_one_committed_child ON nodes (parent_id) WHERE committed = 1;
+    CREATE INDEX nodes_job ON nodes (job_id) WHERE job_id IS NOT NULL;
+
+    -- The bytes of each chain's retained events, so the log is bounded in size too.
+    ALTER TABLE chains ADD COLUMN event_log_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE chains SET event_log_bytes = (
+        SELECT coalesce(sum(length(CAST(data AS BLOB))), 0) FROM events WHERE chain_id = chains.id
+    );
+
+    -- One row that /readyz rewrites: proof that the database takes writes.
+    CREATE TABLE probes (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        at            TEXT NOT NULL
+    );
     """,
 ]

@@ -15,6 +15,7 @@ import aiosqlite
 
 from sparrow.domain.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
 from sparrow.store.db import Row
+from sparrow.store.jobs import STRANDED
 from sparrow.store.rows import guarded_update, status_params
 
 STEMS_COLUMNS = (
@@ -81,13 +82,14 @@ class StemsWrites:
         )
         return [stems_from_row(r) for r in rows]
 
-    async def stranded_stems(self) -> list[str]:
-        """Node ids of stems queued or separating that no job will finish."""
+    async def stranded_stems(self, job_id: str | None = None) -> list[str]:
+        """Node ids of stems queued or separating that no job will finish (see
+        ``JobWrites.stranded_node_ids``)."""
         rows = await self._stems_rows(
-            "SELECT node_id FROM stems WHERE status IN ('queued', 'separating') AND ("
-            "job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'running')) "
-            "ORDER BY rowid",
-            (),
+            "SELECT node_id FROM stems WHERE status IN ('queued', 'separating') AND "
+            + (STRANDED if job_id is None else "job_id = :job_id")
+            + " ORDER BY rowid",
+            {"job_id": job_id},
         )
         return [r[0] for r in rows]
 
