@@ -83,12 +83,20 @@ class NodesDeleted:
 
 @dataclass(frozen=True)
 class SpineChanged:
+    """The nodes whose ``committed`` flag changed: the event stays small however long the
+    spine (a commit at the tail of a 20,000-node spine changes one node)."""
+
     name: ClassVar[str] = "spine-changed"
     chain_id: str
-    node_ids: tuple[str, ...]  # the new spine, root first
+    committed: tuple[str, ...]  # now committed, root side first
+    uncommitted: tuple[str, ...] = ()  # no longer committed
 
     def data(self) -> dict[str, Any]:
-        return {"chain_id": self.chain_id, "node_ids": list(self.node_ids)}
+        return {
+            "chain_id": self.chain_id,
+            "node_ids": [*self.committed, *self.uncommitted],
+            "committed": list(self.committed),
+        }
 
 
 @dataclass(frozen=True)

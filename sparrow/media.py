@@ -13,7 +13,9 @@ keys the server chose), never from client input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +27,8 @@ from sparrow.audio.integrity import FileCheck, Recorded
 from sparrow.domain.models import Node, Stems, new_id
 
 log = logging.getLogger(__name__)
+
+PROBE_BYTES = 64 << 10  # enough to need free blocks, not just a directory entry
 
 
 class MediaStore:
@@ -38,6 +42,22 @@ class MediaStore:
     def ensure(self) -> None:
         for folder in (self.audio_dir, self.stems_dir, self.exports_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def probe_write(self) -> str | None:
+        """Whether the data dir takes a file now (a small one, written, fsynced and removed):
+        None, or why not. Blocking."""
+        probe = self.tmp_dir / f".probe-{new_id()}"
+        try:
+            with probe.open("wb") as f:
+                f.write(bytes(PROBE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            return f"The data dir does not take files ({(exc.strerror or str(exc)).lower()})."
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+        return None
 
     def chain_dir(self, chain_id: str) -> Path:
         return self.audio_dir / chain_id

@@ -27,6 +27,7 @@ from sparrow.api.upload import UploadSlots
 from sparrow.domain.chains import ChainService
 from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
+from sparrow.domain.health import HealthService
 from sparrow.domain.keys import KeyService
 from sparrow.domain.models import JobKind
 from sparrow.domain.queue import QueueLimits
@@ -63,6 +64,7 @@ class Services:
     events: EventLog
     jobs: JobReads
     uploads: UploadSlots
+    health: HealthService
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -128,6 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 events=EventLog(db),
                 jobs=JobReads(db),
                 uploads=UploadSlots(settings.max_concurrent_uploads),
+                health=HealthService(
+                    db, media, ffmpeg=settings.ffmpeg, worker_alive=lambda: jobs.alive
+                ),
             )
             yield
         finally:

@@ -242,7 +242,12 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
-    checks: dict[str, bool]
+    checks: dict[str, bool] = Field(
+        description="`database`, `storage` (the data dir), `ffmpeg` and `worker`: passed?"
+    )
+    problems: dict[str, str] = Field(
+        default_factory=dict, description="Why each failing check failed."
+    )
 
 
 class StemsOut(BaseModel):
@@ -334,8 +339,14 @@ class ProgressData(BaseModel):
 
 class NodeIdsData(BaseModel):
     chain_id: str
-    node_ids: list[str] = Field(
-        description="`node-deleted`: the deleted nodes; `spine-changed`: the new spine, root first."
+    node_ids: list[str] = Field(description="The deleted nodes.")
+
+
+class SpineChangedData(BaseModel):
+    chain_id: str
+    node_ids: list[str] = Field(description="The nodes whose `committed` changed.")
+    committed: list[str] = Field(
+        description="Those of them now committed (ancestors first); the others were uncommitted."
     )
 
 
@@ -364,7 +375,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "node-status": NodeStatusData,
     "node-progress": ProgressData,
     "node-deleted": NodeIdsData,
-    "spine-changed": NodeIdsData,
+    "spine-changed": SpineChangedData,
     "stems-status": StemsStatusData,
     "stems-progress": ProgressData,
     "chain-deleted": ChainData,

@@ -5,7 +5,7 @@ are translated into Sparrow errors at this boundary.
 """
 
 from sparrow.audio.decode import DecodedUpload, decode_upload
-from sparrow.audio.ffmpeg import ffmpeg_available, ffmpeg_exe
+from sparrow.audio.ffmpeg import ffmpeg_exe
 from sparrow.audio.peaks import compute_peaks
 from sparrow.audio.sniff import sniff
 from sparrow.audio.synth import render_music
@@ -17,7 +17,6 @@ __all__ = [
     "WavFormatError",
     "compute_peaks",
     "decode_upload",
-    "ffmpeg_available",
     "ffmpeg_exe",
     "read_wav",
     "read_wav_info",

@@ -70,14 +70,6 @@ def ffmpeg_exe(configured: str | None = None) -> str:
     return configured or _default_ffmpeg()
 
 
-def ffmpeg_available(configured: str | None = None) -> bool:
-    """Whether the FFmpeg binary ``ffmpeg_exe(configured)`` names can be found and run."""
-    try:
-        return shutil.which(ffmpeg_exe(configured)) is not None
-    except FFmpegNotFound:
-        return False
-
-
 @functools.cache
 def _default_ffmpeg() -> str:
     on_path = shutil.which("ffmpeg")

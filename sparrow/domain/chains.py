@@ -30,7 +30,7 @@ from sparrow.errors import Conflict, InvalidInput, NotFound
 from sparrow.events import ChainDeleted, NodesDeleted, SpineChanged
 from sparrow.media import MediaStore
 from sparrow.settings import Settings
-from sparrow.store import ChainStore, ChainWriter
+from sparrow.store import ChainStore
 
 TITLE_MAX = 200
 DEFAULT_SAMPLES_PER_PIXEL = 256  # audiowaveform's default zoom
@@ -154,8 +154,9 @@ class ChainService:
                 raise Conflict(
                     f"Node {shown(node_id)} is {node.status}; only a ready node can be committed."
                 )
-            if await w.commit_path(node.id, node.chain_id):
-                await self._spine_changed(w, node.chain_id)
+            committed, uncommitted = await w.commit_path(node.id, node.chain_id)
+            if committed or uncommitted:
+                await w.emit(SpineChanged(node.chain_id, tuple(committed), tuple(uncommitted)))
         return Spine.of(await self.store.spine(node.chain_id))
 
     async def uncommit(self, caller: Caller, node_id: str) -> Spine:
@@ -164,12 +165,9 @@ class ChainService:
             node = found_node(node_id, await w.get_node(node_id, owner=caller.owner))
             if node.is_root:
                 raise Conflict("The root node is always committed.")
-            if await w.uncommit_subtree(node.id, node.chain_id):
-                await self._spine_changed(w, node.chain_id)
+            if uncommitted := await w.uncommit_subtree(node.id, node.chain_id):
+                await w.emit(SpineChanged(node.chain_id, (), tuple(uncommitted)))
         return Spine.of(await self.store.spine(node.chain_id))
-
-    async def _spine_changed(self, w: ChainWriter, chain_id: str) -> None:
-        await w.emit(SpineChanged(chain_id, tuple(await w.spine_ids(chain_id))))
 
     async def discard(self, caller: Caller, node_id: str) -> list[str]:
         """Delete the node, its subtree and their files; returns the deleted ids."""

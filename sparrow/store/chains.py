@@ -254,10 +254,10 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
     async def insert_nodes(self, nodes: Sequence[Node]) -> None:
         await self.tx.executemany(_INSERT_NODE, [node_values(n) for n in nodes])
 
-    async def commit_path(self, node_id: str, chain_id: str) -> list[str]:
+    async def commit_path(self, node_id: str, chain_id: str) -> tuple[list[str], list[str]]:
         """Commit the node and its ancestors; uncommit every committed node off that path.
 
-        Returns the ids whose ``committed`` flag changed.
+        Returns the ids committed (root side first) and the ids uncommitted.
         """
         now = utc_now()
         params = {"node_id": node_id, "chain_id": chain_id, "now": now}
@@ -277,7 +277,13 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         )
         if off or on:
             await self._touch(chain_id, now)
-        return off + on
+        # RETURNING gives no order: the committed ancestors, root side first.
+        ordered = await self._ids(
+            f"{_with(_ANCESTORS)} SELECT id FROM ancestors "
+            "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY depth DESC",
+            {"node_id": node_id, "ids": json.dumps(on)},
+        )
+        return ordered, off
 
     async def uncommit_subtree(self, node_id: str, chain_id: str) -> list[str]:
         """Uncommit the node and its committed descendants; returns the ids changed."""

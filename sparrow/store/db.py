@@ -127,6 +127,32 @@ class Database:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
+    async def probe_write(self, timeout_s: float = 1.0) -> str | None:
+        """Whether the database takes a write now: None, or why not.
+
+        On a connection of its own with a short busy timeout, so that a database locked by
+        another process answers within ``timeout_s`` instead of the writer's 10 s, and the
+        writer's transactions are left alone.
+        """
+
+        def write() -> None:
+            conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO probes (id, at) VALUES (1, datetime('now')) "
+                    "ON CONFLICT (id) DO UPDATE SET at = excluded.at"
+                )
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+
+        try:
+            await asyncio.to_thread(write)
+        except sqlite3.Error as exc:
+            return f"The database does not take writes ({exc})."
+        return None
+
     async def ping(self) -> bool:
         try:
             await self.fetchone("SELECT 1")
