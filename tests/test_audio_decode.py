@@ -19,9 +19,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparrow.audio import decode_upload, read_wav, read_wav_info, sniff, write_wav
+from sparrow.audio.canary import CANARY_TIMEOUT_S
 from sparrow.audio.ffmpeg import run_ffmpeg
 from sparrow.audio.probe import AudioStream, parse_probe
-from sparrow.errors import InvalidInput, PayloadTooLarge, SparrowError, UnsupportedMedia
+from sparrow.errors import (
+    EngineUnavailable,
+    InvalidInput,
+    PayloadTooLarge,
+    SparrowError,
+    UnsupportedMedia,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -232,12 +239,13 @@ async def test_hung_ffmpeg_is_killed_at_the_deadline(
     out.mkdir()
     started = time.monotonic()
 
-    with pytest.raises(InvalidInput, match=r"^Decoding took longer than 0\.5 s"):
+    # FFmpeg hangs on everything, its canary too: the server's trouble, not the file's.
+    with pytest.raises(EngineUnavailable, match=r"did not finish a 0\.25 s test render"):
         await decode_upload(
             good["flac_16"].path, out / "n.wav", max_duration_s=60, timeout_s=0.5, ffmpeg=fake
         )
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 0.5 + CANARY_TIMEOUT_S + 2
     assert _names(out) == []
     assert _children() == []
 

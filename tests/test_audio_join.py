@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pytest
 from probe import ffprobe
 
-from sparrow.audio import read_wav, render_music, write_wav
+from sparrow.audio import ffmpeg_exe, read_wav, render_music, write_wav
 from sparrow.audio.join import (
     MAX_CROSSFADE_MS,
     MAX_SEGMENTS,
@@ -26,7 +26,7 @@ from sparrow.audio.join import (
     plan_join,
 )
 from sparrow.audio.wav import read_layout
-from sparrow.errors import InvalidInput, SparrowError, StorageUnavailable
+from sparrow.errors import EngineUnavailable, InvalidInput, StorageUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -275,20 +275,53 @@ def _fake_ffmpeg(folder: Path, body: str) -> str:
     return str(script)
 
 
-async def test_ffmpeg_failure_carries_its_stderr_and_leaves_nothing(tmp_path: Path) -> None:
+async def test_a_failed_export_carries_ffmpegs_reason_without_paths_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
     paths = _spine(tmp_path, mixed=False, count=2)
-    ffmpeg = _fake_ffmpeg(tmp_path, 'echo "segment 2: Invalid data found" >&2\nexit 1')
+    # FFmpeg works (its canary passes) but fails this export.
+    script = tmp_path / "export-fails"
+    script.write_text(
+        '#!/bin/sh\ncase "$*" in *filter_complex*)\n'
+        '  echo "/srv/sparrow/audio/seg2.wav: Invalid data found" >&2; exit 1;;\nesac\n'
+        f'exec "{ffmpeg_exe()}" "$@"\n'
+    )
+    script.chmod(0o755)
     out = tmp_path / "spine.flac"
-    with pytest.raises(SparrowError, match="segment 2: Invalid data found"):
-        await join_segments(paths, out, format="flac", crossfade_ms=20, ffmpeg=ffmpeg)
+    with pytest.raises(StorageUnavailable, match=r"seg2\.wav: Invalid data found") as caught:
+        await join_segments(paths, out, format="flac", crossfade_ms=20, ffmpeg=str(script))
+    assert "/srv" not in caught.value.detail
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ('echo "broken" >&2\nexit 1', "fails a test render"),  # fails everything
+        ("exit 0", "fails its check"),  # "succeeds", leaving garbage where the file goes
+    ],
+)
+async def test_a_broken_or_lying_ffmpeg_is_engine_unavailable_and_nothing_is_kept(
+    tmp_path: Path, body: str, reason: str
+) -> None:
+    paths = _spine(tmp_path, mixed=False, count=2)
+    for format in ("wav", "flac", "mp3"):
+        out = tmp_path / f"spine.{format}"
+        with pytest.raises(EngineUnavailable, match=reason):
+            await join_segments(
+                paths,
+                out,
+                format=format,
+                ffmpeg=_fake_ffmpeg(tmp_path, body),
+            )
+        assert not out.exists() and _leftovers(tmp_path) == []
 
 
 async def test_timeout_and_cancellation_leave_nothing(tmp_path: Path) -> None:
     paths = _spine(tmp_path, mixed=False, count=2)
     ffmpeg = _fake_ffmpeg(tmp_path, "exec sleep 30")
     out = tmp_path / "spine.wav"
-    with pytest.raises(StorageUnavailable, match=r"took longer than 0\.3 s"):
+    with pytest.raises(EngineUnavailable, match=r"took longer than 0\.3 s"):
         await join_segments(paths, out, format="wav", ffmpeg=ffmpeg, timeout_s=0.3)
     assert not out.exists() and _leftovers(tmp_path) == []
 

@@ -82,7 +82,11 @@ def test_kill_during_decoding_leaves_no_chain_and_no_file(tmp_path: Path) -> Non
 
     marker = tmp_path / "decoding"
     wrapper = tmp_path / "slow-ffmpeg"
-    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 1\nexec "{ffmpeg_exe()}" "$@"\n')
+    # Only the upload's runs are slowed (readiness probes run FFmpeg too).
+    wrapper.write_text(
+        f'#!/bin/sh\ncase "$*" in *upload-*) touch "{marker}"; sleep 1;; esac\n'
+        f'exec "{ffmpeg_exe()}" "$@"\n'
+    )
     wrapper.chmod(0o755)
     data_dir = tmp_path / "data"
     port = free_port()

@@ -26,7 +26,7 @@ import numpy as np
 from sparrow.audio.ffmpeg import FFmpegNotFound, FFmpegTimeout, ffmpeg_exe, run_ffmpeg
 from sparrow.errors import EngineUnavailable
 
-CANARY_TIMEOUT_S = 5.0
+CANARY_TIMEOUT_S = 3.0
 FAILING_TRUSTED_S = 5.0
 _RATE, _FREQUENCY, _SECONDS = 8000, 500, 0.25
 _FRAMES = round(_RATE * _SECONDS)

@@ -135,6 +135,9 @@ class Database:
         writer's transactions are left alone.
         """
 
+        if self._writer is None:
+            return "The database is not open."
+
         def write() -> None:
             conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
             try:
