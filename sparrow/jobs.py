@@ -52,9 +52,11 @@ FIRST_RETRY_S = 0.1
 MAX_RETRY_S = 5.0
 
 
-def storage_error(exc: OSError, what: str) -> NodeError:
+def storage_error(exc: OSError | StorageUnavailable, what: str) -> NodeError:
     """What a node (or its stems) records when its ``what`` ("generated audio") could
     not be written: the same code whichever job met it."""
+    if isinstance(exc, StorageUnavailable):
+        return NodeError(exc.code, exc.detail)
     reason = (exc.strerror or type(exc).__name__).lower()
     return NodeError("storage_unavailable", f"The {what} could not be saved ({reason}).")
 

@@ -24,15 +24,23 @@ import anyio
 
 from sparrow.audio.atomic import fsync_path
 from sparrow.audio.integrity import FileCheck, Recorded
+from sparrow.audio.storage import storing
 from sparrow.domain.models import Node, Stems, new_id
+from sparrow.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 PROBE_BYTES = 64 << 10  # enough to need free blocks, not just a directory entry
+MIN_FREE_BYTES = 64_000_000
 
 
 class MediaStore:
-    def __init__(self, data_dir: Path) -> None:
+    """The data dir's files. New audio is refused (``require_room``) once the disk has less
+    than ``min_free_bytes`` free, so that what is left (the database's reserve among it)
+    goes to recording what happened, not to more audio."""
+
+    def __init__(self, data_dir: Path, *, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+        self.min_free_bytes = min_free_bytes
         self.audio_dir = data_dir / "audio"
         self.stems_dir = data_dir / "stems"
         self.exports_dir = data_dir / "exports"
@@ -44,8 +52,8 @@ class MediaStore:
             folder.mkdir(parents=True, exist_ok=True)
 
     def probe_write(self) -> str | None:
-        """Whether the data dir takes a file now (a small one, written, fsynced and removed):
-        None, or why not. Blocking."""
+        """Whether the data dir takes a file now (a small one, written, fsynced and removed)
+        and has room for new audio (``require_room``): None, or why not. Blocking."""
         probe = self.tmp_dir / f".probe-{new_id()}"
         try:
             with probe.open("wb") as f:
@@ -57,7 +65,23 @@ class MediaStore:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
+        try:
+            self.require_room("new audio")
+        except StorageUnavailable as exc:
+            return exc.detail
         return None
+
+    def require_room(self, what: str) -> None:
+        """``StorageUnavailable`` if the data dir has less than ``min_free_bytes`` free.
+        Blocking (a ``statvfs``)."""
+        with storing(f"checking the room for {what}"):
+            free = shutil.disk_usage(self.tmp_dir).free
+        if free < self.min_free_bytes:
+            raise StorageUnavailable(
+                f"The server's disk is almost full ({free / 1e6:.1f} MB free, "
+                f"{self.min_free_bytes / 1e6:g} MB needed): {what} cannot be stored now; "
+                "try again later."
+            )
 
     def chain_dir(self, chain_id: str) -> Path:
         return self.audio_dir / chain_id
@@ -107,6 +131,8 @@ class MediaStore:
         return self.exports_dir / chain_id
 
     def new_upload_path(self) -> Path:
+        """Where an upload about to be received goes, once the disk is known to have room."""
+        self.require_room("an upload")
         # No extension on purpose: the format is detected from the content alone.
         return self.tmp_dir / f"upload-{new_id()}"
 

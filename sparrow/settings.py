@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Uploads received or decoded at once; more get 429."
     )
 
+    min_free_mb: float = Field(
+        default=64,
+        ge=0,
+        description="New audio (uploads, generated nodes, stems, exports) is refused with 503 "
+        "once the data dir has less than this free.",
+    )
+
     # Events.
     event_retention: int = Field(
         default=10_000, ge=1, description="Events kept per chain for Last-Event-ID replay."
@@ -124,6 +131,10 @@ class Settings(BaseSettings):
     @property
     def event_retention_bytes(self) -> int:
         return int(self.event_retention_mb * 1_000_000)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * 1_000_000)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -109,19 +109,14 @@ def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
 def fill(folder: Path) -> Path:
     """Write a file in ``folder`` until its file system is full; returns the file."""
     filler = folder / "filler.bin"
-    block = b"\0" * (1 << 20)
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(block)
-                f.flush()
-        except OSError:
-            pass
-    # Whatever space smaller writes could still find goes too.
-    with filler.open("ab") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-            f.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 20, 4096, 512):  # then whatever smaller writes can still find
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
     return filler
 
 

@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         preloading: set[asyncio.Task[None]] = set()
         try:
             await db.open()
-            media = MediaStore(settings.data_dir)
+            media = MediaStore(settings.data_dir, min_free_bytes=settings.min_free_bytes)
             media.ensure()
             store = ChainStore(
                 db,

@@ -186,6 +186,7 @@ class ExportService:
                 if await anyio.to_thread.run_sync(_reusable, paths, dst, format, crossfade_ms):
                     return result
                 async with self._slots:
+                    await anyio.to_thread.run_sync(self.media.require_room, "the export")
                     await anyio.Path(folder).mkdir(exist_ok=True)
                     await join_segments(
                         paths,

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from sparrow.audio import write_wav
+from sparrow.audio import AudioInfo, write_wav
 from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.models import (
@@ -39,7 +39,7 @@ from sparrow.domain.models import (
 from sparrow.domain.progress import ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
-from sparrow.errors import Conflict, InvalidInput, SparrowError
+from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
 from sparrow.media import MediaStore
@@ -266,13 +266,16 @@ class GenerationService:
         the node ``storage_unavailable``, and a ready write the storage refuses is retried
         until it goes through (``persistently``)."""
         path = self.media.node_audio(node.chain_id, node.id)
+
+        def write() -> AudioInfo:
+            self.media.require_room("the generated audio")
+            return write_wav(path, np.asarray(audio), self.engine.sample_rate)
+
         try:
-            info = await anyio.to_thread.run_sync(
-                write_wav, path, np.asarray(audio), self.engine.sample_rate
-            )
+            info = await anyio.to_thread.run_sync(write)
         except FileNotFoundError:
             return  # the chain was deleted meanwhile
-        except OSError as exc:
+        except (OSError, StorageUnavailable) as exc:
             log.error("cannot write the audio of node %s: %s", node.id, exc)
             await self._end([node], NodeStatus.ERROR, storage_error(exc, "generated audio"))
             return

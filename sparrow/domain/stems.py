@@ -55,6 +55,7 @@ from sparrow.errors import (
     NotFound,
     PaymentRequired,
     SparrowError,
+    StorageUnavailable,
 )
 from sparrow.events import StemsProgress, StemsStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
@@ -317,6 +318,7 @@ class StemsService:
         folder = self.media.node_stems(node.chain_id, node.id)
 
         def write_all() -> dict[str, str]:
+            self.media.require_room("the stems")
             self.media.make_node_stems_dir(node.chain_id, node.id)
             return {
                 name: write_wav(folder / f"{name}.wav", np.asarray(audio), rate).sha256
@@ -328,7 +330,7 @@ class StemsService:
         except FileNotFoundError:
             await self._forget_if_deleted(node.chain_id)
             return  # the chain was deleted meanwhile
-        except OSError as exc:
+        except (OSError, StorageUnavailable) as exc:
             log.error("cannot write the stems of node %s: %s", node.id, exc)
             self.media.remove_stems(node.chain_id, node.id)
             await self._end([node.id], StemsStatus.ERROR, storage_error(exc, "stems"))

@@ -4,11 +4,22 @@ Writes go through ``transaction()``, which holds an asyncio lock around a
 ``BEGIN IMMEDIATE`` transaction on the writer connection, so writes are
 serialized and never interleave. Reads use a second connection; with WAL they
 see the last committed state and never wait for the writer.
+
+A full disk must not stop the server from recording what happened (a job
+that failed because the disk is full still has to say so). Beside the
+database file lies a reserve of ``RESERVE_BYTES``, allocated while there is
+room; a write refused because the disk is full releases it, so the retried
+write (see ``sparrow.jobs.persistently``) finds room. The reserve is made again
+once the disk has room for it to spare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -20,8 +31,12 @@ import aiosqlite
 from sparrow.errors import StorageUnavailable
 from sparrow.store.migrations import MIGRATIONS
 
+log = logging.getLogger(__name__)
+
 Row = sqlite3.Row
 Params = Sequence[Any] | Mapping[str, Any]
+
+RESERVE_BYTES = 8 << 20
 
 
 async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
@@ -35,8 +50,11 @@ async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, reserve_bytes: int = RESERVE_BYTES) -> None:
         self.path = path
+        self.reserve = path.with_name(f"{path.name}.reserve")
+        self.reserve_bytes = reserve_bytes
+        self._reserve_missing = True
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -49,6 +67,7 @@ class Database:
         await self._writer.execute("PRAGMA synchronous = FULL")
         await self._migrate()
         self._reader = await _connect(self.path, readonly=True)
+        await asyncio.to_thread(self._keep_reserve)
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
@@ -111,8 +130,12 @@ class Database:
                 if writer.in_transaction:
                     await writer.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
+                    if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                        await asyncio.to_thread(self._release_reserve)
                     raise _unavailable(exc) from exc
                 raise
+        if self._reserve_missing:
+            await asyncio.to_thread(self._keep_reserve)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         if self._reader is None:
@@ -126,6 +149,30 @@ class Database:
     async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
+
+    def _keep_reserve(self) -> None:
+        """Allocate the reserve if it is missing and the disk has room to spare for it."""
+        if self.reserve_bytes <= 0 or self.reserve.exists():
+            self._reserve_missing = self.reserve_bytes > 0 and not self.reserve.exists()
+            return
+        try:
+            if shutil.disk_usage(self.path.parent).free < 3 * self.reserve_bytes:
+                return
+            with self.reserve.open("wb") as f:
+                os.posix_fallocate(f.fileno(), 0, self.reserve_bytes)
+        except OSError as exc:
+            log.warning("cannot allocate the database's reserve: %s", exc)
+            with contextlib.suppress(OSError):
+                self.reserve.unlink(missing_ok=True)
+            return
+        self._reserve_missing = False
+
+    def _release_reserve(self) -> None:
+        if self.reserve.exists():
+            log.warning("the disk is full: releasing the database's reserve to record job ends")
+        with contextlib.suppress(OSError):
+            self.reserve.unlink(missing_ok=True)
+        self._reserve_missing = True
 
     async def probe_write(self, timeout_s: float = 1.0) -> str | None:
         """Whether the database takes a write now: None, or why not.
@@ -154,6 +201,8 @@ class Database:
             await asyncio.to_thread(write)
         except sqlite3.Error as exc:
             return f"The database does not take writes ({exc})."
+        if self._reserve_missing:
+            await asyncio.to_thread(self._keep_reserve)
         return None
 
     async def ping(self) -> bool:
