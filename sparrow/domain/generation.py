@@ -36,7 +36,7 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.domain.progress import ProgressReporter
+from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
 from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
@@ -324,7 +324,7 @@ class GenerationService:
     ) -> None:
         """Announce the running job's progress for the nodes still wanted."""
         try:
-            async with self.store.write() as w:
+            async with self.store.write(wait_s=PROGRESS_WAIT_S) as w:
                 for node in nodes:
                     if node.id in control.node_ids:
                         await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))

@@ -14,6 +14,9 @@ from sparrow.jobs import JobControl
 # Progress is announced when it moved this much or this long has passed (SPEC §4).
 PROGRESS_STEP = 0.05
 PROGRESS_INTERVAL_S = 1.0
+# How long a progress event waits for the database: a busy one skips it (the next one
+# supersedes it) rather than hold up the writes that must happen.
+PROGRESS_WAIT_S = 0.25
 
 Announce = Callable[[float, float | None], Coroutine[Any, Any, None]]
 """Records progress (fraction, eta_s) as events; runs on the event loop."""

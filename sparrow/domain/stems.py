@@ -46,7 +46,7 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.domain.progress import ProgressReporter
+from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import STEM_NAMES, Audio, Cancelled, StemEngine
 from sparrow.errors import (
@@ -394,7 +394,7 @@ class StemsService:
         if node.id not in control.node_ids:
             return
         try:
-            async with self.store.write() as w:
+            async with self.store.write(wait_s=PROGRESS_WAIT_S) as w:
                 await w.emit(StemsProgress(node.chain_id, node.id, fraction, eta_s))
         except Exception as exc:  # the chain is gone, the disk is busy: progress can wait
             log.debug("progress not recorded: %s", exc)

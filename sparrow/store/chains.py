@@ -20,7 +20,7 @@ import aiosqlite
 
 from sparrow.domain.models import Chain, Node, Stems, utc_now
 from sparrow.events import EventHub, StoredEvent
-from sparrow.store.db import Database
+from sparrow.store.db import BUSY_S, Database
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
 from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
@@ -94,15 +94,17 @@ class ChainStore:
         self.event_retention_bytes = event_retention_bytes
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[ChainWriter]:
+    async def write(self, *, wait_s: float = BUSY_S) -> AsyncIterator[ChainWriter]:
         """One atomic, serialized write transaction; an exception rolls it back.
 
         The events the writer emits are published to subscribers once the
         transaction has committed, in commit order; a rolled-back transaction
-        publishes nothing.
+        publishes nothing. ``wait_s``: as in ``Database.transaction``.
         """
         emitted: list[StoredEvent] = []
-        async with self.db.transaction(on_commit=lambda: self.hub.publish(emitted)) as tx:
+        async with self.db.transaction(
+            on_commit=lambda: self.hub.publish(emitted), wait_s=wait_s
+        ) as tx:
             yield ChainWriter(tx, emitted, self.event_retention, self.event_retention_bytes)
 
     async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:

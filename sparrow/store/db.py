@@ -37,12 +37,13 @@ Row = sqlite3.Row
 Params = Sequence[Any] | Mapping[str, Any]
 
 RESERVE_BYTES = 8 << 20
+BUSY_S = 10.0  # the longest a write waits for the database: its turn, and SQLite's lock
 
 
 async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    await conn.execute("PRAGMA busy_timeout = 10000")
+    await conn.execute(f"PRAGMA busy_timeout = {round(BUSY_S * 1000)}")
     await conn.execute("PRAGMA foreign_keys = ON")
     if readonly:
         await conn.execute("PRAGMA query_only = ON")
@@ -58,6 +59,7 @@ class Database:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._busy_ms = round(BUSY_S * 1000)  # the writer's busy_timeout, as last set
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ class Database:
 
     @asynccontextmanager
     async def transaction(
-        self, on_commit: Callable[[], None] | None = None
+        self, on_commit: Callable[[], None] | None = None, *, wait_s: float = BUSY_S
     ) -> AsyncIterator[aiosqlite.Connection]:
         """Run the enclosed writes as one serialized, atomic transaction.
 
@@ -115,11 +117,33 @@ class Database:
         transaction is rolled back, so the writer is always clean for the next one.
         ``on_commit`` runs after a successful COMMIT while the write lock is still
         held, so whatever it announces is announced in commit order.
+
+        ``wait_s`` bounds the wait for the transaction to begin, its turn among this
+        process's writes and SQLite's lock (another process may hold it) together:
+        past it, ``StorageUnavailable``. So a locked database makes each write wait at
+        most that long, however many are queued; 0 is for writes that may be skipped.
         """
         if self._writer is None:
             raise StorageUnavailable("The database is not open.")
         writer = self._writer
-        async with self._write_lock:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._write_lock.acquire()
+        except TimeoutError:
+            raise StorageUnavailable(
+                f"The database is busy: this write waited {wait_s:g} s for its turn; "
+                "try again later."
+            ) from None
+        try:
+            remaining = deadline - loop.time()
+            # Whole, unless the turn took a while: the pragma is not re-sent on every write.
+            busy_ms = round(wait_s * 1000 if remaining > wait_s - 0.05 else remaining * 1000)
+            busy_ms = max(0, busy_ms)
+            if busy_ms != self._busy_ms:
+                await writer.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                self._busy_ms = busy_ms
             try:
                 await writer.execute("BEGIN IMMEDIATE")
                 yield writer
@@ -134,6 +158,8 @@ class Database:
                         await asyncio.to_thread(self._release_reserve)
                     raise _unavailable(exc) from exc
                 raise
+        finally:
+            self._write_lock.release()
         if self._reserve_missing:
             await asyncio.to_thread(self._keep_reserve)
 
