@@ -92,21 +92,38 @@ def _check_recovered(client: httpx.Client, root: dict[str, Any]) -> None:
     assert gpu["running"] == [] and gpu["queue_depth"] == 0
 
 
+def _start_job(client: httpx.Client) -> tuple[dict[str, Any], list[str]]:
+    """An upload's root, and the ids of a two-sibling branch of it once it is generating."""
+    created = _upload(client)
+    assert created.status_code == 201
+    root: dict[str, Any] = created.json()["root"]
+    ids = [n["id"] for n in _branch(client, root["id"], count=2)]
+    wait_until(
+        lambda: _node(client, ids[0])["status"] == "generating", timeout_s=10, what="generating"
+    )
+    return root, ids
+
+
+def _check_work_ends_unsaved(client: httpx.Client, root: dict[str, Any], ids: list[str]) -> None:
+    """During the fault: the running job ends, and so do stems asked for meanwhile, each
+    ``error`` / ``storage_unavailable`` (their audio cannot be saved); nothing stays active."""
+    ended = wait_until(lambda: _ended(client, ids), timeout_s=20, what="the job's end")
+    for node in ended:
+        assert node["status"] == "error", node
+        assert node["error"]["code"] == "storage_unavailable", node
+    assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
+    stems = wait_until(lambda: _stems_ended(client, root["id"]), timeout_s=20, what="stems")
+    assert stems["status"] == "error" and stems["error"]["code"] == "storage_unavailable"
+    assert no_node_left_active(client, root["chain_id"])
+
+
 def test_a_full_disk_ends_every_job_answers_503_and_clears_by_itself(tmp_path: Path) -> None:
     with (
         tmpfs(tmp_path / "disk", 64) as data_dir,
         mock_server(data_dir, tmp_path / "server.log", STEP_MS, **SMALL_DISK) as (_, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
-        created = _upload(client)
-        assert created.status_code == 201
-        root = created.json()["root"]
-        nodes = _branch(client, root["id"], count=2)
-        ids = [n["id"] for n in nodes]
-        wait_until(
-            lambda: _node(client, ids[0])["status"] == "generating", timeout_s=10, what="generating"
-        )
-
+        root, ids = _start_job(client)
         filler = fill(data_dir)
         full_at = time.monotonic()
         body = wait_not_ready(client, "storage")
@@ -118,17 +135,8 @@ def test_a_full_disk_ends_every_job_answers_503_and_clears_by_itself(tmp_path: P
         assert client.get("/api/chains").json()["total"] == 1  # reads keep working
         _check_intact(client, root)
 
-        # The job ends while the disk is full: its audio cannot be saved.
-        ended = wait_until(lambda: _ended(client, ids), timeout_s=20, what="the job's end")
+        _check_work_ends_unsaved(client, root, ids)
         ended_after_s = time.monotonic() - full_at
-        for node in ended:
-            assert node["status"] == "error", node
-            assert node["error"]["code"] == "storage_unavailable", node
-        # So do stems asked for while the disk is full.
-        assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-        stems = wait_until(lambda: _stems_ended(client, root["id"]), timeout_s=20, what="stems")
-        assert stems["status"] == "error" and stems["error"]["code"] == "storage_unavailable"
-        assert no_node_left_active(client, created.json()["chain"]["id"])
         assert list((data_dir / "tmp").iterdir()) == []
 
         filler.unlink()
@@ -137,7 +145,7 @@ def test_a_full_disk_ends_every_job_answers_503_and_clears_by_itself(tmp_path: P
         ready_after_s = time.monotonic() - freed_at
         _check_recovered(client, root)
     print(
-        f"full disk: /readyz 503 after {shown_after_s:.2f} s, job ended after "
+        f"full disk: /readyz 503 after {shown_after_s:.2f} s, job and stems ended after "
         f"{ended_after_s:.2f} s, ready {ready_after_s:.2f} s after space came back"
     )
 
@@ -158,14 +166,7 @@ def test_a_read_only_data_dir_ends_every_job_answers_503_and_clears_by_itself(
         ) as (_, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
-        created = _upload(client)
-        assert created.status_code == 201
-        root = created.json()["root"]
-        ids = [n["id"] for n in _branch(client, root["id"], count=2)]
-        wait_until(
-            lambda: _node(client, ids[0])["status"] == "generating", timeout_s=10, what="generating"
-        )
-
+        root, ids = _start_job(client)
         remount(data_dir, read_only=True)
         try:
             body = wait_not_ready(client, "storage")
@@ -173,13 +174,7 @@ def test_a_read_only_data_dir_ends_every_job_answers_503_and_clears_by_itself(
             upload = assert_unavailable(_upload(client), "storage_unavailable")
             assert "read-only file system" in upload["detail"]
             _check_intact(client, root)
-            ended = wait_until(lambda: _ended(client, ids), timeout_s=20, what="the job's end")
-            for node in ended:
-                assert node["status"] == "error", node
-                assert node["error"]["code"] == "storage_unavailable", node
-            assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-            stems = wait_until(lambda: _stems_ended(client, root["id"]), timeout_s=20, what="stems")
-            assert stems["status"] == "error" and stems["error"]["code"] == "storage_unavailable"
+            _check_work_ends_unsaved(client, root, ids)
         finally:
             remount(data_dir, read_only=False)
         wait_ready(client)
