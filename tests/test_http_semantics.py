@@ -1,7 +1,11 @@
-"""HTTP details a professional client relies on: HEAD, Allow, body limits, CORS refusals."""
+"""HTTP details a professional client relies on: HEAD, Allow, body limits, CORS refusals,
+and JSON answers to requests the HTTP parser refuses."""
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 from corpus import GoodUpload
 from fastapi import FastAPI
 from helpers import SAMPLE, upload
+from live import running_server
 
 from sparrow.api import create_app
 from sparrow.settings import Settings
@@ -155,3 +160,39 @@ async def test_stalled_upload_times_out_and_extra_uploads_get_429(
         assert slots.in_use == 0
         assert (await upload(client, SAMPLE)).status_code == 201
         assert list(one_upload_app.state.services.media.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        # 10,000 ETags, as a client replaying its whole cache would send.
+        (b"If-None-Match: " + b",".join(b'"%064d"' % i for i in range(10_000)), 431, None),
+        (b"Last-Event-ID: " + b"1" * 1_000_000, 431, None),
+        (b"A header line without a colon", 400, "invalid_input"),
+    ],
+    ids=["10k-etags", "1mb-last-event-id", "malformed"],
+)
+def test_requests_uvicorn_cannot_parse_get_the_apis_json_error(
+    tmp_path: Path, header: bytes, status: int, code: str | None
+) -> None:
+    """Over a real socket: such a request never reaches the app, yet the answer is the
+    API's ``{"error", "detail"}`` and arrives whole, though the rest of the request is
+    still being sent."""
+    settings = Settings(data_dir=tmp_path / "d", engine="mock")
+    with running_server(settings) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            request = b"GET /api/chains HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n\r\n"
+            sender = threading.Thread(target=sock.sendall, args=(request,), daemon=True)
+            sender.start()
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            sender.join(10)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == str(status).encode(), head
+        assert b"content-type: application/json" in head.lower()
+        error = json.loads(body)
+        assert error["error"] == (code or "headers_too_large") and error["detail"]
+        # The server goes on serving.
+        assert httpx.get(f"{base}/api/chains").status_code == 200
