@@ -73,7 +73,10 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Exports encoded at the same time; others wait."
     )
     decode_timeout_s: float = Field(
-        default=60, gt=0, description="Wall-clock limit for decoding one upload."
+        default=60,
+        gt=0,
+        description="Wall-clock limit for decoding one upload, or the stored audio a branch "
+        "or a separation reads.",
     )
     decode_concurrency: int = Field(
         default=2, ge=1, description="Uploads decoded at the same time; others wait."

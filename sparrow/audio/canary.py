@@ -12,8 +12,9 @@ seconds, so a probe is cheap. A decode or an export that failed asks with 0
 whenever the last answer was "works", so that a file FFmpeg cannot read is
 told apart from an FFmpeg that cannot read anything: only the first is the
 client's fault (422), the second is the server's (503 ``engine_unavailable``).
-A failing answer is trusted for ``FAILING_TRUSTED_S``, so a hung FFmpeg costs
-one canary timeout, not one per request.
+A failing answer is trusted for ``FAILING_TRUSTED_S``, and work about to run
+FFmpeg meanwhile fails at once (``require_ffmpeg_not_known_broken``), so a hung
+FFmpeg costs one canary timeout, not one time limit per request or job.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ async def ffmpeg_problem(ffmpeg: str | None, *, trust_healthy_s: float) -> str |
     problem = await _run_canary(ffmpeg)
     _last[key] = (time.monotonic(), problem)
     return problem
+
+
+def require_ffmpeg_not_known_broken(ffmpeg: str | None, what: str) -> None:
+    """Before a run: ``EngineUnavailable`` at once while a failing answer is trusted, so a
+    hung FFmpeg costs one canary timeout rather than one time limit per piece of work."""
+    try:
+        seen = _last.get(ffmpeg_exe(ffmpeg))
+    except FFmpegNotFound as exc:
+        raise EngineUnavailable(f"{what} right now: {exc.detail}") from None
+    if seen is not None and seen[1] is not None and time.monotonic() - seen[0] < FAILING_TRUSTED_S:
+        raise EngineUnavailable(f"{what} right now: {seen[1]}")
 
 
 async def blame_ffmpeg(ffmpeg: str | None, what: str) -> None:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow.audio.atomic import publish, temp_path_for
-from sparrow.audio.canary import blame_ffmpeg
+from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
 from sparrow.audio.sniff import sniff
@@ -133,6 +133,7 @@ async def decode_upload(
     if size == 0:
         raise InvalidInput("The uploaded file is empty.")
     kind = sniff(head, complete=size <= len(head))
+    require_ffmpeg_not_known_broken(ffmpeg, "The upload cannot be decoded")
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)

@@ -54,7 +54,7 @@ import mutagen.flac
 import mutagen.mp3
 
 from sparrow.audio.atomic import publish, temp_path_for
-from sparrow.audio.canary import blame_ffmpeg
+from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
 from sparrow.audio.storage import says_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import WavFormatError, WavLayout, read_layout
@@ -177,6 +177,7 @@ async def join_segments(
     sweep and stay).
     """
     plan = await asyncio.to_thread(plan_join, paths, format=format, crossfade_ms=crossfade_ms)
+    require_ffmpeg_not_known_broken(ffmpeg, "The spine cannot be exported")
     deadline = asyncio.get_running_loop().time() + timeout_s
     work = temp_path_for(dst)
     tmp = work / dst.name

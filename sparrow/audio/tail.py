@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from sparrow.audio.canary import blame_ffmpeg
+from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.storage import scrub_paths
 from sparrow.errors import EngineUnavailable, StorageUnavailable
@@ -38,6 +38,7 @@ async def read_tail(
     sample_rate: int,
     channels: int,
     ffmpeg: str | None = None,
+    timeout_s: float = TIMEOUT_S,
 ) -> npt.NDArray[np.float32]:
     """The last ``seconds`` of the segments played back to back, float32 (frames, channels).
 
@@ -71,14 +72,15 @@ async def read_tail(
     graph = ";".join([*chains, f"{joined}concat=n={len(needed)}:v=0:a=1[out]"])
 
     args += ["-filter_complex", graph, "-map", "[out]", "-f", "f32le", "pipe:1"]
-    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    require_ffmpeg_not_known_broken(ffmpeg, "The stored audio cannot be read")
+    deadline = asyncio.get_running_loop().time() + timeout_s
     # Seeking leaves about ``wanted`` frames to read; a second more is slack.
     limit = (wanted + sample_rate) * channels * 4
     try:
         result = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg, stdout_limit=limit)
     except FFmpegTimeout:
         raise EngineUnavailable(
-            f"FFmpeg did not read the stored audio within {TIMEOUT_S:g} s."
+            f"FFmpeg did not read the stored audio within {timeout_s:g} s."
         ) from None
     if result.returncode != 0 or result.stdout_overflow:
         await blame_ffmpeg(ffmpeg, "The stored audio cannot be read")

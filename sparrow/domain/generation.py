@@ -259,6 +259,7 @@ class GenerationService:
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,
             ffmpeg=self.settings.ffmpeg,
+            timeout_s=self.settings.decode_timeout_s,
         )
 
     async def _publish_audio(self, node: Node, audio: Audio) -> None:

@@ -307,6 +307,7 @@ class StemsService:
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,
             ffmpeg=self.settings.ffmpeg,
+            timeout_s=self.settings.decode_timeout_s,
         )
         # The resampler may end a few frames short of the rounded length.
         if len(audio) < frames:
