@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Collection
 from pathlib import Path
 
 import anyio
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PROBE_BYTES = 64 << 10  # enough to need free blocks, not just a directory entry
 MIN_FREE_BYTES = 64_000_000
+_FEW = 32  # nodes removed one by one; more, and their folders are listed once
 
 
 class MediaStore:
@@ -136,10 +137,23 @@ class MediaStore:
         # No extension on purpose: the format is detected from the content alone.
         return self.tmp_dir / f"upload-{new_id()}"
 
-    def remove_nodes(self, chain_id: str, node_ids: Iterable[str]) -> None:
-        for node_id in node_ids:
-            self.node_audio(chain_id, node_id).unlink(missing_ok=True)
-            self.remove_stems(chain_id, node_id)
+    def remove_nodes(self, chain_id: str, node_ids: Collection[str]) -> None:
+        """Delete the files (audio and stems) of these nodes of the chain."""
+        if len(node_ids) <= _FEW:
+            for node_id in node_ids:
+                self.node_audio(chain_id, node_id).unlink(missing_ok=True)
+                self.remove_stems(chain_id, node_id)
+            return
+        # A deep subtree: one listing of each folder beats a failed call per node.
+        gone = set(node_ids)
+        for folder, suffix in ((self.chain_dir(chain_id), ".wav"), (self.stems_dir / chain_id, "")):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name.removesuffix(suffix) in gone:
+                    _remove(Path(entry.path))
 
     def remove_stems(self, chain_id: str, node_id: str) -> None:
         shutil.rmtree(self.node_stems(chain_id, node_id), ignore_errors=True)

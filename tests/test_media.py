@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sparrow.media import MediaStore
 
 
@@ -41,3 +43,23 @@ def test_sweep_keeps_known_files_and_removes_the_rest(tmp_path: Path) -> None:
     assert not any(p.exists() for p in leftovers)
     assert not media.chain_dir("c9").exists()
     assert removed == 9
+
+
+@pytest.mark.parametrize("count", [3, 200])  # one by one, and by listing the folders once
+def test_removing_nodes_deletes_their_audio_and_stems_only(tmp_path: Path, count: int) -> None:
+    media = MediaStore(tmp_path)
+    media.ensure()
+    gone = [f"g{i}" for i in range(count)]
+    for node_id in [*gone, "kept"]:
+        audio = media.node_audio("c1", node_id)
+        audio.parent.mkdir(exist_ok=True)
+        audio.write_bytes(b"RIFF")
+        stem = media.stem_file("c1", node_id, "drums")
+        stem.parent.mkdir(parents=True)
+        stem.write_bytes(b"RIFF")
+
+    media.remove_nodes("c1", [*gone, "never-had-files"])
+
+    assert [p.name for p in media.chain_dir("c1").iterdir()] == ["kept.wav"]
+    assert [p.name for p in (media.stems_dir / "c1").iterdir()] == ["kept"]
+    assert media.stem_file("c1", "kept", "drums").read_bytes() == b"RIFF"
