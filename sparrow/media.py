@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 
 from sparrow.audio.atomic import fsync_path
-from sparrow.audio.integrity import FileCheck, Recorded
+from sparrow.audio.integrity import FileCheck, OpenedFile, Recorded
 from sparrow.audio.storage import storing
 from sparrow.domain.models import Node, Stems, new_id
 from sparrow.errors import StorageUnavailable
@@ -96,17 +96,19 @@ class MediaStore:
 
     async def checked_node_audio(self, node: Node) -> Path:
         """A ready node's file, once checked against its record (``audio.integrity``):
-        ``DamagedAudio`` or ``MissingAudio`` (503s) when it is not the file recorded."""
-        path = self.node_audio(node.chain_id, node.id)
-        recorded = Recorded(
-            node.audio_sha256 or "", node.frames or 0, node.sample_rate or 0, node.channels or 0
-        )
-        what = f"the audio of node '{node.id}'"
+        ``DamagedAudio`` or ``MissingAudio`` (503s) when it is not the file recorded. For
+        readers that open it by name (FFmpeg); ``open_node_audio`` to serve it."""
+        path, recorded, what = self._node_record(node)
         await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
         return path
 
-    async def checked_stem(self, stems: Stems, stem: str) -> Path:
-        """One stem of ready stems, once checked against its record, as ``checked_node_audio``."""
+    async def open_node_audio(self, node: Node) -> OpenedFile:
+        """A ready node's file, open and checked (as ``checked_node_audio``): the caller
+        serves it from this handle, and closes it."""
+        return await anyio.to_thread.run_sync(self.check.open, *self._node_record(node))
+
+    async def open_stem(self, stems: Stems, stem: str) -> OpenedFile:
+        """One stem of ready stems, open and checked against its record."""
         path = self.stem_file(stems.chain_id, stems.node_id, stem)
         recorded = Recorded(
             (stems.files or {}).get(stem, ""),
@@ -115,8 +117,18 @@ class MediaStore:
             stems.channels or 0,
         )
         what = f"the {stem} stem of node '{stems.node_id}'"
-        await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
-        return path
+        return await anyio.to_thread.run_sync(self.check.open, path, recorded, what)
+
+    async def checked_stem(self, stems: Stems, stem: str) -> Path:
+        """One stem of ready stems, checked, for readers that open it by name."""
+        (await self.open_stem(stems, stem)).close()
+        return self.stem_file(stems.chain_id, stems.node_id, stem)
+
+    def _node_record(self, node: Node) -> tuple[Path, Recorded, str]:
+        recorded = Recorded(
+            node.audio_sha256 or "", node.frames or 0, node.sample_rate or 0, node.channels or 0
+        )
+        return self.node_audio(node.chain_id, node.id), recorded, f"the audio of node '{node.id}'"
 
     def node_stems(self, chain_id: str, node_id: str) -> Path:
         return self.stems_dir / chain_id / node_id

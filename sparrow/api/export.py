@@ -27,7 +27,7 @@ def export_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def attachment(request: Request, made: ExportFile) -> Response:
     return serve_file(
         request,
-        made.path,
+        made.file,
         etag=f'"{made.key}"',
         media_type=made.media_type,
         filename=made.filename,

@@ -116,10 +116,10 @@ _AUDIO_ROUTE = {
 @router.get(**_AUDIO_ROUTE)  # type: ignore[arg-type]
 @router.head(**_AUDIO_ROUTE, name="head_node_audio")  # type: ignore[arg-type]
 async def node_audio(node_id: str, request: Request, chains: Chains, caller: CallerDep) -> Response:
-    node, path = await chains.audio_file(caller, node_id)
+    node, opened = await chains.audio_file(caller, node_id)
     return serve_file(
         request,
-        path,
+        opened,
         etag=f'"{node.audio_sha256}"',
         media_type="audio/wav",
         filename=f"{node.id}.wav",
@@ -145,22 +145,23 @@ async def node_peaks(
     samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
 ) -> Response:
-    node, path, spp = await chains.peaks_source(
+    node, opened, spp = await chains.peaks_source(
         caller,
         node_id,
         pixels_per_second=pixels_per_second,
         samples_per_pixel=samples_per_pixel,
         split_channels=split_channels,
     )
-    etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
-    if etag_matches(request, etag):
-        return Response(status_code=304, headers=headers)
+    with opened:
+        etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
+        headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+        if etag_matches(request, etag):
+            return Response(status_code=304, headers=headers)
 
-    def render() -> bytes:
-        # In a worker thread; the size is bounded by ChainService.peaks_source.
-        peaks = compute_peaks(path, samples_per_pixel=spp, split_channels=split_channels)
-        return json.dumps(peaks, separators=(",", ":")).encode()
+        def render() -> bytes:
+            # In a worker thread; the size is bounded by ChainService.peaks_source.
+            peaks = compute_peaks(opened.path, samples_per_pixel=spp, split_channels=split_channels)
+            return json.dumps(peaks, separators=(",", ":")).encode()
 
-    body = await anyio.to_thread.run_sync(render)
+        body = await anyio.to_thread.run_sync(render)
     return Response(body, media_type="application/json", headers=headers)

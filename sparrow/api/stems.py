@@ -109,10 +109,10 @@ _STEM_ROUTE = {
 async def node_stem(
     node_id: str, stem: Stem, request: Request, stems: StemsDep, caller: CallerDep
 ) -> Response:
-    found, path = await stems.stem_file(caller, node_id, stem.value)
+    found, opened = await stems.stem_file(caller, node_id, stem.value)
     return serve_file(
         request,
-        path,
+        opened,
         etag=f'"{(found.files or {})[stem.value]}"',
         media_type="audio/wav",
         filename=f"{node_id}-{stem.value}.wav",

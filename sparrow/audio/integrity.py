@@ -11,6 +11,11 @@ compares it with what was recorded when it was written:
   sees the file, and again whenever its size, mtime or inode changed since it
   last matched. An overwrite of the same length fails here.
 
+A file to be served is checked once it is open (``OpenedFile``) and served
+from that same open file, so a discard or a replacement between the check and
+the last byte cannot turn a checked answer into a broken one: on Linux a file
+unlinked while open stays readable to whoever holds it.
+
 A file that fails is reported with ``DamagedAudio`` (a ``StorageUnavailable``:
 503, the server's trouble) and logged; a missing file with ``MissingAudio``,
 which a caller may tell apart from a file deleted with its row. A file that
@@ -20,10 +25,13 @@ again without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from sparrow.audio.wav import WavFormatError, file_sha256, read_layout
 from sparrow.errors import StorageUnavailable
@@ -31,6 +39,7 @@ from sparrow.errors import StorageUnavailable
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 100_000
+_FDS = Path("/proc/self/fd")  # names for open files, readable even once unlinked
 
 
 class DamagedAudio(StorageUnavailable):
@@ -51,6 +60,34 @@ class Recorded:
     channels: int
 
 
+class OpenedFile:
+    """A stored file held open. ``path`` names this very file (not whatever is at its
+    name now) for code that opens by name: Starlette's responses, NumPy's memmap."""
+
+    def __init__(self, path: Path) -> None:
+        self.original = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.stat = os.fstat(self.fd)
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return _FDS / str(self.fd) if _FDS.is_dir() else self.original
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> OpenedFile:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class FileCheck:
     """Checks stored WAVs against their records, hashing only files that changed."""
 
@@ -58,11 +95,12 @@ class FileCheck:
         self._matched: dict[Path, tuple[int, int, int, str]] = {}  # (size, mtime, inode, sha)
         self._lock = threading.Lock()  # checks run in worker threads
 
-    def verify(self, path: Path, recorded: Recorded, what: str) -> None:
-        """Raise ``DamagedAudio`` naming ``what`` ("the audio of node 'ab…'") unless ``path``
-        is the recorded file, ``MissingAudio`` if there is none. Blocking: run it in a thread."""
+    def open(self, path: Path, recorded: Recorded, what: str) -> OpenedFile:
+        """The file at ``path``, open and checked; ``DamagedAudio`` naming ``what`` ("the
+        audio of node 'ab…'") unless it is the recorded file, ``MissingAudio`` if there is
+        none. Blocking: run it in a thread."""
         try:
-            stat = path.stat()
+            opened = OpenedFile(path)
         except FileNotFoundError:
             log.error("stored file %s is missing", path)
             raise MissingAudio(
@@ -72,12 +110,25 @@ class FileCheck:
             raise DamagedAudio(
                 f"The server's copy of {what} cannot be read ({(exc.strerror or '').lower()})."
             ) from exc
+        try:
+            self._check(opened, recorded, what)
+        except BaseException:
+            opened.close()
+            raise
+        return opened
+
+    def verify(self, path: Path, recorded: Recorded, what: str) -> None:
+        """As ``open``, for a file read by name afterwards (by FFmpeg, say)."""
+        self.open(path, recorded, what).close()
+
+    def _check(self, opened: OpenedFile, recorded: Recorded, what: str) -> None:
+        stat, path = opened.stat, opened.original
         key = (stat.st_size, stat.st_mtime_ns, stat.st_ino, recorded.sha256)
         with self._lock:
             if self._matched.get(path) == key:
                 return
-        problem = _header_problem(path, stat.st_size, recorded)
-        if problem is None and file_sha256(path) != recorded.sha256:
+        problem = _header_problem(opened.path, stat.st_size, recorded)
+        if problem is None and file_sha256(opened.path) != recorded.sha256:
             problem = "its content is not what was recorded (SHA-256 differs)"
         if problem is not None:
             with self._lock:
@@ -92,9 +143,12 @@ class FileCheck:
                 self._matched.clear()
             self._matched[path] = key
 
-    def forget(self, path: Path) -> None:
-        with self._lock:
-            self._matched.pop(path, None)
+
+def open_quietly(path: Path) -> OpenedFile | None:
+    """``path`` held open, or None if there is no such file."""
+    with contextlib.suppress(FileNotFoundError):
+        return OpenedFile(path)
+    return None
 
 
 def _header_problem(path: Path, size: int, recorded: Recorded) -> str | None:

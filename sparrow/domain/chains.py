@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 
 from sparrow.audio import decode_upload
-from sparrow.audio.integrity import MissingAudio
+from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.storage import storing
 from sparrow.domain.models import (
     Caller,
@@ -185,19 +185,20 @@ class ChainService:
         await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 
-    async def audio_file(self, caller: Caller, node_id: str) -> tuple[Node, Path]:
-        """The canonical WAV of a ready node, checked against what was recorded about it."""
+    async def audio_file(self, caller: Caller, node_id: str) -> tuple[Node, OpenedFile]:
+        """The canonical WAV of a ready node, open and checked against what was recorded
+        about it; the caller serves it from that handle and closes it."""
         node = await self.get_node(caller, node_id)
         if node.status is not NodeStatus.READY:
             raise Conflict(f"Node {shown(node_id)} has no audio: {_WHY_NO_AUDIO[node.status]}.")
         try:
-            path = await self.media.checked_node_audio(node)
+            opened = await self.media.open_node_audio(node)
         except MissingAudio:
             # Deleted with its row between the read and now (a discard racing a download)?
             if await self.store.get_node(node_id, owner=caller.owner) is None:
                 raise NotFound(f"There is no node {shown(node_id)}.") from None
             raise
-        return node, path
+        return node, opened
 
     async def peaks_source(
         self,
@@ -207,24 +208,18 @@ class ChainService:
         pixels_per_second: int | None,
         samples_per_pixel: int | None,
         split_channels: bool,
-    ) -> tuple[Node, Path, int]:
-        """The ready node, its file, and the samples per pixel of the asked-for zoom."""
+    ) -> tuple[Node, OpenedFile, int]:
+        """The ready node, its file (open, as ``audio_file``), and the samples per pixel of
+        the asked-for zoom."""
         if pixels_per_second is not None and samples_per_pixel is not None:
             raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
-        node, path = await self.audio_file(caller, node_id)
-        if not node.sample_rate or node.frames is None or not node.channels:
-            raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug, not input
-        if pixels_per_second is not None:
-            # As audiowaveform computes it: whole samples per pixel, rounded down.
-            spp = max(2, node.sample_rate // pixels_per_second)
-        else:
-            spp = samples_per_pixel or DEFAULT_SAMPLES_PER_PIXEL
-        series = node.channels if split_channels else 1
-        if -(-node.frames // spp) * series > MAX_PEAK_VALUES:
-            raise InvalidInput(
-                f"That zoom gives more than {MAX_PEAK_VALUES} peaks; use fewer pixels per second."
-            )
-        return node, path, spp
+        node, opened = await self.audio_file(caller, node_id)
+        try:
+            spp = _samples_per_pixel(node, pixels_per_second, samples_per_pixel, split_channels)
+            return node, opened, spp
+        except BaseException:
+            opened.close()
+            raise
 
     async def sweep_orphans(self) -> int:
         return self.media.sweep(
@@ -232,6 +227,25 @@ class ChainService:
             await self.store.ids_with_audio(),
             await self.store.ids_with_stems(),
         )
+
+
+def _samples_per_pixel(
+    node: Node, pixels_per_second: int | None, samples_per_pixel: int | None, split: bool
+) -> int:
+    """The zoom asked for, in samples per pixel; InvalidInput past ``MAX_PEAK_VALUES``."""
+    if not node.sample_rate or node.frames is None or not node.channels:
+        raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug, not input
+    if pixels_per_second is not None:
+        # As audiowaveform computes it: whole samples per pixel, rounded down.
+        spp = max(2, node.sample_rate // pixels_per_second)
+    else:
+        spp = samples_per_pixel or DEFAULT_SAMPLES_PER_PIXEL
+    series = node.channels if split else 1
+    if -(-node.frames // spp) * series > MAX_PEAK_VALUES:
+        raise InvalidInput(
+            f"That zoom gives more than {MAX_PEAK_VALUES} peaks; use fewer pixels per second."
+        )
+    return spp
 
 
 _WHY_NO_AUDIO = {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 
+from sparrow.audio.integrity import OpenedFile, open_quietly
 from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments, output_problem, plan_join
 from sparrow.audio.storage import storage_failure
 from sparrow.domain.chains import found_chain, shown
@@ -48,7 +49,8 @@ class Part:
 
 @dataclass(frozen=True)
 class ExportFile:
-    path: Path
+    file: OpenedFile
+    """The export, held open: the caller serves it from this handle and closes it."""
     media_type: str
     filename: str
     key: str
@@ -147,14 +149,17 @@ class ExportService:
                 f"{self.settings.max_export_s:.0f} s."
             )
         try:
-            made = await self._make(chain, await parts(), label, format, crossfade_ms)
+            path = await self._make(chain, await parts(), format, crossfade_ms)
         except (Unavailable, OSError) as exc:
             await self._still_there(chain, spine)
             if isinstance(exc, OSError):
                 raise storage_failure(exc, "writing the export") from exc
             raise
         await self._still_there(chain, [])
-        return made
+        opened = await anyio.to_thread.run_sync(open_quietly, path)
+        if opened is None:  # pruned by newer exports of the chain meanwhile
+            raise Conflict("The export was replaced by newer ones before it was sent; ask again.")
+        return ExportFile(opened, MEDIA_TYPES[format], f"{chain.title}{label}.{format}", path.stem)
 
     async def _still_there(self, chain: Chain, spine: list[Node]) -> None:
         """NotFound if the chain was deleted meanwhile (its exports go too); Conflict if its
@@ -167,24 +172,19 @@ class ExportService:
             raise Conflict("The spine changed while it was being exported; export it again.")
 
     async def _make(
-        self,
-        chain: Chain,
-        parts: list[Part],
-        label: str,
-        format: ExportFormat,
-        crossfade_ms: float,
-    ) -> ExportFile:
+        self, chain: Chain, parts: list[Part], format: ExportFormat, crossfade_ms: float
+    ) -> Path:
+        """The export's file, made unless a checked one is there; its name is its key."""
         key = _key(parts, format, crossfade_ms)
         folder = self.media.chain_exports(chain.id)
         dst = folder / f"{key}.{format}"
-        result = ExportFile(dst, MEDIA_TYPES[format], f"{chain.title}{label}.{format}", key)
         paths = [p.path for p in parts]
         lock, requests = self._making.get(key, (asyncio.Lock(), 0))
         self._making[key] = (lock, requests + 1)
         try:
             async with lock:  # one request makes it; the others wait and reuse it
                 if await anyio.to_thread.run_sync(_reusable, paths, dst, format, crossfade_ms):
-                    return result
+                    return dst
                 async with self._slots:
                     await anyio.to_thread.run_sync(self.media.require_room, "the export")
                     await anyio.Path(folder).mkdir(exist_ok=True)
@@ -204,7 +204,7 @@ class ExportService:
                 del self._making[key]
             else:
                 self._making[key] = (lock, requests - 1)
-        return result
+        return dst
 
 
 def _reusable(paths: list[Path], dst: Path, format: ExportFormat, crossfade_ms: float) -> bool:

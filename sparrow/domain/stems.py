@@ -23,12 +23,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import numpy as np
 
 from sparrow.audio import write_wav
+from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_chain, found_node, shown
 from sparrow.domain.keys import KeyService
@@ -202,8 +202,8 @@ class StemsService:
             progress = control.piece_progress.get(node.id, 0.0)
         return StemsView(node, stems, progress)
 
-    async def stem_file(self, caller: Caller, node_id: str, stem: str) -> tuple[Stems, Path]:
-        """One ready stem's WAV."""
+    async def stem_file(self, caller: Caller, node_id: str, stem: str) -> tuple[Stems, OpenedFile]:
+        """One ready stem's WAV, open and checked; the caller serves it and closes it."""
         view = await self.view(caller, node_id)
         stems = view.stems
         if stems is None or stems.status is not StemsStatus.READY or not stems.files:
@@ -211,7 +211,13 @@ class StemsService:
             raise Conflict(f"The stems of node {shown(node_id)} are {state}, not ready.")
         if stem not in stems.files:
             raise NotFound(f"There is no stem {stem!r} of node {shown(node_id)}.")
-        return stems, await self.media.checked_stem(stems, stem)
+        try:
+            return stems, await self.media.open_stem(stems, stem)
+        except MissingAudio:
+            # Deleted with its node between the read and now (a discard racing a download)?
+            if await self.store.get_stems(node_id) is None:
+                raise NotFound(f"There is no node {shown(node_id)}.") from None
+            raise
 
     # -- the job ------------------------------------------------------------------------
 
