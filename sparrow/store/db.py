@@ -62,7 +62,19 @@ class Database:
         self._busy_ms = round(BUSY_S * 1000)  # the writer's busy_timeout, as last set
 
     async def open(self) -> None:
+        """Open (and migrate) the database. On a disk too full for SQLite to make its WAL
+        files, the reserve is released and the opening tried once more."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._open()
+        except sqlite3.OperationalError:
+            await self.close()
+            if not self.reserve.exists():
+                raise
+            await asyncio.to_thread(self._release_reserve)
+            await self._open()
+
+    async def _open(self) -> None:
         self._writer = await _connect(self.path, readonly=False)
         await self._writer.execute("PRAGMA journal_mode = WAL")
         # FULL: a transaction acknowledged to a client survives power loss too.
@@ -195,7 +207,9 @@ class Database:
 
     def _release_reserve(self) -> None:
         if self.reserve.exists():
-            log.warning("the disk is full: releasing the database's reserve to record job ends")
+            log.warning(
+                "the disk is full: releasing the database's reserve so that it can still write"
+            )
         with contextlib.suppress(OSError):
             self.reserve.unlink(missing_ok=True)
         self._reserve_missing = True
