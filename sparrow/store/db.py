@@ -207,9 +207,7 @@ class Database:
 
     def _release_reserve(self) -> None:
         if self.reserve.exists():
-            log.warning(
-                "the disk is full: releasing the database's reserve so that it can still write"
-            )
+            log.warning("the disk is full: releasing the database's reserve to go on writing")
         with contextlib.suppress(OSError):
             self.reserve.unlink(missing_ok=True)
         self._reserve_missing = True
