@@ -121,6 +121,12 @@ class FileCheck:
         """As ``open``, for a file read by name afterwards (by FFmpeg, say)."""
         self.open(path, recorded, what).close()
 
+    def remember(self, path: Path, sha256: str) -> None:
+        """``path`` was just written with this SHA-256: its first check need not hash it.
+        Blocking (a ``stat``)."""
+        stat = path.stat()
+        self._remember(path, (stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256))
+
     def _check(self, opened: OpenedFile, recorded: Recorded, what: str) -> None:
         stat, path = opened.stat, opened.original
         key = (stat.st_size, stat.st_mtime_ns, stat.st_ino, recorded.sha256)
@@ -138,6 +144,9 @@ class FileCheck:
                 f"The server's copy of {what} is damaged ({problem}); it cannot be used "
                 "until it is restored."
             )
+        self._remember(path, key)
+
+    def _remember(self, path: Path, key: tuple[int, int, int, str]) -> None:
         with self._lock:
             if len(self._matched) >= MAX_REMEMBERED:
                 self._matched.clear()

@@ -74,6 +74,7 @@ class ChainService:
                     ffmpeg=self.settings.ffmpeg,
                 )
             info = decoded.info
+            self.media.check.remember(dst, info.sha256)  # its first download needs no hash
             now = utc_now()
             root = Node(
                 id=node_id,

@@ -270,7 +270,9 @@ class GenerationService:
 
         def write() -> AudioInfo:
             self.media.require_room("the generated audio")
-            return write_wav(path, np.asarray(audio), self.engine.sample_rate)
+            written = write_wav(path, np.asarray(audio), self.engine.sample_rate)
+            self.media.check.remember(path, written.sha256)
+            return written
 
         try:
             info = await anyio.to_thread.run_sync(write)

@@ -327,10 +327,12 @@ class StemsService:
         def write_all() -> dict[str, str]:
             self.media.require_room("the stems")
             self.media.make_node_stems_dir(node.chain_id, node.id)
-            return {
-                name: write_wav(folder / f"{name}.wav", np.asarray(audio), rate).sha256
-                for name, audio in stems.items()
-            }
+            hashes = {}
+            for name, audio in stems.items():
+                path = folder / f"{name}.wav"
+                hashes[name] = write_wav(path, np.asarray(audio), rate).sha256
+                self.media.check.remember(path, hashes[name])
+            return hashes
 
         try:
             files = await anyio.to_thread.run_sync(write_all)
