@@ -21,7 +21,7 @@ from probe import wav_frames
 
 @contextmanager
 def mock_server(
-    data_dir: Path, log: Path, step_ms: str, **extra_env: str
+    data_dir: Path, log: Path, step_ms: str, *, wait_for: str = "/readyz", **extra_env: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``sparrow serve`` with the mock engines; yields the process and its base URL."""
     port = free_port()
@@ -29,6 +29,7 @@ def mock_server(
         data_dir,
         port,
         log=log,
+        wait_for=wait_for,
         SPARROW_ENGINE="mock",
         SPARROW_MOCK_STEP_MS=step_ms,
         **extra_env,

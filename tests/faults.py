@@ -6,6 +6,11 @@
   (runs the real one), fails, hangs, writes nothing, or writes garbage — so a test
   breaks FFmpeg and mends it again while the server runs.
 - ``assert_unavailable``: a 503 with its code, ``Retry-After``, and no server path.
+- The API calls the tests make of the server under test: ``upload_sample`` (or
+  ``post_upload`` for the bare answer), ``branch``, ``node_of`` and ``stems_of``,
+  and bounded waits for a node to be generating, for nodes to end
+  (``wait_nodes_ended``: no longer queued/generating, or in a given set of
+  statuses) and for a node's stems to end (no longer queued/separating).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
 import pytest
+from helpers import SAMPLE
 
 from sparrow.audio import ffmpeg_exe
 
@@ -77,9 +83,100 @@ def wait_not_ready(client: httpx.Client, check: str, *, timeout_s: float = 10) -
     return wait_until(failing, timeout_s=timeout_s, what=f"/readyz to fail {check}")
 
 
+# -- requests -------------------------------------------------------------------------
+
+NODE_ACTIVE = ("queued", "generating")
+STEMS_ACTIVE = ("queued", "separating")
+
+
+def post_upload(
+    client: httpx.Client, content: bytes | None = None, *, name: str = "sample.flac"
+) -> httpx.Response:
+    """``POST /api/chains`` of ``content`` (by default ``data/sample.flac``) as ``name``."""
+    data = SAMPLE.read_bytes() if content is None else content
+    return client.post("/api/chains", files={"file": (name, data, "application/octet-stream")})
+
+
+def upload_sample(client: httpx.Client) -> tuple[str, dict[str, Any]]:
+    """A new chain of ``data/sample.flac`` (asserted 201): its id and its root."""
+    created = post_upload(client)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return body["chain"]["id"], body["root"]
+
+
+def branch(
+    client: httpx.Client,
+    parent_id: str,
+    *,
+    duration_s: float = 1.0,
+    count: int = 1,
+    prompt: str = "x",
+) -> list[str]:
+    """Continuations of ``parent_id`` (asserted 202): the new nodes' ids."""
+    response = client.post(
+        f"/api/nodes/{parent_id}/branch",
+        json={"prompt": prompt, "duration_s": duration_s, "count": count},
+    )
+    assert response.status_code == 202, response.text
+    return [n["id"] for n in response.json()["nodes"]]
+
+
+def node_of(client: httpx.Client, node_id: str) -> dict[str, Any]:
+    """``GET /api/nodes/{node_id}``'s body."""
+    body: dict[str, Any] = client.get(f"/api/nodes/{node_id}").json()
+    return body
+
+
+def stems_of(client: httpx.Client, node_id: str) -> dict[str, Any]:
+    """``GET /api/nodes/{node_id}/stems``'s body."""
+    body: dict[str, Any] = client.get(f"/api/nodes/{node_id}/stems").json()
+    return body
+
+
 def no_node_left_active(client: httpx.Client, chain_id: str) -> bool:
     nodes = client.get(f"/api/chains/{chain_id}").json()["nodes"]
-    return all(n["status"] not in ("queued", "generating") for n in nodes)
+    return all(n["status"] not in NODE_ACTIVE for n in nodes)
+
+
+def wait_generating(client: httpx.Client, node_id: str, *, timeout_s: float = 10) -> None:
+    """Poll until the node is ``generating``; bounded."""
+    wait_until(
+        lambda: node_of(client, node_id)["status"] == "generating",
+        timeout_s=timeout_s,
+        what=f"node {node_id} to be generating",
+    )
+
+
+def wait_nodes_ended(
+    client: httpx.Client,
+    node_ids: Sequence[str],
+    *,
+    ends: Collection[str] | None = None,
+    timeout_s: float = 30,
+) -> list[dict[str, Any]]:
+    """The nodes once each has left queued/generating, or (given ``ends``) once each
+    one's status is among ``ends``; bounded."""
+
+    def ended() -> list[dict[str, Any]] | None:
+        nodes = [node_of(client, n) for n in node_ids]
+        if ends is None:
+            return nodes if all(n["status"] not in NODE_ACTIVE for n in nodes) else None
+        return nodes if all(n["status"] in ends for n in nodes) else None
+
+    return wait_until(ended, timeout_s=timeout_s, what=f"nodes {list(node_ids)} to end")
+
+
+def wait_stems_ended(
+    client: httpx.Client, node_id: str, *, timeout_s: float = 30
+) -> dict[str, Any]:
+    """The node's stems once they have left queued/separating; bounded."""
+
+    def ended() -> dict[str, Any] | None:
+        stems = stems_of(client, node_id)
+        return stems if stems["status"] not in STEMS_ACTIVE else None
+
+    return wait_until(ended, timeout_s=timeout_s, what=f"the stems of {node_id} to end")
 
 
 # -- file systems ---------------------------------------------------------------------

@@ -104,11 +104,17 @@ def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str
 
 @contextmanager
 def server_process(
-    data_dir: Path, port: int, *, log: Path | None = None, **extra_env: str
+    data_dir: Path,
+    port: int,
+    *,
+    log: Path | None = None,
+    wait_for: str = "/readyz",
+    **extra_env: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The real ``sparrow serve`` in a child process, ready; killed when the block ends.
 
     Sparrow's variables come only from ``extra_env``; stderr goes to ``log`` if given.
+    Ready means ``wait_for`` answers 200 (``/healthz``: merely up).
     """
     env = {
         **{
@@ -131,7 +137,7 @@ def server_process(
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{wait_for}", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

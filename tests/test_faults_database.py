@@ -18,8 +18,17 @@ from pathlib import Path
 
 import httpx
 from crashes import integrity_ok, mock_server
-from faults import assert_unavailable, readiness, wait_not_ready, wait_ready, wait_until
-from helpers import SAMPLE
+from faults import (
+    assert_unavailable,
+    branch,
+    node_of,
+    readiness,
+    upload_sample,
+    wait_generating,
+    wait_nodes_ended,
+    wait_not_ready,
+    wait_ready,
+)
 from probe import wav_frames
 
 
@@ -31,18 +40,9 @@ def test_a_locked_database_is_reported_and_work_resumes_once_it_is_released(
         mock_server(data_dir, tmp_path / "server.log", "10") as (_, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
-        created = client.post("/api/chains", files={"file": ("s.flac", SAMPLE.read_bytes())})
-        assert created.status_code == 201
-        chain_id, root = created.json()["chain"]["id"], created.json()["root"]
-        branched = client.post(
-            f"/api/nodes/{root['id']}/branch", json={"prompt": "x", "duration_s": 3, "count": 2}
-        )
-        ids = [n["id"] for n in branched.json()["nodes"]]
-        wait_until(
-            lambda: client.get(f"/api/nodes/{ids[0]}").json()["status"] == "generating",
-            timeout_s=10,
-            what="generating",
-        )
+        chain_id, root = upload_sample(client)
+        ids = branch(client, root["id"], duration_s=3, count=2)
+        wait_generating(client, ids[0])
 
         other = sqlite3.connect(data_dir / "sparrow.db", isolation_level=None)
         with contextlib.closing(other):
@@ -62,21 +62,12 @@ def test_a_locked_database_is_reported_and_work_resumes_once_it_is_released(
             assert_unavailable(renamed, "storage_unavailable")
             # The job has generated its audio meanwhile; its end waits for the lock.
             time.sleep(1)
-            statuses = {client.get(f"/api/nodes/{n}").json()["status"] for n in ids}
+            statuses = {node_of(client, n)["status"] for n in ids}
             assert statuses == {"generating"}, statuses
             other.execute("ROLLBACK")
         released_at = time.monotonic()
 
-        nodes = wait_until(
-            lambda: (
-                found
-                if all(found := [client.get(f"/api/nodes/{n}").json() for n in ids])
-                and all(n["status"] == "ready" for n in found)
-                else None
-            ),
-            timeout_s=20,
-            what="the job's end after the lock",
-        )
+        nodes = wait_nodes_ended(client, ids, ends=("ready",), timeout_s=20)
         ended_after_s = time.monotonic() - released_at
         for node in nodes:
             audio = client.get(f"/api/nodes/{node['id']}/audio")

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from crashes import mock_server
-from faults import wait_until
+from faults import branch, wait_generating, wait_until
 from sse import Message, Stream, open_stream
 
 from sparrow.audio import render_music, write_wav
@@ -220,21 +220,6 @@ def spine_ids(body: dict[str, Any]) -> list[str]:
     return [entry["node"]["id"] for entry in body["nodes"]]
 
 
-def branch_job(client: httpx.Client, parent_id: str) -> str:
-    """A 5 s continuation of ``parent_id``, once generating; returns its node's id."""
-    response = client.post(
-        f"/api/nodes/{parent_id}/branch", json={"prompt": "deep", "duration_s": 5, "count": 1}
-    )
-    assert response.status_code == 202, response.text
-    node_id: str = response.json()["nodes"][0]["id"]
-    return node_id
-
-
-def status_of(client: httpx.Client, node_id: str) -> str | None:
-    response = client.get(f"/api/nodes/{node_id}")
-    return str(response.json()["status"]) if response.status_code == 200 else None
-
-
 # -- 1. deep chains go, and quickly -----------------------------------------------------
 
 
@@ -266,11 +251,9 @@ def test_a_chain_deeper_than_sqlite_recursion_is_read_discarded_and_deleted_quic
         assert offsets == sorted(offsets) and offsets[0] == 0
 
         # Work in each part about to go (one running, one queued): cancelled, rows gone.
-        discarded_child = branch_job(client, pruned[3].id)
-        wait_until(
-            lambda: status_of(client, discarded_child) == "generating", timeout_s=10, what="start"
-        )
-        deleted_child = branch_job(client, doomed[0].id)
+        (discarded_child,) = branch(client, pruned[3].id, duration_s=5, prompt="deep")
+        wait_generating(client, discarded_child)
+        (deleted_child,) = branch(client, doomed[0].id, duration_s=5, prompt="deep")
         gone.add(discarded_child)
 
         uncommit, times["uncommit"] = timed(lambda: client.post(f"/api/nodes/{top.id}/uncommit"))

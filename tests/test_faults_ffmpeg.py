@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -33,10 +32,16 @@ from faults import (
     FFmpegStandIn,
     Mode,
     assert_unavailable,
+    branch,
     no_node_left_active,
+    node_of,
+    post_upload,
     readiness,
+    upload_sample,
+    wait_nodes_ended,
     wait_not_ready,
     wait_ready,
+    wait_stems_ended,
     wait_until,
 )
 from helpers import SAMPLE
@@ -93,10 +98,6 @@ def served(tmp_path: Path) -> Iterator[Served]:
         yield Served(proc, client, standin, data_dir, MediaStore(data_dir), secrets)
 
 
-def upload(client: httpx.Client, content: bytes, name: str = "sample.flac") -> httpx.Response:
-    return client.post("/api/chains", files={"file": (name, content, "application/octet-stream")})
-
-
 def export(client: httpx.Client, chain_id: str, fmt: str) -> httpx.Response:
     return client.post(f"/api/chains/{chain_id}/export", json={"format": fmt, "crossfade_ms": 20})
 
@@ -124,45 +125,6 @@ def assert_no_path(served_: Served, text: str) -> None:
         assert secret not in text, text
 
 
-def node(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = client.get(f"/api/nodes/{node_id}").json()
-    return body
-
-
-def stems(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = client.get(f"/api/nodes/{node_id}/stems").json()
-    return body
-
-
-def branch_one(client: httpx.Client, parent_id: str) -> str:
-    response = client.post(
-        f"/api/nodes/{parent_id}/branch", json={"prompt": "x", "duration_s": 1, "count": 1}
-    )
-    assert response.status_code == 202, response.text
-    node_id: str = response.json()["nodes"][0]["id"]
-    return node_id
-
-
-def ended(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    """The node once it has left queued/generating (bounded)."""
-
-    def done() -> dict[str, Any] | None:
-        n = node(client, node_id)
-        return n if n["status"] not in ("queued", "generating") else None
-
-    return wait_until(done, timeout_s=30, what=f"node {node_id} to end")
-
-
-def stems_ended(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    """The node's stems once they have left queued/separating (bounded)."""
-
-    def done() -> dict[str, Any] | None:
-        body = stems(client, node_id)
-        return body if body["status"] not in ("queued", "separating") else None
-
-    return wait_until(done, timeout_s=30, what=f"stems of {node_id} to end")
-
-
 def server_children(pid: int) -> list[int]:
     """The server's live child processes (FFmpeg runs among them)."""
     children: list[int] = []
@@ -180,10 +142,7 @@ def test_a_broken_ffmpeg_is_engine_unavailable_until_mended_then_the_server_reco
     formats = ["wav"] if mode == "hang" else ["wav", "flac", "mp3"]
     with served(tmp_path) as s:
         client = s.client
-        before = upload(client, SAMPLE.read_bytes())
-        assert before.status_code == 201, before.text
-        chain_id = before.json()["chain"]["id"]
-        root = before.json()["root"]
+        chain_id, root = upload_sample(client)
         assert (root["sample_rate"], root["channels"]) == (RATE, CHANNELS)
 
         # -- the fault ------------------------------------------------------------------
@@ -201,7 +160,7 @@ def test_a_broken_ffmpeg_is_engine_unavailable_until_mended_then_the_server_reco
         assert isinstance(problem, str) and problem.startswith("FFmpeg") and problem.endswith(".")
         assert_no_path(s, problem)
 
-        refused = assert_unavailable(upload(client, SAMPLE.read_bytes()), "engine_unavailable")
+        refused = assert_unavailable(post_upload(client), "engine_unavailable")
         assert_no_path(s, refused["detail"])
         for fmt in formats:
             body = assert_unavailable(export(client, chain_id, fmt), "engine_unavailable")
@@ -214,16 +173,16 @@ def test_a_broken_ffmpeg_is_engine_unavailable_until_mended_then_the_server_reco
         assert left_in(s.media.chain_exports(chain_id)) == []
         assert left_in(s.media.tmp_dir) == []
         # What was acknowledged before is served all along (no FFmpeg needed).
-        check_audio(client, node(client, root["id"]))
+        check_audio(client, node_of(client, root["id"]))
 
         # Work that reads stored audio through FFmpeg ends, with the same code.
-        failed_node = branch_one(client, root["id"])
+        (failed_node,) = branch(client, root["id"])
         assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-        gone = ended(client, failed_node)
+        (gone,) = wait_nodes_ended(client, [failed_node])
         assert gone["status"] == "error", gone
         assert gone["error"]["code"] == "engine_unavailable", gone
         assert_no_path(s, gone["error"]["detail"])
-        failed_stems = stems_ended(client, root["id"])
+        failed_stems = wait_stems_ended(client, root["id"])
         assert failed_stems["status"] == "error", failed_stems
         assert failed_stems["error"]["code"] == "engine_unavailable", failed_stems
         assert_no_path(s, failed_stems["error"]["detail"])
@@ -237,28 +196,27 @@ def test_a_broken_ffmpeg_is_engine_unavailable_until_mended_then_the_server_reco
         status, report = readiness(client)
         assert status == 200 and report["problems"] == {}, report
 
-        after = upload(client, SAMPLE.read_bytes())
-        assert after.status_code == 201, after.text
-        assert after.json()["root"]["frames"] == root["frames"]
+        after_chain_id, after_root = upload_sample(client)
+        assert after_root["frames"] == root["frames"]
         # The exports refused are made afresh, whole and correct: no garbage was cached.
         for fmt in formats:
             assert_exported(export(client, chain_id, fmt), fmt, root["frames"], tmp_path)
         assert not [n for n in left_in(s.media.chain_exports(chain_id)) if n.startswith(".")]
 
-        child = ended(client, branch_one(client, root["id"]))
+        (child,) = wait_nodes_ended(client, branch(client, root["id"]))
         assert child["status"] == "ready", child
         check_audio(client, child)
         assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-        separated = stems_ended(client, root["id"])
+        separated = wait_stems_ended(client, root["id"])
         assert separated["status"] == "ready", separated
         assert client.get(separated["urls"]["drums"]).status_code == 200
 
         # Nothing acknowledged is lost: both chains, their roots' audio, the ended node.
         listed = client.get("/api/chains").json()
-        assert {c["id"] for c in listed["items"]} == {chain_id, after.json()["chain"]["id"]}
-        check_audio(client, node(client, root["id"]))
-        check_audio(client, node(client, after.json()["root"]["id"]))
-        assert node(client, failed_node)["status"] == "error"
+        assert {c["id"] for c in listed["items"]} == {chain_id, after_chain_id}
+        check_audio(client, node_of(client, root["id"]))
+        check_audio(client, node_of(client, after_root["id"]))
+        assert node_of(client, failed_node)["status"] == "error"
         assert left_in(s.media.tmp_dir) == []
         # Every FFmpeg the fault started has ended (a hung one was killed).
         wait_until(lambda: server_children(s.proc.pid) == [], timeout_s=5, what="no FFmpeg left")
@@ -277,7 +235,7 @@ def test_a_really_bad_upload_with_a_working_ffmpeg_is_still_the_clients_fault(
     ]
     with served(tmp_path) as s:
         for what, content, status, code in cases:
-            response = upload(s.client, content, name="clip.flac")
+            response = post_upload(s.client, content, name="clip.flac")
             assert response.status_code == status, (what, response.status_code, response.text)
             assert response.json()["error"] == code, (what, response.json())
             assert "retry-after" not in response.headers, what
@@ -286,4 +244,4 @@ def test_a_really_bad_upload_with_a_working_ffmpeg_is_still_the_clients_fault(
         assert status_ == 200 and report["checks"]["ffmpeg"] is True, report
         assert s.client.get("/api/chains").json()["total"] == 0
         assert left_in(s.media.audio_dir) == [] and left_in(s.media.tmp_dir) == []
-        assert upload(s.client, SAMPLE.read_bytes()).status_code == 201
+        assert post_upload(s.client).status_code == 201

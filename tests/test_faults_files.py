@@ -36,8 +36,16 @@ from typing import Any
 import httpx
 import pytest
 from crashes import mock_server
-from faults import assert_unavailable, no_node_left_active, readiness, wait_until
-from helpers import SAMPLE
+from faults import (
+    assert_unavailable,
+    branch,
+    no_node_left_active,
+    node_of,
+    readiness,
+    upload_sample,
+    wait_nodes_ended,
+    wait_stems_ended,
+)
 from probe import wav_frames
 
 from sparrow.media import MediaStore
@@ -159,42 +167,10 @@ def restore(path: Path, original: bytes) -> None:
 # -- requests -------------------------------------------------------------------------
 
 
-def upload(client: httpx.Client) -> tuple[str, dict[str, Any]]:
-    """A new chain of ``data/sample.flac``: its id and its ready root."""
-    created = client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})
-    assert created.status_code == 201, created.text
-    body = created.json()
-    return body["chain"]["id"], body["root"]
-
-
 def branch_ready(client: httpx.Client, parent_id: str, *, count: int = 1) -> list[dict[str, Any]]:
-    """Branch 1 s continuations and wait for them to end; returns them as they ended."""
+    """Branch 1 s continuations and wait for them to be ready or error; returns them so."""
     ids = branch(client, parent_id, count=count)
-    return wait_ended(client, ids)
-
-
-def branch(client: httpx.Client, parent_id: str, *, count: int = 1) -> list[str]:
-    response = client.post(
-        f"/api/nodes/{parent_id}/branch", json={"prompt": "x", "duration_s": 1, "count": count}
-    )
-    assert response.status_code == 202, response.text
-    return [n["id"] for n in response.json()["nodes"]]
-
-
-def wait_ended(client: httpx.Client, node_ids: list[str]) -> list[dict[str, Any]]:
-    def ended() -> list[dict[str, Any]] | None:
-        nodes = [client.get(f"/api/nodes/{n}").json() for n in node_ids]
-        return nodes if all(n["status"] in ("ready", "error") for n in nodes) else None
-
-    return wait_until(ended, timeout_s=WAIT_S, what=f"nodes {node_ids} to end")
-
-
-def wait_stems(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    def ended() -> dict[str, Any] | None:
-        stems: dict[str, Any] = client.get(f"/api/nodes/{node_id}/stems").json()
-        return stems if stems["status"] in ("ready", "error", "cancelled") else None
-
-    return wait_until(ended, timeout_s=WAIT_S, what=f"the stems of {node_id} to end")
+    return wait_nodes_ended(client, ids, ends=("ready", "error"), timeout_s=WAIT_S)
 
 
 def served_whole(response: httpx.Response, frames: int) -> bytes:
@@ -228,8 +204,8 @@ def test_a_damaged_node_file_is_refused_with_503_until_its_bytes_are_restored(
     served: Served, damage: str
 ) -> None:
     client = served.client
-    _chain_id, root = upload(client)
-    _other_chain, other = upload(client)
+    _chain_id, root = upload_sample(client)
+    _other_chain, other = upload_sample(client)
     audio_url, peaks_url = f"/api/nodes/{root['id']}/audio", f"/api/nodes/{root['id']}/peaks"
     original = served_whole(client.get(audio_url), root["frames"])
     etag = client.get(audio_url).headers["etag"]
@@ -248,7 +224,7 @@ def test_a_damaged_node_file_is_refused_with_503_until_its_bytes_are_restored(
         assert_unavailable(client.get(peaks_url), CODE)
         revalidated = client.get(peaks_url, headers={"If-None-Match": peaks.headers["etag"]})
         assert_unavailable(revalidated, CODE)
-    node = client.get(f"/api/nodes/{root['id']}").json()
+    node = node_of(client, root["id"])
     assert node["status"] == "ready"
     served_whole(client.get(f"/api/nodes/{other['id']}/audio"), other["frames"])
     assert readiness(client)[0] == 200
@@ -273,7 +249,7 @@ def test_branching_from_a_damaged_node_ends_the_new_nodes_storage_unavailable(
     served: Served, damage: str
 ) -> None:
     client = served.client
-    chain_id, root = upload(client)
+    chain_id, root = upload_sample(client)
     path = served.media.node_audio(chain_id, root["id"])
     original = path.read_bytes()
     served_whole(client.get(f"/api/nodes/{root['id']}/audio"), root["frames"])
@@ -300,7 +276,7 @@ def test_branching_from_a_damaged_node_ends_the_new_nodes_storage_unavailable(
 
 def test_stems_of_a_damaged_node_end_in_error_and_a_damaged_stem_is_503(served: Served) -> None:
     client = served.client
-    chain_id, root = upload(client)
+    chain_id, root = upload_sample(client)
     path = served.media.node_audio(chain_id, root["id"])
     original = path.read_bytes()
     stems_url = f"/api/nodes/{root['id']}/stems"
@@ -309,7 +285,7 @@ def test_stems_of_a_damaged_node_end_in_error_and_a_damaged_stem_is_503(served: 
     # would be made of it padded with silence.
     truncate(path, by=10 * root["channels"] * 2)
     assert client.post(stems_url).status_code == 202
-    stems = wait_stems(client, root["id"])
+    stems = wait_stems_ended(client, root["id"], timeout_s=WAIT_S)
     assert stems["status"] == "error", stems
     assert stems["error"]["code"] == CODE, stems
     assert_no_path(stems["error"]["detail"], served.data_dir)
@@ -320,7 +296,7 @@ def test_stems_of_a_damaged_node_end_in_error_and_a_damaged_stem_is_503(served: 
 
     restore(path, original)
     assert client.post(stems_url).status_code == 202
-    stems = wait_stems(client, root["id"])
+    stems = wait_stems_ended(client, root["id"], timeout_s=WAIT_S)
     assert stems["status"] == "ready", stems
     assert sorted(stems["urls"]) == ["bass", "drums", "other", "vocals"]
     bodies = {
@@ -350,7 +326,7 @@ def test_an_export_of_a_spine_with_a_damaged_node_is_503_until_restored(
     served: Served, damage: str
 ) -> None:
     client = served.client
-    chain_id, root = upload(client)
+    chain_id, root = upload_sample(client)
     (child,) = branch_ready(client, root["id"])
     assert child["status"] == "ready", child
     assert client.post(f"/api/nodes/{child['id']}/commit").status_code == 200

@@ -38,8 +38,15 @@ from typing import Any, Generic, TypeVar
 import httpx
 import pytest
 from crashes import mock_server
-from faults import FFmpegStandIn, no_node_left_active, readiness, wait_until
-from helpers import SAMPLE
+from faults import (
+    FFmpegStandIn,
+    branch,
+    no_node_left_active,
+    node_of,
+    readiness,
+    upload_sample,
+    wait_until,
+)
 from probe import wav_frames
 
 from sparrow.media import MediaStore
@@ -104,25 +111,11 @@ class Background(Generic[T]):
 # -- requests -------------------------------------------------------------------------
 
 
-def upload(client: httpx.Client) -> tuple[str, dict[str, Any]]:
-    created = client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})
-    assert created.status_code == 201, created.text
-    body = created.json()
-    return body["chain"]["id"], body["root"]
-
-
-def branch(client: httpx.Client, parent_id: str, *, duration_s: float, count: int) -> list[str]:
-    response = client.post(
-        f"/api/nodes/{parent_id}/branch",
-        json={"prompt": "x", "duration_s": duration_s, "count": count},
-    )
-    assert response.status_code == 202, response.text
-    return [n["id"] for n in response.json()["nodes"]]
-
-
 def wait_ready_nodes(client: httpx.Client, node_ids: list[str]) -> list[dict[str, Any]]:
+    """The nodes once all are ready; one in ``error`` fails at once."""
+
     def ready() -> list[dict[str, Any]] | None:
-        nodes = [client.get(f"/api/nodes/{n}").json() for n in node_ids]
+        nodes = [node_of(client, n) for n in node_ids]
         assert all(n["status"] != "error" for n in nodes), nodes
         return nodes if all(n["status"] == "ready" for n in nodes) else None
 
@@ -131,7 +124,7 @@ def wait_ready_nodes(client: httpx.Client, node_ids: list[str]) -> list[dict[str
 
 def chain_with_spine(client: httpx.Client) -> tuple[str, list[dict[str, Any]]]:
     """A chain whose spine is its root and one 1 s continuation."""
-    chain_id, root = upload(client)
+    chain_id, root = upload_sample(client)
     (child,) = wait_ready_nodes(client, branch(client, root["id"], duration_s=1, count=1))
     assert client.post(f"/api/nodes/{child['id']}/commit").status_code == 200
     return chain_id, [root, child]
@@ -315,9 +308,9 @@ def test_concurrent_deletes_during_stems_and_generation_leave_no_folder_and_a_re
 ) -> None:
     with serve(tmp_path, STEP_MS) as served:
         client, media = served.client, served.media
-        stems_chain, stems_root = upload(client)
-        gen_chain, gen_root = upload(client)
-        next_chain, next_root = upload(client)
+        stems_chain, stems_root = upload_sample(client)
+        gen_chain, gen_root = upload_sample(client)
+        next_chain, next_root = upload_sample(client)
         assert client.post(f"/api/nodes/{stems_root['id']}/stems").status_code == 202
         generated = branch(client, gen_root["id"], duration_s=6, count=2)
         queued_after = branch(client, next_root["id"], duration_s=1, count=1)
@@ -358,7 +351,7 @@ def test_concurrent_deletes_during_stems_and_generation_leave_no_folder_and_a_re
 def test_a_download_under_way_ends_whole_when_its_node_is_discarded(tmp_path: Path) -> None:
     with serve(tmp_path, "0") as served:
         client, media = served.client, served.media
-        chain_id, root = upload(client)
+        chain_id, root = upload_sample(client)
         (node,) = wait_ready_nodes(client, branch(client, root["id"], duration_s=30, count=1))
         path = media.node_audio(chain_id, node["id"])
         size = path.stat().st_size
@@ -423,7 +416,7 @@ def test_a_node_discarded_while_asked_for_is_a_whole_file_or_a_404_never_503(
 ) -> None:
     with serve(tmp_path, "0") as served:
         client, media = served.client, served.media
-        chain_id, root = upload(client)
+        chain_id, root = upload_sample(client)
         siblings = wait_ready_nodes(
             client, branch(client, root["id"], duration_s=2, count=SIBLINGS)
         )

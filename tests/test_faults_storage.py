@@ -13,6 +13,7 @@ new work completes, and nothing acknowledged before the fault is lost.
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,54 +22,26 @@ import httpx
 from crashes import mock_server
 from faults import (
     assert_unavailable,
+    branch,
     fill,
     no_node_left_active,
+    post_upload,
     remount,
     tmpfs,
+    upload_sample,
+    wait_generating,
+    wait_nodes_ended,
     wait_not_ready,
     wait_ready,
+    wait_stems_ended,
     wait_until,
 )
-from helpers import SAMPLE
 from probe import wav_frames
 
 STEP_MS = "10"  # mock engines: 0.5 s per second of audio, so faults land mid-job
 # The tmpfs is small: a floor below what it holds once the database's 8 MiB reserve is
 # released, above the reserve itself (so the reserve goes to recording job ends only).
 SMALL_DISK = {"SPARROW_MIN_FREE_MB": "16"}
-
-
-def _upload(client: httpx.Client) -> httpx.Response:
-    return client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})
-
-
-def _branch(client: httpx.Client, parent_id: str, **body: Any) -> list[dict[str, Any]]:
-    response = client.post(
-        f"/api/nodes/{parent_id}/branch", json={"prompt": "x", "duration_s": 4, **body}
-    )
-    assert response.status_code == 202, response.text
-    nodes: list[dict[str, Any]] = response.json()["nodes"]
-    return nodes
-
-
-def _node(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    node: dict[str, Any] = client.get(f"/api/nodes/{node_id}").json()
-    return node
-
-
-def _stems(client: httpx.Client, node_id: str) -> dict[str, Any]:
-    stems: dict[str, Any] = client.get(f"/api/nodes/{node_id}/stems").json()
-    return stems
-
-
-def _ended(client: httpx.Client, node_ids: list[str]) -> list[dict[str, Any]] | None:
-    nodes = [_node(client, n) for n in node_ids]
-    return nodes if all(n["status"] in ("ready", "error", "cancelled") for n in nodes) else None
-
-
-def _stems_ended(client: httpx.Client, node_id: str) -> dict[str, Any] | None:
-    stems = _stems(client, node_id)
-    return stems if stems["status"] in ("ready", "error", "cancelled") else None
 
 
 def _check_intact(client: httpx.Client, root: dict[str, Any]) -> None:
@@ -81,12 +54,11 @@ def _check_intact(client: httpx.Client, root: dict[str, Any]) -> None:
 def _check_recovered(client: httpx.Client, root: dict[str, Any]) -> None:
     """No restart: ready, new uploads, branches and stems complete, nothing lost."""
     _check_intact(client, root)
-    assert _upload(client).status_code == 201
-    fresh = _branch(client, root["id"], duration_s=1)
-    done = wait_until(lambda: _ended(client, [fresh[0]["id"]]), timeout_s=20, what="a new branch")
+    assert post_upload(client).status_code == 201
+    done = wait_nodes_ended(client, branch(client, root["id"]), timeout_s=20)
     assert done[0]["status"] == "ready", done
     assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-    stems = wait_until(lambda: _stems_ended(client, root["id"]), timeout_s=20, what="new stems")
+    stems = wait_stems_ended(client, root["id"], timeout_s=20)
     assert stems["status"] == "ready", stems
     gpu = client.get("/api/gpu").json()
     assert gpu["running"] == [] and gpu["queue_depth"] == 0
@@ -94,25 +66,21 @@ def _check_recovered(client: httpx.Client, root: dict[str, Any]) -> None:
 
 def _start_job(client: httpx.Client) -> tuple[dict[str, Any], list[str]]:
     """An upload's root, and the ids of a two-sibling branch of it once it is generating."""
-    created = _upload(client)
-    assert created.status_code == 201
-    root: dict[str, Any] = created.json()["root"]
-    ids = [n["id"] for n in _branch(client, root["id"], count=2)]
-    wait_until(
-        lambda: _node(client, ids[0])["status"] == "generating", timeout_s=10, what="generating"
-    )
+    _chain_id, root = upload_sample(client)
+    ids = branch(client, root["id"], duration_s=4, count=2)
+    wait_generating(client, ids[0])
     return root, ids
 
 
 def _check_work_ends_unsaved(client: httpx.Client, root: dict[str, Any], ids: list[str]) -> None:
     """During the fault: the running job ends, and so do stems asked for meanwhile, each
     ``error`` / ``storage_unavailable`` (their audio cannot be saved); nothing stays active."""
-    ended = wait_until(lambda: _ended(client, ids), timeout_s=20, what="the job's end")
+    ended = wait_nodes_ended(client, ids, timeout_s=20)
     for node in ended:
         assert node["status"] == "error", node
         assert node["error"]["code"] == "storage_unavailable", node
     assert client.post(f"/api/nodes/{root['id']}/stems").status_code == 202
-    stems = wait_until(lambda: _stems_ended(client, root["id"]), timeout_s=20, what="stems")
+    stems = wait_stems_ended(client, root["id"], timeout_s=20)
     assert stems["status"] == "error" and stems["error"]["code"] == "storage_unavailable"
     assert no_node_left_active(client, root["chain_id"])
 
@@ -130,7 +98,7 @@ def test_a_full_disk_ends_every_job_answers_503_and_clears_by_itself(tmp_path: P
         shown_after_s = time.monotonic() - full_at
         # "no space left on device", or "almost full" once the database's reserve went.
         assert re.search("no space left|almost full", body["problems"]["storage"]), body
-        upload = assert_unavailable(_upload(client), "storage_unavailable")
+        upload = assert_unavailable(post_upload(client), "storage_unavailable")
         assert "almost full" in upload["detail"], upload
         assert client.get("/api/chains").json()["total"] == 1  # reads keep working
         _check_intact(client, root)
@@ -171,7 +139,7 @@ def test_a_read_only_data_dir_ends_every_job_answers_503_and_clears_by_itself(
         try:
             body = wait_not_ready(client, "storage")
             assert "read-only file system" in body["problems"]["storage"]
-            upload = assert_unavailable(_upload(client), "storage_unavailable")
+            upload = assert_unavailable(post_upload(client), "storage_unavailable")
             assert "read-only file system" in upload["detail"]
             _check_intact(client, root)
             _check_work_ends_unsaved(client, root, ids)
@@ -179,3 +147,42 @@ def test_a_read_only_data_dir_ends_every_job_answers_503_and_clears_by_itself(
             remount(data_dir, read_only=False)
         wait_ready(client)
         _check_recovered(client, root)
+
+
+def test_a_server_started_on_a_full_disk_serves_reads_and_says_so_until_there_is_room(
+    tmp_path: Path,
+) -> None:
+    """So full that SQLite cannot even make its WAL files: the database's reserve (made
+    by the first start) is released, the server starts, and it recovers by itself."""
+    with tmpfs(tmp_path / "disk", 64) as data_dir:
+        with (
+            mock_server(data_dir, tmp_path / "first.log", STEP_MS, **SMALL_DISK) as (proc, base),
+            httpx.Client(base_url=base, timeout=30) as client,
+        ):
+            _chain_id, root = upload_sample(client)
+            # A clean stop: SQLite removes its WAL files, which the next start must make.
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+            assert not (data_dir / "sparrow.db-wal").exists()
+        assert (data_dir / "sparrow.db.reserve").stat().st_size == 8 << 20
+        filler = fill(data_dir)
+        with (
+            mock_server(
+                data_dir, tmp_path / "second.log", STEP_MS, wait_for="/healthz", **SMALL_DISK
+            ) as (_, base),
+            httpx.Client(base_url=base, timeout=30) as client,
+        ):
+            body = wait_not_ready(client, "storage")
+            assert "almost full" in body["problems"]["storage"], body
+            assert body["checks"]["database"] is True, body
+            _check_intact(client, root)  # reads work
+            assert_unavailable(post_upload(client), "storage_unavailable")
+            filler.unlink()
+            wait_ready(client)
+            _check_recovered(client, root)
+            # Room again: the reserve is back, for the next time.
+            wait_until(
+                lambda: (data_dir / "sparrow.db.reserve").exists(), timeout_s=10, what="reserve"
+            )
+        log = (tmp_path / "second.log").read_text()
+        assert "releasing the database's reserve" in log, log
