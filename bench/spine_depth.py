@@ -31,8 +31,8 @@ from pathlib import Path
 
 from bench.table import Options, Row, progress
 from bench.timing import interleaved, timed
-from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.events import EventHub
+from sparrow.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.store import ChainStore, Database
 from sparrow.store.rows import NODE_COLUMNS, node_from_row
 

@@ -51,8 +51,8 @@ def _keys(args: argparse.Namespace) -> int:
     import asyncio
 
     from sparrow.domain.keys import KeyService
-    from sparrow.domain.models import Tier
     from sparrow.errors import SparrowError
+    from sparrow.models import Tier
     from sparrow.settings import Settings
     from sparrow.store import Database
     from sparrow.store.keys import KeyStore

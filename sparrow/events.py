@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
-from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
+from sparrow.models import NodeError, NodeStatus, StemsStatus
 
 # -- the events ---------------------------------------------------------------------
 

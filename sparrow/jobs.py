@@ -36,8 +36,8 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from sparrow.domain.models import Job, JobKind, NodeError
 from sparrow.errors import SparrowError, StorageUnavailable
+from sparrow.models import Job, JobKind, NodeError
 from sparrow.store import ChainStore, ChainWriter
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import anyio
 from sparrow.audio.atomic import fsync_path
 from sparrow.audio.integrity import FileCheck, OpenedFile, Recorded
 from sparrow.audio.storage import storing
-from sparrow.domain.models import Node, Stems, new_id
 from sparrow.errors import StorageUnavailable
+from sparrow.models import Node, Stems, new_id
 
 log = logging.getLogger(__name__)
 

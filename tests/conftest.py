@@ -3,17 +3,21 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import corpus
 import httpx
 import pytest
 from corpus import BadUpload, GoodUpload
 from fastapi import FastAPI
+from helpers import ML_REASON, ml_installed
 from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
-from sparrow.engines.tiny import TinyModels, make_tiny_models
 from sparrow.settings import Settings
+
+if TYPE_CHECKING:
+    from sparrow.engines.tiny import TinyModels
 
 
 @pytest.fixture
@@ -69,5 +73,12 @@ def bad_uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadUpload
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    """Tiny random-weight MusicGen and Demucs models on disk, built once per session."""
+    """Tiny random-weight MusicGen and Demucs models on disk, built once per session.
+
+    Without the ml extra, every test that asks for them is skipped with one reason.
+    """
+    if not ml_installed():
+        pytest.skip(ML_REASON)
+    from sparrow.engines.tiny import make_tiny_models
+
     return make_tiny_models(tmp_path_factory.mktemp("models"))

@@ -15,7 +15,7 @@ from helpers import SAMPLE, add_child, services, upload
 from sparrow.api import create_app
 from sparrow.audio import read_wav_info
 from sparrow.domain import health
-from sparrow.domain.models import NodeStatus
+from sparrow.models import NodeStatus
 from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio

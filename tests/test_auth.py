@@ -23,7 +23,7 @@ from live import sparrow_cli
 
 from sparrow.api import create_app
 from sparrow.domain.keys import _stream_mac, hash_key
-from sparrow.domain.models import Tier
+from sparrow.models import Tier
 from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -12,6 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ML_REASON
+
+pytest.importorskip("torch", reason=ML_REASON)
+pytest.importorskip("transformers", reason=ML_REASON)
+pytest.importorskip("demucs", reason=ML_REASON)
+
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
 

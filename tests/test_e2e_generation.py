@@ -13,7 +13,7 @@ import io
 import wave
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -21,8 +21,10 @@ from helpers import SAMPLE
 from live import running_server
 from sse import Message, Stream, open_stream
 
-from sparrow.engines.tiny import TinyModels
 from sparrow.settings import Settings
+
+if TYPE_CHECKING:
+    from sparrow.engines.tiny import TinyModels
 
 DURATION_S = 1.1
 SAMPLE_RATE = 32_000

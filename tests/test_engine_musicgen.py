@@ -7,6 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ML_REASON
+
+pytest.importorskip("torch", reason=ML_REASON)
+pytest.importorskip("transformers", reason=ML_REASON)
+pytest.importorskip("demucs", reason=ML_REASON)
+
 import torch
 from demucs.api import Separator
 from demucs.pretrained import get_model

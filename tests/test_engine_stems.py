@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from helpers import ML_REASON, ml_installed
 
 from sparrow.engines import UnavailableEngine, build_stem_engine
 from sparrow.engines.base import STEM_NAMES, Audio, Cancelled, Progress, StemEngine
-from sparrow.engines.demucs import DemucsEngine
 from sparrow.engines.mock_stems import MockStemEngine, split_bands
-from sparrow.engines.tiny import TinyModels
 from sparrow.errors import EngineUnavailable, GenerationFailed
 from sparrow.settings import Settings
+
+if TYPE_CHECKING:
+    from sparrow.engines.demucs import DemucsEngine
+    from sparrow.engines.tiny import TinyModels
+
+
+def _demucs(name: str, repo: Path) -> DemucsEngine:
+    from sparrow.engines.demucs import DemucsEngine  # torch: only where the real engine runs
+
+    return DemucsEngine(name, repo=repo, device="cpu")
+
 
 SR = 44_100
 
 
 @pytest.fixture(scope="module")
 def demucs(tiny_models: TinyModels) -> DemucsEngine:
-    engine = DemucsEngine(tiny_models.demucs_name, repo=tiny_models.demucs, device="cpu")
+    engine = _demucs(tiny_models.demucs_name, tiny_models.demucs)
     engine.load()
     return engine
 
@@ -61,7 +72,7 @@ def assert_stems(stems: dict[str, Audio], frames: int, channels: int = 2) -> Non
 
 
 def test_demucs_loads_from_a_local_repo(tiny_models: TinyModels) -> None:
-    engine = DemucsEngine(tiny_models.demucs_name, repo=tiny_models.demucs, device="cpu")
+    engine = _demucs(tiny_models.demucs_name, tiny_models.demucs)
     before = engine.info()
     assert (before.engine, before.model, before.device, before.loaded, before.dtype) == (
         "demucs",
@@ -125,14 +136,14 @@ def test_demucs_missing_model_or_repo_is_unavailable(
     tiny_models: TinyModels, tmp_path: Path
 ) -> None:
     with pytest.raises(EngineUnavailable, match="'nope'"):
-        DemucsEngine("nope", repo=tiny_models.demucs, device="cpu").load()
+        _demucs("nope", tiny_models.demucs).load()
     missing = tmp_path / "no-repo"
     with pytest.raises(EngineUnavailable, match="not a folder"):
-        DemucsEngine(tiny_models.demucs_name, repo=missing, device="cpu").load()
+        _demucs(tiny_models.demucs_name, missing).load()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / f"{tiny_models.demucs_name}.th").write_bytes(b"not a model")
-    engine = DemucsEngine(tiny_models.demucs_name, repo=broken, device="cpu")
+    engine = _demucs(tiny_models.demucs_name, broken)
     with pytest.raises(EngineUnavailable, match="could not be loaded"):
         engine.load()
     assert not engine.info().loaded
@@ -191,6 +202,13 @@ def test_split_bands_leaves_silence_silent() -> None:
 def test_build_stem_engine_follows_the_settings(tmp_path: Path) -> None:
     mock = build_stem_engine(Settings(data_dir=tmp_path, engine="mock", mock_step_ms=7))
     assert isinstance(mock, MockStemEngine) and mock.step_ms == 7
+
+
+def test_build_stem_engine_builds_demucs_from_the_settings(tmp_path: Path) -> None:
+    if not ml_installed():
+        pytest.skip(ML_REASON)
+    from sparrow.engines.demucs import DemucsEngine
+
     repo = tmp_path / "repo"
     real = build_stem_engine(
         Settings(data_dir=tmp_path, demucs_model="m", demucs_repo=repo, device="cpu")

@@ -15,7 +15,6 @@ from live import running_server
 from sse import Message, open_stream
 
 from sparrow.api.schemas import EVENT_DATA
-from sparrow.domain.models import NodeError, NodeStatus, StemsStatus
 from sparrow.events import (
     ChainDeleted,
     Event,
@@ -28,6 +27,7 @@ from sparrow.events import (
     StemsStatusChanged,
     StoredEvent,
 )
+from sparrow.models import NodeError, NodeStatus, StemsStatus
 from sparrow.settings import Settings
 
 

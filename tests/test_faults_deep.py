@@ -43,7 +43,10 @@ from faults import branch, wait_generating, wait_until
 from sse import Message, Stream, open_stream
 
 from sparrow.audio import render_music, write_wav
-from sparrow.domain.models import (
+from sparrow.engines.base import STEM_NAMES
+from sparrow.events import EventHub
+from sparrow.media import MediaStore
+from sparrow.models import (
     Chain,
     Node,
     NodeError,
@@ -52,9 +55,6 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.engines.base import STEM_NAMES
-from sparrow.events import EventHub
-from sparrow.media import MediaStore
 from sparrow.store import ChainStore, Database
 from sparrow.store.migrations import MIGRATIONS
 from sparrow.store.rows import NODE_COLUMNS, node_values

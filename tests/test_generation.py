@@ -336,8 +336,8 @@ async def test_cancelled_jobs_free_their_place_in_the_queue(slow: Any) -> None:
 
 
 async def test_cancelling_other_nodes_never_touches_a_starting_job(app: FastAPI) -> None:
-    from sparrow.domain.models import Job, JobKind
     from sparrow.jobs import JobControl
+    from sparrow.models import Job, JobKind
 
     control = JobControl(Job("j", "c", JobKind.GENERATE, {}, "now"))
     control.forget(["someone-else"])  # before the job knows its nodes

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sparrow.domain.chains import ChainService
-from sparrow.domain.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.errors import Conflict, NotFound
 from sparrow.events import EventHub
 from sparrow.media import MediaStore
+from sparrow.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter, Database
 

@@ -12,7 +12,7 @@ import io
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -21,9 +21,11 @@ from helpers import SAMPLE, add_child, authed_app, bearer, services, upload
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav
-from sparrow.domain.models import Job, JobKind, NodeStatus, StemsStatus, Tier, new_id, utc_now
-from sparrow.engines.tiny import TinyModels
+from sparrow.models import Job, JobKind, NodeStatus, StemsStatus, Tier, new_id, utc_now
 from sparrow.settings import Settings
+
+if TYPE_CHECKING:
+    from sparrow.engines.tiny import TinyModels
 
 pytestmark = pytest.mark.anyio
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.domain.models import Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.events import EventHub
+from sparrow.models import Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.store import ChainStore, Database
 from sparrow.store.migrations import MIGRATIONS
 

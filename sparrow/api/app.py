@@ -29,13 +29,13 @@ from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
 from sparrow.domain.health import HealthService
 from sparrow.domain.keys import KeyService
-from sparrow.domain.models import JobKind
 from sparrow.domain.queue import QueueLimits
 from sparrow.domain.stems import StemsService
 from sparrow.engines import Engine, GenerationEngine, StemEngine, build_engine, build_stem_engine
 from sparrow.events import EventHub
 from sparrow.jobs import Worker
 from sparrow.media import MediaStore
+from sparrow.models import JobKind
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, Database
 from sparrow.store.events import EventLog

@@ -10,8 +10,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sparrow.domain.chains import ChainService
 from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
-from sparrow.domain.models import Caller
 from sparrow.domain.stems import StemsService
+from sparrow.models import Caller
 
 if TYPE_CHECKING:
     from sparrow.api.app import Services

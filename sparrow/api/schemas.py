@@ -9,9 +9,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
 from sparrow.domain.chains import TITLE_MAX, TITLE_PATTERN
 from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S
-from sparrow.domain.models import Chain, Node, NodeKind, NodeStatus, Spine, StemsStatus
 from sparrow.domain.stems import StemsView
 from sparrow.engines.base import STEM_NAMES, EngineInfo
+from sparrow.models import Chain, Node, NodeKind, NodeStatus, Spine, StemsStatus
 
 TITLE_DESCRIPTION = (
     f"At most {TITLE_MAX} characters, not blank; control characters become spaces and runs "

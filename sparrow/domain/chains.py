@@ -16,7 +16,10 @@ import anyio
 from sparrow.audio import decode_upload
 from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.storage import storing
-from sparrow.domain.models import (
+from sparrow.errors import Conflict, InvalidInput, NotFound
+from sparrow.events import ChainDeleted, NodesDeleted, SpineChanged
+from sparrow.media import MediaStore
+from sparrow.models import (
     Caller,
     Chain,
     Node,
@@ -26,9 +29,6 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.errors import Conflict, InvalidInput, NotFound
-from sparrow.events import ChainDeleted, NodesDeleted, SpineChanged
-from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 

@@ -24,9 +24,9 @@ from sparrow.audio.integrity import OpenedFile, open_quietly
 from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments, output_problem, plan_join
 from sparrow.audio.storage import storage_failure
 from sparrow.domain.chains import found_chain, shown
-from sparrow.domain.models import Caller, Chain, Node, StemsStatus
 from sparrow.errors import Conflict, InvalidInput, NotFound, PaymentRequired, Unavailable
 from sparrow.media import MediaStore
+from sparrow.models import Caller, Chain, Node, StemsStatus
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 

@@ -24,7 +24,14 @@ import numpy as np
 from sparrow.audio import AudioInfo, write_wav
 from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_node, shown
-from sparrow.domain.models import (
+from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
+from sparrow.domain.queue import QueueLimits
+from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
+from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
+from sparrow.events import NodeProgress, NodeStatusChanged
+from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
+from sparrow.media import MediaStore
+from sparrow.models import (
     ACTIVE,
     Caller,
     Job,
@@ -36,13 +43,6 @@ from sparrow.domain.models import (
     new_id,
     utc_now,
 )
-from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
-from sparrow.domain.queue import QueueLimits
-from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
-from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
-from sparrow.events import NodeProgress, NodeStatusChanged
-from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
-from sparrow.media import MediaStore
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
 

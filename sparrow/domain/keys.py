@@ -25,8 +25,8 @@ import hmac
 import secrets
 import time
 
-from sparrow.domain.models import LOCAL_USER, ApiKey, Caller, Tier, new_id, utc_now
 from sparrow.errors import InvalidInput, NotFound, Unauthorized
+from sparrow.models import LOCAL_USER, ApiKey, Caller, Tier, new_id, utc_now
 from sparrow.store.keys import KeyStore
 
 KEY_PREFIX = "sk_"

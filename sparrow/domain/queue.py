@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from sparrow.domain.models import Caller
 from sparrow.errors import Overloaded
+from sparrow.models import Caller
 from sparrow.settings import Settings
 from sparrow.store import ChainWriter
 

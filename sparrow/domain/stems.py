@@ -32,20 +32,6 @@ from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_chain, found_node, shown
 from sparrow.domain.keys import KeyService
-from sparrow.domain.models import (
-    STEMS_ACTIVE,
-    Caller,
-    Job,
-    JobKind,
-    Node,
-    NodeError,
-    NodeStatus,
-    Stems,
-    StemsStatus,
-    Tier,
-    new_id,
-    utc_now,
-)
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import STEM_NAMES, Audio, Cancelled, StemEngine
@@ -60,6 +46,20 @@ from sparrow.errors import (
 from sparrow.events import StemsProgress, StemsStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
 from sparrow.media import MediaStore
+from sparrow.models import (
+    STEMS_ACTIVE,
+    Caller,
+    Job,
+    JobKind,
+    Node,
+    NodeError,
+    NodeStatus,
+    Stems,
+    StemsStatus,
+    Tier,
+    new_id,
+    utc_now,
+)
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
 

@@ -18,8 +18,8 @@ from contextlib import asynccontextmanager
 
 import aiosqlite
 
-from sparrow.domain.models import Chain, Node, Stems, utc_now
 from sparrow.events import EventHub, StoredEvent
+from sparrow.models import Chain, Node, Stems, utc_now
 from sparrow.store.db import BUSY_S, Database
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites

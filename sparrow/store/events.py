@@ -13,8 +13,8 @@ import json
 
 import aiosqlite
 
-from sparrow.domain.models import utc_now
 from sparrow.events import Event, StoredEvent
+from sparrow.models import utc_now
 from sparrow.store.db import Database
 
 

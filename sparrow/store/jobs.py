@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from sparrow.domain.models import Job, JobKind, Node, NodeError, NodeStatus, sources_of, utc_now
+from sparrow.models import Job, JobKind, Node, NodeError, NodeStatus, sources_of, utc_now
 from sparrow.store.db import Database, Row
 from sparrow.store.rows import NODE_COLUMNS, guarded_update, node_from_row, status_params
 

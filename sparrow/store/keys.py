@@ -7,7 +7,7 @@ stored hash in constant time.
 
 from __future__ import annotations
 
-from sparrow.domain.models import ApiKey, Tier
+from sparrow.models import ApiKey, Tier
 from sparrow.store.db import Database, Row
 
 _COLUMNS = "id, name, tier, created_at"

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
-from sparrow.domain.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
+from sparrow.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
 from sparrow.store.db import Row
 
 NODE_COLUMNS = (

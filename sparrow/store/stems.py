@@ -13,7 +13,7 @@ from typing import Any
 
 import aiosqlite
 
-from sparrow.domain.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
+from sparrow.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
 from sparrow.store.db import Row
 from sparrow.store.jobs import STRANDED
 from sparrow.store.rows import guarded_update, status_params

@@ -1,4 +1,7 @@
-"""The domain's values: chains, nodes and their lifecycle."""
+"""Sparrow's plain values: chains, nodes, stems, jobs and their lifecycles.
+
+The bottom layer: every other module may import it, and it imports none of them.
+"""
 
 from __future__ import annotations
 
