@@ -120,15 +120,52 @@ class Runner(Protocol):
         ...
 
 
-class Worker:
-    def __init__(self, store: ChainStore, runners: dict[JobKind, Runner]) -> None:
-        self.store = store
-        self.runners = runners
+class JobQueue(Protocol):
+    """What the services need of the job queue: the queue itself is rows in the database,
+    so a job is queued by inserting its row; the queue is told (``wake``), is told what
+    is no longer wanted (``forget``), and says what runs."""
+
+    def wake(self) -> None:
+        """A job was queued: start it if the worker is idle."""
+        ...
+
+    def forget(self, node_ids: Collection[str]) -> None:
+        """These nodes were cancelled or deleted: stop working for them."""
+        ...
+
+    @property
+    def running(self) -> JobControl | None:
+        """The job running now, if any."""
+        ...
+
+
+class LocalQueue:
+    """The ``JobQueue`` of one process: the in-process ``Worker`` drives it."""
+
+    def __init__(self) -> None:
         self.running: JobControl | None = None
-        self._wake = asyncio.Event()
+        self.woken = asyncio.Event()
+        self.mean_job_s = 10.0  # moving average, for Retry-After estimates
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def forget(self, node_ids: Collection[str]) -> None:
+        if self.running is not None:
+            self.running.forget(node_ids)
+
+
+class Worker:
+    """Runs the jobs of a ``LocalQueue``, one at a time, with the runner of each kind."""
+
+    def __init__(
+        self, store: ChainStore, queue: LocalQueue, runners: dict[JobKind, Runner]
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.runners = runners
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self.mean_job_s = 10.0  # moving average, for Retry-After estimates
 
     async def recover(self) -> int:
         """End the work a crash left unfinished; returns how many nodes and stems it ended."""
@@ -143,16 +180,13 @@ class Worker:
         self._task = asyncio.create_task(self._run(), name="sparrow-worker")
 
     @property
+    def running(self) -> JobControl | None:
+        """The job this worker runs now, if any."""
+        return self.queue.running
+
+    @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def forget(self, node_ids: Collection[str]) -> None:
-        """These nodes were cancelled or deleted: stop working for them."""
-        if self.running is not None:
-            self.running.forget(node_ids)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop the running job at its next step, let it record that, and end the loop.
@@ -161,10 +195,11 @@ class Worker:
         its nodes stay ``generating`` until the next start-up's recovery.
         """
         self._stopping.set()
-        if self.running is not None:
-            self.running.shutting_down = True
-            self.running.cancel.set()
-        self._wake.set()
+        running = self.queue.running
+        if running is not None:
+            running.shutting_down = True
+            running.cancel.set()
+        self.queue.wake()
         if self._task is None:
             return
         try:
@@ -175,7 +210,7 @@ class Worker:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            self._wake.clear()
+            self.queue.woken.clear()
             try:
                 async with self.store.write() as w:
                     job = await w.claim_next_job()
@@ -184,7 +219,7 @@ class Worker:
                 await asyncio.sleep(1)
                 continue
             if job is None:
-                await self._wake.wait()
+                await self.queue.woken.wait()
                 continue
             if self._stopping.is_set():  # claimed while stopping: it waits for the next start
                 async with self.store.write() as w:
@@ -193,7 +228,7 @@ class Worker:
             await self._execute(job)
 
     async def _execute(self, job: Job) -> None:
-        control = self.running = JobControl(job)
+        control = self.queue.running = JobControl(job)
         error = UNFINISHED
         try:
             await self.runners[job.kind].run(job, control)
@@ -203,9 +238,9 @@ class Worker:
             if isinstance(exc, SparrowError):
                 error = NodeError(exc.code, exc.detail)
         finally:
-            self.running = None
+            self.queue.running = None
             elapsed = time.monotonic() - control.started
-            self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * elapsed
+            self.queue.mean_job_s = 0.8 * self.queue.mean_job_s + 0.2 * elapsed
         await persistently(lambda: self._end_job(job, error), f"ending job {job.id}")
 
     async def _end_job(self, job: Job, error: NodeError) -> None:

@@ -15,9 +15,9 @@ import numpy as np
 from fastapi import FastAPI
 
 from sparrow.api import create_app
-from sparrow.api.app import Services
 from sparrow.audio import render_music, write_wav
 from sparrow.models import LOCAL_USER, Node, NodeKind, NodeStatus, Tier, new_id, utc_now
+from sparrow.services import Services
 from sparrow.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.flac"

@@ -353,14 +353,14 @@ async def test_cancelling_other_nodes_never_touches_a_starting_job(app: FastAPI)
 async def test_shutdown_does_not_wait_for_a_model_that_is_still_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sparrow.api import app as app_module
+    from sparrow import services as services_module
     from sparrow.engines.mock import MockEngine
 
     class SlowToLoad(MockEngine):
         def load(self) -> None:
             time.sleep(20)  # a hub download, say
 
-    monkeypatch.setattr(app_module, "build_engine", lambda settings: SlowToLoad())
+    monkeypatch.setattr(services_module, "build_engine", lambda settings: SlowToLoad())
     app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sparrow.domain.chains import ChainService
 from sparrow.errors import Conflict, NotFound
 from sparrow.events import EventHub
+from sparrow.jobs import LocalQueue
 from sparrow.media import MediaStore
 from sparrow.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.settings import Settings
@@ -58,7 +59,9 @@ class SpineMachine(RuleBasedStateMachine):
         media = MediaStore(self.tmp)
         media.ensure()
         self.store = ChainStore(self.db, EventHub())
-        self.service = ChainService(self.store, media, Settings(data_dir=self.tmp))
+        self.service = ChainService(
+            self.store, media, Settings(data_dir=self.tmp), jobs=LocalQueue()
+        )
         # The model: parent, status and committed flag of every live node.
         self.parent: dict[str, str | None] = {}
         self.status: dict[str, NodeStatus] = {}

@@ -7,7 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from sparrow.api.deps import CallerDep, Chains, get_services
+from sparrow.api.deps import CallerDep, Chains
 from sparrow.api.errors import responses
 from sparrow.api.schemas import (
     TITLE_SCHEMA,
@@ -58,14 +58,13 @@ _UPLOAD_BODY = {
 async def create_chain(
     request: Request, response: Response, chains: Chains, caller: CallerDep
 ) -> ChainCreated:
-    services = get_services(request)
     # The slot is held until the decode is done: it bounds the files waiting in tmp/.
-    with services.uploads.hold():
+    with chains.uploads.hold():
         upload = await receive_upload(
             request,
-            services.media.new_upload_path(),
-            max_file_bytes=services.settings.max_upload_bytes,
-            idle_timeout_s=services.settings.upload_idle_timeout_s,
+            chains.new_upload_path(),
+            max_file_bytes=chains.settings.max_upload_bytes,
+            idle_timeout_s=chains.settings.upload_idle_timeout_s,
         )
         try:
             chain, root = await chains.create_from_upload(

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sparrow.domain.chains import ChainService
+from sparrow.domain.events import EventsService
 from sparrow.domain.export import ExportService
 from sparrow.domain.generation import GenerationService
+from sparrow.domain.health import HealthService
+from sparrow.domain.keys import KeyService
 from sparrow.domain.stems import StemsService
+from sparrow.domain.system import SystemService
 from sparrow.models import Caller
-
-if TYPE_CHECKING:
-    from sparrow.api.app import Services
+from sparrow.services import Services
+from sparrow.settings import Settings
 
 
 def get_services(request: Request) -> Services:
@@ -90,3 +93,38 @@ def get_exports(request: Request) -> ExportService:
 
 
 Exports = Annotated[ExportService, Depends(get_exports)]
+
+
+def get_events(request: Request) -> EventsService:
+    return get_services(request).events
+
+
+Events = Annotated[EventsService, Depends(get_events)]
+
+
+def get_system(request: Request) -> SystemService:
+    return get_services(request).system
+
+
+System = Annotated[SystemService, Depends(get_system)]
+
+
+def get_health(request: Request) -> HealthService:
+    return get_services(request).health
+
+
+HealthDep = Annotated[HealthService, Depends(get_health)]
+
+
+def get_keys(request: Request) -> KeyService:
+    return get_services(request).keys
+
+
+Keys = Annotated[KeyService, Depends(get_keys)]
+
+
+def get_settings(request: Request) -> Settings:
+    return get_services(request).settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]

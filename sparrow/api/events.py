@@ -39,13 +39,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-from sparrow.api.deps import CallerDep, StreamCallerDep, get_services
+from sparrow.api.deps import CallerDep, Chains, Events, Keys, SettingsDep, StreamCallerDep
 from sparrow.api.errors import responses
 from sparrow.api.schemas import StreamToken
-from sparrow.domain.chains import shown
-from sparrow.errors import NotFound
 from sparrow.events import StoredEvent, Subscription
-from sparrow.store.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +75,28 @@ async def chain_events(
     chain_id: str,
     request: Request,
     caller: StreamCallerDep,
+    events: Events,
+    settings: SettingsDep,
     last_event_id: Annotated[
         str | None, Query(max_length=40, description="Where to resume.")
     ] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
-    services = get_services(request)
-    await services.chains.get_chain(caller, chain_id)  # 404 for another owner's chain
-    window = await services.events.window(chain_id)
-    if window is None:
-        raise NotFound(f"There is no chain {shown(chain_id)}.")
+    last = await events.last_id(caller, chain_id)  # 404 for another owner's chain
     cursor = last_event_id_header if last_event_id_header is not None else last_event_id
     # Without a cursor the stream starts at this request: the events committed before
     # the stream subscribes (its headers are already on their way) are replayed.
-    resume_after = window[1] if cursor is None else _parse_id(cursor)
+    resume_after = last if cursor is None else _parse_id(cursor)
     shutdown = anyio.Event()
     cut_off = anyio.Event()
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        with services.hub.subscribe(chain_id, on_cut_off=cut_off.set) as sub:
+        with events.subscribe(chain_id, on_cut_off=cut_off.set) as sub:
             stopper = asyncio.create_task(_end_on(shutdown, sub))
             try:
-                async for event in _events(services.events, sub, chain_id, resume_after):
-                    yield event
+                yield ServerSentEvent(comment="connected", retry=RETRY_MS)
+                async for event in events.follow(sub, chain_id, resume_after):
+                    yield _sse(event)
                 if shutdown.is_set():
                     yield ServerSentEvent(
                         data=json.dumps({"reason": "the server is shutting down"}),
@@ -114,7 +110,7 @@ async def chain_events(
         stream(),
         cut_off=cut_off,
         headers={"Cache-Control": "no-cache"},
-        ping=services.settings.sse_keepalive_s,
+        ping=settings.sse_keepalive_s,
         send_timeout=SEND_TIMEOUT_S,
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
@@ -130,38 +126,12 @@ async def chain_events(
     "`token` is null: the stream needs none.",
     responses=responses(404),
 )
-async def stream_token(chain_id: str, request: Request, caller: CallerDep) -> StreamToken:
-    services = get_services(request)
-    await services.chains.get_chain(caller, chain_id)  # 404 for another owner's chain
-    issued = await services.keys.stream_token(caller, chain_id)
+async def stream_token(chain_id: str, caller: CallerDep, chains: Chains, keys: Keys) -> StreamToken:
+    await chains.get_chain(caller, chain_id)  # 404 for another owner's chain
+    issued = await keys.stream_token(caller, chain_id)
     if issued is None:
         return StreamToken(token=None, expires_in_s=None)
     return StreamToken(token=issued[0], expires_in_s=issued[1])
-
-
-async def _events(
-    log: EventLog, sub: Subscription, chain_id: str, start: int | None
-) -> AsyncIterator[ServerSentEvent]:
-    """Replay the log after ``start`` (None: not a usable id), then the live events."""
-    window = await log.window(chain_id)  # read after subscribing: nothing falls in between
-    if window is None:
-        return
-    oldest, last = window
-    yield ServerSentEvent(comment="connected", retry=RETRY_MS)
-    if start is None or start < oldest - 1 or start > last:
-        sent = last
-        yield _sse(
-            StoredEvent(chain_id, last, "reset", {"chain_id": chain_id, "last_event_id": last})
-        )
-    else:
-        sent = start
-        for event in await log.after(chain_id, start):
-            yield _sse(event)
-            sent = event.id
-    while (live := await sub.next()) is not None:
-        if live.id > sent:
-            yield _sse(live)
-            sent = live.id
 
 
 class _Stream(EventSourceResponse):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from sparrow.api.deps import get_services
+from sparrow.api.deps import HealthDep
 from sparrow.api.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -25,8 +25,8 @@ async def healthz() -> Health:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
-async def readyz(request: Request) -> JSONResponse:
-    readiness = await get_services(request).health.readiness()
+async def readyz(health: HealthDep) -> JSONResponse:
+    readiness = await health.readiness()
     body = Readiness(
         status="ready" if readiness.ready else "not_ready",
         checks={name: problem is None for name, problem in readiness.problems.items()},

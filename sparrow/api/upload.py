@@ -10,8 +10,6 @@ of the body is read.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from starlette.requests import ClientDisconnect, Request
 from sparrow.audio.storage import storage_failure
 from sparrow.errors import (
     InvalidInput,
-    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
 )
@@ -33,27 +30,6 @@ KNOWN_FIELDS = ("file", "title")
 MAX_PARTS = 8
 MAX_BOUNDARY = 70  # RFC 2046
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries, part headers and small fields
-
-
-class UploadSlots:
-    """A bound on uploads being received or decoded at once: each holds a file in ``tmp/``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        if self.in_use >= self.limit:
-            raise Overloaded(
-                f"{self.limit} uploads are already being received or decoded; try again shortly.",
-                retry_after_s=2,
-            )
-        self.in_use += 1
-        try:
-            yield
-        finally:
-            self.in_use -= 1
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import unicodedata
-from collections.abc import Callable, Collection
 from pathlib import Path
 
 import anyio
@@ -16,8 +15,10 @@ import anyio
 from sparrow.audio import decode_upload
 from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.storage import storing
+from sparrow.domain.uploads import UploadSlots
 from sparrow.errors import Conflict, InvalidInput, NotFound
 from sparrow.events import ChainDeleted, NodesDeleted, SpineChanged
+from sparrow.jobs import JobQueue
 from sparrow.media import MediaStore
 from sparrow.models import (
     Caller,
@@ -44,16 +45,22 @@ class ChainService:
         media: MediaStore,
         settings: Settings,
         *,
-        forget: Callable[[Collection[str]], None] = lambda node_ids: None,
+        jobs: JobQueue,
+        uploads: UploadSlots | None = None,
     ) -> None:
-        """``forget`` is told the ids of deleted nodes, so that work on them stops."""
+        """``jobs`` is told the ids of deleted nodes, so that work on them stops."""
         self.store = store
         self.media = media
         self.settings = settings
-        self._forget = forget
+        self.jobs = jobs
+        self.uploads = uploads or UploadSlots(settings.max_concurrent_uploads)
         self._decode_slots = asyncio.Semaphore(settings.decode_concurrency)
 
     # -- chains ---------------------------------------------------------------
+
+    def new_upload_path(self) -> Path:
+        """Where an upload about to be received goes (503 if the disk has no room)."""
+        return self.media.new_upload_path()
 
     async def create_from_upload(
         self, caller: Caller, upload: Path, *, title: str | None, filename: str | None
@@ -132,7 +139,7 @@ class ChainService:
             # Emitted first (the log goes with the chain), published once deleted.
             await w.emit(ChainDeleted(chain_id))
             node_ids = await w.delete_chain(chain_id) or []
-        self._forget(node_ids)
+        self.jobs.forget(node_ids)
         await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
 
     # -- nodes and the spine ------------------------------------------------------
@@ -182,7 +189,7 @@ class ChainService:
                 )
             deleted = await w.delete_subtree(node.id, node.chain_id)
             await w.emit(NodesDeleted(node.chain_id, tuple(deleted)))
-        self._forget(deleted)
+        self.jobs.forget(deleted)
         await anyio.to_thread.run_sync(self.media.remove_nodes, node.chain_id, deleted)
         return deleted
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from sparrow.domain.queue import QueueLimits
 from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
 from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
 from sparrow.events import NodeProgress, NodeStatusChanged
-from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
+from sparrow.jobs import INTERRUPTED, JobControl, JobQueue, persistently, storage_error
 from sparrow.media import MediaStore
 from sparrow.models import (
     ACTIVE,
@@ -75,17 +74,15 @@ class GenerationService:
         engine: GenerationEngine,
         settings: Settings,
         *,
-        queue: QueueLimits,
-        wake: Callable[[], None],
-        forget: Callable[[Collection[str]], None],
+        limits: QueueLimits,
+        jobs: JobQueue,
     ) -> None:
         self.store = store
         self.media = media
         self.engine = engine
         self.settings = settings
-        self.queue = queue
-        self._wake = wake
-        self._forget = forget
+        self.limits = limits
+        self.jobs = jobs
 
     # -- requests ----------------------------------------------------------------------
 
@@ -103,13 +100,13 @@ class GenerationService:
                     f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
                     "branched from."
                 )
-            await self.queue.check(w, caller)
+            await self.limits.check(w, caller)
             job, nodes = self._rows_for(caller, parent, request, base_seed)
             await w.insert_job(job)
             await w.insert_nodes(nodes)
             for node in nodes:
                 await w.emit(NodeStatusChanged(node.chain_id, node.id, node.status))
-        self._wake()
+        self.jobs.wake()
         return nodes
 
     async def cancel(self, caller: Caller, node_id: str) -> Node:
@@ -124,7 +121,7 @@ class GenerationService:
                 )
             cancelled = await self._set(w, node.id, NodeStatus.CANCELLED)
             assert cancelled is not None  # checked above, in the same transaction
-        self._forget([node_id])
+        self.jobs.forget([node_id])
         return cancelled
 
     def _check_limits(self, request: BranchRequest) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import anyio
@@ -44,7 +43,7 @@ from sparrow.errors import (
     StorageUnavailable,
 )
 from sparrow.events import StemsProgress, StemsStatusChanged
-from sparrow.jobs import INTERRUPTED, JobControl, persistently, storage_error
+from sparrow.jobs import INTERRUPTED, JobControl, JobQueue, persistently, storage_error
 from sparrow.media import MediaStore
 from sparrow.models import (
     STEMS_ACTIVE,
@@ -88,20 +87,16 @@ class StemsService:
         settings: Settings,
         *,
         keys: KeyService,
-        queue: QueueLimits,
-        wake: Callable[[], None],
-        forget: Callable[[Collection[str]], None],
-        running: Callable[[], JobControl | None],
+        limits: QueueLimits,
+        jobs: JobQueue,
     ) -> None:
         self.store = store
         self.media = media
         self.engine = engine
         self.settings = settings
         self.keys = keys
-        self.queue = queue
-        self._wake = wake
-        self._forget = forget
-        self._running = running
+        self.limits = limits
+        self.jobs = jobs
 
     # -- requests ----------------------------------------------------------------------
 
@@ -119,7 +114,7 @@ class StemsService:
                 )
             queued = await self._queue(w, caller, node.chain_id, [node])
         if queued:
-            self._wake()
+            self.jobs.wake()
         return await self.view(caller, node_id), bool(queued)
 
     async def request_spine(self, caller: Caller, chain_id: str) -> tuple[list[StemsView], bool]:
@@ -130,7 +125,7 @@ class StemsService:
             spine = await w.spine_nodes(chain_id)
             queued = await self._queue(w, caller, chain_id, spine)
         if queued:
-            self._wake()
+            self.jobs.wake()
         return await self.spine_view(caller, chain_id), bool(queued)
 
     async def _queue(
@@ -143,7 +138,7 @@ class StemsService:
                 todo.append(node)
         if not todo:
             return []
-        await self.queue.check(w, caller)
+        await self.limits.check(w, caller)
         job = Job(
             id=new_id(),
             chain_id=chain_id,
@@ -173,7 +168,7 @@ class StemsService:
                 )
             if stems.status is not StemsStatus.CANCELLED:
                 await self._set(w, node_id, StemsStatus.CANCELLED)
-        self._forget([node_id])
+        self.jobs.forget([node_id])
         return await self.view(caller, node_id)
 
     async def view(self, caller: Caller, node_id: str) -> StemsView:
@@ -189,7 +184,7 @@ class StemsService:
         return [self._view(node, stems.get(node.id)) for node in spine]
 
     def _view(self, node: Node, stems: Stems | None) -> StemsView:
-        control = self._running()
+        control = self.jobs.running
         progress = None
         if stems is not None and stems.status is StemsStatus.READY:
             progress = 1.0
