@@ -1,10 +1,14 @@
-"""The durable job queue's worker: one task that owns the device.
+"""The durable job queue, as the services see it, and its worker: one task that owns
+the device.
 
-Jobs are rows in SQLite (``sparrow.store.jobs``). The worker claims the oldest
-queued job, hands it to the runner registered for its kind, and deletes the
-row when the runner returns; the outcome lives on the job's nodes. It sleeps
-until ``wake()`` when the queue is empty. A runner that raises fails its own
-job only: the worker logs it and takes the next one.
+Jobs are rows in SQLite (``sparrow.store.jobs``). The services reach the queue
+through ``JobQueue`` alone (``wake``, ``forget``, ``running``); ``LocalQueue``
+is the one of a single process, driven by the ``Worker``, which is given a
+runner per job kind when it is built. The worker claims the oldest queued job,
+hands it to the runner for its kind, and deletes the row when the runner
+returns; the outcome lives on the job's nodes. It sleeps until ``wake()`` when
+the queue is empty. A runner that raises fails its own job only: the worker
+logs it and takes the next one.
 
 Cancellation is cooperative: ``forget(node_ids)`` drops nodes from the running
 job (they were cancelled or deleted); once none of its nodes is wanted, its
