@@ -33,6 +33,7 @@ from sparrow.engines.base import Continuation
 from sparrow.engines.musicgen import MusicGenEngine
 from sparrow.engines.tiny import make_tiny_musicgen, musicgen_shaped
 from sparrow.errors import EngineUnavailable
+from sparrow.models import Sampling
 
 COUNTS = (1, 4)
 
@@ -44,7 +45,9 @@ def measure(
     rng = np.random.default_rng(0)
     frames = round(context_s * engine.sample_rate)
     context = (0.1 * rng.standard_normal((frames, engine.channels))).astype(np.float32)
-    request = Continuation(context, "lofi beat with warm piano", duration_s, tuple(range(count)))
+    request = Continuation(
+        context, "lofi beat with warm piano", tuple(range(count)), Sampling(duration_s=duration_s)
+    )
     samples, steps = [], 0
     for _ in range(repeat):
         calls: list[float] = []

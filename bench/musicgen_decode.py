@@ -38,6 +38,7 @@ from sparrow.engines.base import Continuation
 from sparrow.engines.musicgen import MusicGenEngine
 from sparrow.engines.tiny import make_tiny_musicgen, musicgen_shaped
 from sparrow.errors import EngineUnavailable
+from sparrow.models import Sampling
 
 LOOPS = ("transformers", "sparrow")
 
@@ -45,7 +46,9 @@ LOOPS = ("transformers", "sparrow")
 def timed(engine: MusicGenEngine, seconds: float, batch: int, repeat: int) -> tuple[int, float]:
     """(decoding steps, median wall seconds) of one generation of ``batch`` siblings."""
     empty = np.zeros((0, engine.channels), np.float32)
-    request = Continuation(empty, "lofi beat with warm piano", seconds, tuple(range(batch)))
+    request = Continuation(
+        empty, "lofi beat with warm piano", tuple(range(batch)), Sampling(duration_s=seconds)
+    )
     walls, steps = [], 0
     for _ in range(repeat):
         calls: list[float] = []

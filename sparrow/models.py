@@ -6,6 +6,7 @@ The bottom layer: every other module may import it, and it imports none of them.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -222,3 +223,47 @@ class Caller:
 
 
 LOCAL_USER = Caller(owner=None, tier=Tier.PAID)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings the siblings of a branch share, from the request to the engine.
+
+    Validated once at the edge (``sparrow.api.schemas.BranchIn``), recorded in each
+    node's ``params`` with ``to_json`` and read back with ``from_json``; the
+    defaults are written here only.
+    """
+
+    duration_s: float = 10.0
+    """Seconds of new audio per node."""
+    context_s: float = 10.0
+    """Seconds of the path root→parent the branch continues."""
+    temperature: float = 1.0
+    top_k: int = 250
+    """0: off."""
+    top_p: float = 0.0
+    """0: off."""
+    cfg_coef: float = 3.0
+    """Classifier-free guidance; 1: off."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "duration_s": self.duration_s,
+            "context_s": self.context_s,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "cfg_coef": self.cfg_coef,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sampling:
+        """The settings recorded in a node's ``params`` (its other keys are ignored)."""
+        return cls(
+            duration_s=float(data["duration_s"]),
+            context_s=float(data["context_s"]),
+            temperature=float(data["temperature"]),
+            top_k=int(data["top_k"]),
+            top_p=float(data["top_p"]),
+            cfg_coef=float(data["cfg_coef"]),
+        )

@@ -21,7 +21,7 @@ pytest.importorskip("demucs", reason=ML_REASON)
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
 
-from sparrow.engines.decoding import BUCKET, MusicGenDecoder, Sampling
+from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder
 from sparrow.engines.tiny import make_tiny_musicgen
 
 SR = 32_000
@@ -61,7 +61,7 @@ class Tiny:
         return self.seen[0]
 
     def ours(
-        self, inputs: Any, new: int, guidance: float, sampling: Sampling | None = None
+        self, inputs: Any, new: int, guidance: float, sampling: Draws | None = None
     ) -> torch.Tensor:
         prompt = None
         if "input_values" in inputs:
@@ -122,7 +122,7 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(tiny: Tiny) -> None
 
     def sample(inputs: Any, *seeds: int, **params: Any) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        return tiny.ours(inputs, 30, 3.0, Sampling(generators, **params))
+        return tiny.ours(inputs, 30, 3.0, Draws(generators, **params))
 
     alone = sample(inputs, 7)
     assert torch.equal(alone, sample(inputs, 7))

@@ -21,6 +21,7 @@ from sparrow.engines.base import Audio, Cancelled, Continuation, frames_for
 from sparrow.engines.musicgen import MusicGenEngine, Window, plan_windows
 from sparrow.engines.tiny import DEMUCS_SOURCES, TinyModels, make_tiny_musicgen
 from sparrow.errors import EngineUnavailable, GenerationFailed
+from sparrow.models import Sampling
 
 SR = 32_000
 
@@ -52,7 +53,7 @@ def noise(seconds: float, seed: int = 0) -> Audio:
 
 
 def ask(context: Audio, duration_s: float, *seeds: int, **params: Any) -> Continuation:
-    return Continuation(context, "jazz piano", duration_s, seeds, **params)
+    return Continuation(context, "jazz piano", seeds, Sampling(duration_s=duration_s, **params))
 
 
 def ignore(fraction: float) -> None:
@@ -118,7 +119,7 @@ def test_a_seed_gives_the_same_audio_alone_or_in_a_batch(engine: MusicGenEngine)
 
 def test_text_only_when_the_context_is_empty(engine: MusicGenEngine) -> None:
     empty = np.zeros((0, 1), np.float32)
-    request = Continuation(empty, "", 0.5, (1, 2))
+    request = Continuation(empty, "", (1, 2), Sampling(duration_s=0.5))
     a, b = engine.generate(request, ignore)
     assert a.shape == b.shape == (frames_for(0.5, SR), 1)
     assert not np.array_equal(a, b)
@@ -193,7 +194,9 @@ def test_past_the_window_in_overlapping_windows(short_window: MusicGenEngine) ->
 
 def test_text_only_past_the_window_continues_its_own_audio(short_window: MusicGenEngine) -> None:
     empty = np.zeros((0, 1), np.float32)
-    a, b = short_window.generate(Continuation(empty, "drums", 1.6, (1, 2)), ignore)
+    a, b = short_window.generate(
+        Continuation(empty, "drums", (1, 2), Sampling(duration_s=1.6)), ignore
+    )
     assert a.shape == b.shape == (frames_for(1.6, SR), 1)
     assert not np.array_equal(a, b)
 

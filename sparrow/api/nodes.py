@@ -21,7 +21,6 @@ from sparrow.api.schemas import (
     SpineOut,
 )
 from sparrow.audio import compute_peaks
-from sparrow.domain.generation import BranchRequest
 
 router = APIRouter(tags=["nodes"])
 
@@ -48,7 +47,7 @@ async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> NodeOut:
 async def branch_node(
     parent_id: str, body: BranchIn, generation: Generation, caller: CallerDep
 ) -> BranchOut:
-    nodes = await generation.branch(caller, parent_id, BranchRequest(**body.model_dump()))
+    nodes = await generation.branch(caller, parent_id, body.request())
     return BranchOut(nodes=[NodeOut.of(n) for n in nodes])
 
 

@@ -8,10 +8,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
 from sparrow.domain.chains import TITLE_MAX, TITLE_PATTERN
-from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S
+from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S, BranchRequest
 from sparrow.domain.stems import StemsView
 from sparrow.engines.base import STEM_NAMES, EngineInfo
-from sparrow.models import Chain, Node, NodeKind, NodeStatus, Spine, StemsStatus
+from sparrow.models import Chain, Node, NodeKind, NodeStatus, Sampling, Spine, StemsStatus
+
+DEFAULT_SAMPLING = Sampling()
 
 TITLE_DESCRIPTION = (
     f"At most {TITLE_MAX} characters, not blank; control characters become spaces and runs "
@@ -163,7 +165,7 @@ class BranchIn(BaseModel):
 
     prompt: str = Field(default="", max_length=2000, description="Text describing the music.")
     duration_s: float = Field(
-        default=10.0,
+        default=DEFAULT_SAMPLING.duration_s,
         ge=MIN_BRANCH_S,
         description="Seconds of new audio per node; at most SPARROW_MAX_BRANCH_S (120).",
     )
@@ -173,13 +175,23 @@ class BranchIn(BaseModel):
         description="Sibling alternatives, generated as one batch; at most SPARROW_MAX_COUNT (8).",
     )
     context_s: float = Field(
-        default=10.0, ge=0, le=30, description="Seconds of the path root→parent to continue."
+        default=DEFAULT_SAMPLING.context_s,
+        ge=0,
+        le=30,
+        description="Seconds of the path root→parent to continue.",
     )
-    temperature: float = Field(default=1.0, ge=0.01, le=10)
-    top_k: Integer = Field(default=250, ge=0, le=10_000, description="0 disables top-k.")
-    top_p: float = Field(default=0.0, ge=0, le=1, description="0 disables top-p.")
+    temperature: float = Field(default=DEFAULT_SAMPLING.temperature, ge=0.01, le=10)
+    top_k: Integer = Field(
+        default=DEFAULT_SAMPLING.top_k, ge=0, le=10_000, description="0 disables top-k."
+    )
+    top_p: float = Field(
+        default=DEFAULT_SAMPLING.top_p, ge=0, le=1, description="0 disables top-p."
+    )
     cfg_coef: float = Field(
-        default=3.0, ge=1, le=30, description="Classifier-free guidance; 1 turns it off."
+        default=DEFAULT_SAMPLING.cfg_coef,
+        ge=1,
+        le=30,
+        description="Classifier-free guidance; 1 turns it off.",
     )
     # The bounds go before the validator: after it, pydantic writes them into the document
     # as ``ge``/``le``, words JSON Schema does not know.
@@ -187,6 +199,22 @@ class BranchIn(BaseModel):
         default=None,
         description="Seed of the first sibling; sibling i gets seed + i. Random if omitted.",
     )
+
+    def request(self) -> BranchRequest:
+        """The request as the domain takes it: validated here, carried typed from here on."""
+        return BranchRequest(
+            prompt=self.prompt,
+            count=self.count,
+            seed=self.seed,
+            sampling=Sampling(
+                duration_s=self.duration_s,
+                context_s=self.context_s,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                cfg_coef=self.cfg_coef,
+            ),
+        )
 
 
 class BranchOut(BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -39,6 +39,7 @@ from sparrow.models import (
     NodeError,
     NodeKind,
     NodeStatus,
+    Sampling,
     new_id,
     utc_now,
 )
@@ -56,14 +57,9 @@ class BranchRequest:
     """A branch request as the API parsed it; ranges that depend on settings are checked here."""
 
     prompt: str = ""
-    duration_s: float = 10.0
     count: int = 1
-    context_s: float = 10.0
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0
-    cfg_coef: float = 3.0
     seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 class GenerationService:
@@ -126,7 +122,7 @@ class GenerationService:
 
     def _check_limits(self, request: BranchRequest) -> None:
         limits = self.settings
-        if not MIN_BRANCH_S <= request.duration_s <= limits.max_branch_s:
+        if not MIN_BRANCH_S <= request.sampling.duration_s <= limits.max_branch_s:
             raise InvalidInput(
                 f"duration_s must be between {MIN_BRANCH_S:g} and {limits.max_branch_s:g}."
             )
@@ -148,7 +144,7 @@ class GenerationService:
             owner=caller.owner,
         )
         info = self.engine.info()
-        shared = {k: v for k, v in asdict(request).items() if k not in ("prompt", "count", "seed")}
+        shared = request.sampling.to_json()
         nodes = [
             Node(
                 id=new_id(),
@@ -219,18 +215,14 @@ class GenerationService:
 
     async def _generate(self, job: Job, nodes: list[Node], control: JobControl) -> list[Audio]:
         first = nodes[0]
-        params: dict[str, Any] = first.params or {}
+        sampling = Sampling.from_json(first.params or {})
         await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
-        context = await self._context(job.request["parent_id"], float(params["context_s"]))
+        context = await self._context(job.request["parent_id"], sampling.context_s)
         request = Continuation(
             context=context,
             prompt=first.prompt or "",
-            duration_s=float(params["duration_s"]),
             seeds=tuple(int((n.params or {})["seed"]) for n in nodes),
-            temperature=float(params["temperature"]),
-            top_k=int(params["top_k"]),
-            top_p=float(params["top_p"]),
-            cfg_coef=float(params["cfg_coef"]),
+            sampling=sampling,
         )
         reporter = ProgressReporter(
             control,

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sparrow.errors import GenerationFailed
+from sparrow.models import Sampling
 
 Audio = npt.NDArray[np.float32]  # (frames, channels)
 
@@ -55,12 +56,12 @@ class Continuation:
 
     context: Audio
     prompt: str
-    duration_s: float
     seeds: tuple[int, ...]
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0
-    cfg_coef: float = 3.0
+    sampling: Sampling = field(default_factory=Sampling)
+
+    @property
+    def duration_s(self) -> float:
+        return self.sampling.duration_s
 
     @property
     def count(self) -> int:

@@ -47,8 +47,8 @@ _TEXT_MIN = 16  # text lengths are padded to a power of two at least this long
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling settings shared by the siblings, and one generator per sibling."""
+class Draws:
+    """How tokens are drawn: the siblings' shared settings, and one generator per sibling."""
 
     generators: Sequence[torch.Generator]  # CPU generators, one per batch row
     temperature: float = 1.0
@@ -112,7 +112,7 @@ class MusicGenDecoder:
         *,
         max_new_tokens: int,
         guidance_scale: float,
-        sampling: Sampling | None,
+        sampling: Draws | None,
         on_step: Callable[[], None] = lambda: None,
     ) -> torch.Tensor:
         """Codes (batch, codebooks, prompt + max_new_tokens - (codebooks - 1)).
@@ -248,7 +248,7 @@ class MusicGenDecoder:
         self,
         state: _State,
         batch: int,
-        sampling: Sampling | None,
+        sampling: Draws | None,
         guidance_scale: float,
         prefix: int,
         length: int,

@@ -72,7 +72,7 @@ from sparrow.engines.base import (
     Progress,
     frames_for,
 )
-from sparrow.engines.decoding import MusicGenDecoder, Sampling
+from sparrow.engines.decoding import Draws, MusicGenDecoder
 from sparrow.engines.torch_device import resolve_device, torch_failures
 from sparrow.errors import EngineUnavailable, GenerationFailed
 
@@ -284,7 +284,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             )
         config = copy.deepcopy(m.greedy)
         config.max_new_tokens = new_codes + m.codebooks - 1
-        config.guidance_scale = request.cfg_coef
+        config.guidance_scale = request.sampling.cfg_coef
         sampler = _SiblingSampler(generators, m.codebooks * m.channels, request)
         result = m.model.generate(
             **inputs,
@@ -311,13 +311,14 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             with torch.inference_mode():
                 encoded = codec.encode(inputs["input_values"], inputs.get("padding_mask"))
             prompt = encoded.audio_codes[0]
+        drawn = request.sampling
         codes = decoder.generate(
             inputs["input_ids"],
             inputs["attention_mask"],
             prompt,
             max_new_tokens=new_codes + m.codebooks - 1,
-            guidance_scale=request.cfg_coef,
-            sampling=Sampling(generators, request.temperature, request.top_k, request.top_p),
+            guidance_scale=request.sampling.cfg_coef,
+            sampling=Draws(generators, drawn.temperature, drawn.top_k, drawn.top_p),
             on_step=on_step,
         )
         with torch.inference_mode():
@@ -334,11 +335,12 @@ class _SiblingSampler(LogitsProcessor):
     def __init__(
         self, generators: Sequence[torch.Generator], rows_per_sibling: int, request: Continuation
     ) -> None:
-        if request.temperature <= 0:
+        if request.sampling.temperature <= 0:
             raise ValueError("temperature must be positive")
         self.generators = generators
         self.rows = rows_per_sibling
-        self.temperature, self.top_k, self.top_p = request.temperature, request.top_k, request.top_p
+        drawn = request.sampling
+        self.temperature, self.top_k, self.top_p = drawn.temperature, drawn.top_k, drawn.top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.generators) * self.rows:
