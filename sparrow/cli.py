@@ -3,6 +3,7 @@
 sparrow serve [--host H] [--port P]                 run the API server
 sparrow keys create --tier free|paid [--name N]     create an API key (the key is the last line)
 sparrow keys list | revoke ID | set-tier ID TIER    manage keys
+sparrow db migrate                                  bring the database's schema up to date
 sparrow make-tiny-models DIR                        write tiny random-weight models
 """
 
@@ -92,6 +93,33 @@ def _keys(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _db(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sparrow.settings import Settings
+    from sparrow.store import Database
+    from sparrow.store.migrations import MIGRATIONS
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+    async def migrate() -> None:
+        db = Database(settings.db_path)
+        await db.open()  # migrates; several processes at once take turns
+        await db.close()
+
+    try:
+        asyncio.run(migrate())
+    except Exception as exc:
+        print(f"sparrow: cannot migrate {settings.db_path.name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"The database is at schema version {len(MIGRATIONS)}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparrow", description="Sparrow music-continuation backend."
@@ -120,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     set_tier.add_argument("key_id")
     set_tier.add_argument("tier", choices=["free", "paid"])
     keys.set_defaults(run=_keys)
+
+    db = commands.add_parser("db", help="the database")
+    db_actions = db.add_subparsers(dest="action", required=True)
+    db_actions.add_parser(
+        "migrate",
+        help="bring the schema up to date and exit (start-up does it too)",
+        description="Runs the migrations the database at SPARROW_DATABASE_PATH (default "
+        "SPARROW_DATA_DIR/sparrow.db) lacks, in one transaction; processes migrating at "
+        "once take turns.",
+    )
+    db.set_defaults(run=_db)
 
     tiny = commands.add_parser(
         "make-tiny-models",

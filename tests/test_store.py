@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,22 @@ async def test_a_failed_commit_leaves_the_writer_usable(tmp_path: Path) -> None:
         assert await w.get_node(orphan.id) is None
     assert await store.get_node(orphan.id) is None
     await db.close()
+
+
+def test_processes_migrating_a_fresh_database_at_once_all_succeed(tmp_path: Path) -> None:
+    """Six real ``sparrow db migrate`` processes started together on one fresh database
+    (each read version 0 and ran migration 1 before: "table chains already exists")."""
+    env = {**os.environ, "SPARROW_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "sparrow", "db", "migrate"]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    outcomes = [(proc.wait(60), proc.communicate()) for proc in procs]
+    for code, (out, err) in outcomes:
+        assert code == 0, err.decode()
+        assert out.decode().strip() == f"The database is at schema version {len(MIGRATIONS)}."
+    with sqlite3.connect(tmp_path / "data" / "sparrow.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []

@@ -38,6 +38,7 @@ Params = Sequence[Any] | Mapping[str, Any]
 
 RESERVE_BYTES = 8 << 20
 BUSY_S = 10.0  # the longest a write waits for the database: its turn, and SQLite's lock
+MIGRATION_WAIT_S = 120.0  # another process's migrations may rebuild a large table
 
 
 async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
@@ -90,34 +91,44 @@ class Database:
         self._reader = self._writer = None
 
     async def _migrate(self) -> None:
-        assert self._writer is not None
-        async with self._writer.execute("PRAGMA user_version") as cur:
+        """Run the migrations this database lacks, all in one transaction.
+
+        The version is read inside that ``BEGIN IMMEDIATE`` transaction, so processes
+        starting together on a fresh database migrate one after another: the first
+        migrates, the others wait for its lock and then find nothing to do. Foreign keys
+        are off meanwhile (SQLite ignores the pragma inside a transaction), so that a
+        migration can rebuild a table, and are checked before the commit.
+        """
+        writer = self._writer
+        assert writer is not None
+        async with writer.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version == len(MIGRATIONS):
-            return
-        # Off outside the transactions (SQLite ignores the pragma inside one), so that a
-        # migration can rebuild a table; each is checked before it commits.
-        await self._writer.execute("PRAGMA foreign_keys = OFF")
+        if row is not None and int(row[0]) == len(MIGRATIONS):
+            return  # the usual start: nothing to do, no write lock taken
+        await writer.execute(f"PRAGMA busy_timeout = {round(MIGRATION_WAIT_S * 1000)}")
+        await writer.execute("PRAGMA foreign_keys = OFF")
         try:
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                # executescript commits first; script and version bump share one transaction.
-                try:
-                    await self._writer.executescript(
-                        f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};"
-                    )
-                except BaseException:
-                    if self._writer.in_transaction:
-                        await self._writer.execute("ROLLBACK")
-                    raise
-                async with self._writer.execute("PRAGMA foreign_key_check") as cur:
+            await writer.execute("BEGIN IMMEDIATE")
+            try:
+                async with writer.execute("PRAGMA user_version") as cur:
+                    row = await cur.fetchone()
+                version = int(row[0]) if row else 0
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in _statements(script):
+                        await writer.execute(statement)
+                    await writer.execute(f"PRAGMA user_version = {number}")
+                async with writer.execute("PRAGMA foreign_key_check") as cur:
                     broken = list(await cur.fetchall())
                 if broken:
-                    await self._writer.execute("ROLLBACK")
-                    raise RuntimeError(f"migration {number} breaks foreign keys: {broken[:5]}")
-                await self._writer.execute("COMMIT")
+                    raise RuntimeError(f"the migrations break foreign keys: {broken[:5]}")
+                await writer.execute("COMMIT")
+            except BaseException:
+                if writer.in_transaction:
+                    await writer.execute("ROLLBACK")
+                raise
         finally:
-            await self._writer.execute("PRAGMA foreign_keys = ON")
+            await writer.execute("PRAGMA foreign_keys = ON")
+            await writer.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
 
     @asynccontextmanager
     async def transaction(
@@ -249,6 +260,19 @@ class Database:
         except (StorageUnavailable, sqlite3.Error, ValueError):
             return False
         return True
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements, one by one (``executescript`` would commit first)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"a migration ends in an incomplete statement: {pending.strip()[:80]}")
+    return statements
 
 
 def _unavailable(exc: sqlite3.OperationalError) -> StorageUnavailable:
