@@ -17,19 +17,27 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from sparrow.settings import Settings
+
+
+def _settings(**overrides: object) -> Settings | None:
+    """The settings from the environment (and ``overrides``); None, said why, if invalid."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sparrow.api import create_app
     from sparrow.api.serving import server_config
-    from sparrow.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+    settings = _settings(**overrides)
+    if settings is None:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     uvicorn.Server(
@@ -54,14 +62,11 @@ def _keys(args: argparse.Namespace) -> int:
     from sparrow.domain.keys import KeyService
     from sparrow.errors import SparrowError
     from sparrow.models import Tier
-    from sparrow.settings import Settings
     from sparrow.store import Database
     from sparrow.store.keys import KeyStore
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+    settings = _settings()
+    if settings is None:
         return 2
 
     async def run() -> int:
@@ -96,14 +101,11 @@ def _keys(args: argparse.Namespace) -> int:
 def _db(args: argparse.Namespace) -> int:
     import asyncio
 
-    from sparrow.settings import Settings
     from sparrow.store import Database
     from sparrow.store.migrations import MIGRATIONS
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"sparrow: invalid configuration:\n{exc}", file=sys.stderr)
+    settings = _settings()
+    if settings is None:
         return 2
 
     async def migrate() -> None:

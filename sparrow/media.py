@@ -109,26 +109,29 @@ class MediaStore:
 
     async def open_stem(self, stems: Stems, stem: str) -> OpenedFile:
         """One stem of ready stems, open and checked against its record."""
-        path = self.stem_file(stems.chain_id, stems.node_id, stem)
-        recorded = Recorded(
-            (stems.files or {}).get(stem, ""),
-            stems.frames or 0,
-            stems.sample_rate or 0,
-            stems.channels or 0,
-        )
-        what = f"the {stem} stem of node '{stems.node_id}'"
-        return await anyio.to_thread.run_sync(self.check.open, path, recorded, what)
+        return await anyio.to_thread.run_sync(self.check.open, *self._stem_record(stems, stem))
 
     async def checked_stem(self, stems: Stems, stem: str) -> Path:
         """One stem of ready stems, checked, for readers that open it by name."""
-        (await self.open_stem(stems, stem)).close()
-        return self.stem_file(stems.chain_id, stems.node_id, stem)
+        path, recorded, what = self._stem_record(stems, stem)
+        await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
+        return path
 
     def _node_record(self, node: Node) -> tuple[Path, Recorded, str]:
         recorded = Recorded(
             node.audio_sha256 or "", node.frames or 0, node.sample_rate or 0, node.channels or 0
         )
         return self.node_audio(node.chain_id, node.id), recorded, f"the audio of node '{node.id}'"
+
+    def _stem_record(self, stems: Stems, stem: str) -> tuple[Path, Recorded, str]:
+        recorded = Recorded(
+            (stems.files or {}).get(stem, ""),
+            stems.frames or 0,
+            stems.sample_rate or 0,
+            stems.channels or 0,
+        )
+        path = self.stem_file(stems.chain_id, stems.node_id, stem)
+        return path, recorded, f"the {stem} stem of node '{stems.node_id}'"
 
     def node_stems(self, chain_id: str, node_id: str) -> Path:
         return self.stems_dir / chain_id / node_id

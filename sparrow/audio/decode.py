@@ -63,12 +63,11 @@ from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
 from sparrow.audio.sniff import sniff
-from sparrow.audio.storage import says_storage_failed, scrub_paths, storing
+from sparrow.audio.storage import raise_if_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import AudioInfo, WavFormatError, file_sha256, read_layout
 from sparrow.errors import (
     InvalidInput,
     PayloadTooLarge,
-    StorageUnavailable,
     UnsupportedMedia,
 )
 
@@ -144,11 +143,7 @@ async def decode_upload(
             args = _decode_args(src, tmp, plan, max_duration_s)
             run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
             if run.returncode != 0:
-                if says_storage_failed(run.stderr):
-                    raise StorageUnavailable(
-                        "The server could not store the decoded audio (its disk is full or "
-                        "not writable); try again later."
-                    )
+                raise_if_storage_failed(run.stderr, "the decoded audio")
                 raise _cannot_decode(kind, probe, _short_reason(run.stderr))
             info = await _finish_in_thread(tmp, dst, probe, kind, max_duration_s)
         except BaseException:

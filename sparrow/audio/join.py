@@ -56,7 +56,7 @@ import mutagen.mp3
 from sparrow.audio.atomic import publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
-from sparrow.audio.storage import says_storage_failed, scrub_paths, storing
+from sparrow.audio.storage import raise_if_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import WavFormatError, WavLayout, read_layout
 from sparrow.errors import EngineUnavailable, InvalidInput, StorageUnavailable
 
@@ -191,11 +191,7 @@ async def join_segments(
             ffmpeg=ffmpeg,
         )
         if result.returncode != 0:
-            if says_storage_failed(result.stderr):
-                raise StorageUnavailable(
-                    "The server could not write the export (its disk is full or not "
-                    "writable); try again later."
-                )
+            raise_if_storage_failed(result.stderr, "the export")
             await blame_ffmpeg(ffmpeg, "The spine cannot be exported")
             tail = scrub_paths(result.stderr.strip()[-_STDERR_TAIL:]) or "no reason given"
             raise StorageUnavailable(f"The spine could not be exported: {tail}")

@@ -6,8 +6,9 @@ turns the ``OSError`` of a block into ``StorageUnavailable`` (503, with
 ``Retry-After``) with a sentence that names what could not be done and why, and
 never a path: error details go to clients, and a client has no business knowing
 where the server keeps its files. ``scrub_paths`` does the same for text that
-came from elsewhere (FFmpeg's messages), and ``says_storage_failed`` tells
-whether such text reports a failing disk rather than a bad input.
+came from elsewhere (FFmpeg's messages), and ``raise_if_storage_failed`` turns
+such text into ``StorageUnavailable`` when it reports a failing disk rather than
+a bad input.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def scrub_paths(text: str) -> str:
     return _PATH.sub(lambda m: m.group(0).rsplit("/", 1)[-1] or "/", text)
 
 
-def says_storage_failed(text: str) -> bool:
-    """Whether a message (FFmpeg's stderr) reports a full, read-only or failing disk."""
-    return any(words in text for words in _STORAGE_WORDS)
+def raise_if_storage_failed(message: str, what: str) -> None:
+    """``StorageUnavailable`` if FFmpeg's ``message`` (its stderr) reports a full,
+    read-only or failing disk while it wrote ``what`` ("the export")."""
+    if any(words in message for words in _STORAGE_WORDS):
+        raise StorageUnavailable(
+            f"The server could not write {what} (its disk is full or not writable); "
+            "try again later."
+        )

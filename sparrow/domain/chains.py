@@ -264,6 +264,15 @@ _WHY_NO_AUDIO = {
 }
 
 
+async def remove_files_if_deleted(store: ChainStore, media: MediaStore, chain_id: str) -> bool:
+    """Whether the chain is gone; if it is, its folders are removed: its delete may have
+    cleaned up before a job or an export wrote into them."""
+    if await store.get_chain(chain_id) is not None:
+        return False
+    await anyio.to_thread.run_sync(media.remove_chain, chain_id)
+    return True
+
+
 def found_node(node_id: str, node: Node | None) -> Node:
     """The node, or NotFound naming the id that was asked for."""
     if node is None:

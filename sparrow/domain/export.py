@@ -23,7 +23,7 @@ import anyio
 from sparrow.audio.integrity import OpenedFile, open_quietly
 from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments, output_problem, plan_join
 from sparrow.audio.storage import storage_failure
-from sparrow.domain.chains import found_chain, shown
+from sparrow.domain.chains import found_chain, remove_files_if_deleted, shown
 from sparrow.errors import Conflict, InvalidInput, NotFound, PaymentRequired, Unavailable
 from sparrow.media import MediaStore
 from sparrow.models import Caller, Chain, Node, StemsStatus
@@ -164,9 +164,7 @@ class ExportService:
     async def _still_there(self, chain: Chain, spine: list[Node]) -> None:
         """NotFound if the chain was deleted meanwhile (its exports go too); Conflict if its
         spine is no longer ``spine`` (given non-empty)."""
-        if await self.store.get_chain(chain.id) is None:
-            # The delete's own cleanup may have run before this export wrote its folder.
-            await anyio.to_thread.run_sync(self.media.remove_chain, chain.id)
+        if await remove_files_if_deleted(self.store, self.media, chain.id):
             raise NotFound(f"There is no chain {shown(chain.id)}: it was deleted.")
         if spine and await self.store.spine_ids(chain.id) != [n.id for n in spine]:
             raise Conflict("The spine changed while it was being exported; export it again.")

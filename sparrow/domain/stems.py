@@ -29,7 +29,7 @@ import numpy as np
 from sparrow.audio import write_wav
 from sparrow.audio.integrity import MissingAudio, OpenedFile
 from sparrow.audio.tail import Segment, read_tail
-from sparrow.domain.chains import found_chain, found_node, shown
+from sparrow.domain.chains import found_chain, found_node, remove_files_if_deleted, shown
 from sparrow.domain.keys import KeyService
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
@@ -332,13 +332,13 @@ class StemsService:
         try:
             files = await anyio.to_thread.run_sync(write_all)
         except FileNotFoundError:
-            await self._forget_if_deleted(node.chain_id)
+            await remove_files_if_deleted(self.store, self.media, node.chain_id)
             return  # the chain was deleted meanwhile
         except (OSError, StorageUnavailable) as exc:
             log.error("cannot write the stems of node %s: %s", node.id, exc)
             self.media.remove_stems(node.chain_id, node.id)
             await self._end([node.id], StemsStatus.ERROR, storage_error(exc, "stems"))
-            await self._forget_if_deleted(node.chain_id)
+            await remove_files_if_deleted(self.store, self.media, node.chain_id)
             return
         first = next(iter(stems.values()))
         facts = {
@@ -356,13 +356,7 @@ class StemsService:
         if await persistently(mark_ready, f"marking the stems of node {node.id} ready") is None:
             # Cancelled or deleted while its files were being written.
             self.media.remove_stems(node.chain_id, node.id)
-            await self._forget_if_deleted(node.chain_id)
-
-    async def _forget_if_deleted(self, chain_id: str) -> None:
-        """Remove the chain's folders if the chain is gone: its delete may have cleaned up
-        before this job created a folder in them."""
-        if await self.store.get_chain(chain_id) is None:
-            await anyio.to_thread.run_sync(self.media.remove_chain, chain_id)
+            await remove_files_if_deleted(self.store, self.media, node.chain_id)
 
     async def _end(self, node_ids: list[str], status: StemsStatus, error: NodeError | None) -> None:
         """The stems' last status: written persistently, it never stays unwritten."""

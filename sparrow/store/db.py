@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ Row = sqlite3.Row
 Params = Sequence[Any] | Mapping[str, Any]
 
 RESERVE_BYTES = 8 << 20
+RESERVE_RETRY_S = 5.0
 BUSY_S = 10.0  # the longest a write waits for the database: its turn, and SQLite's lock
 MIGRATION_WAIT_S = 120.0  # another process's migrations may rebuild a large table
 
@@ -56,7 +58,7 @@ class Database:
         self.path = path
         self.reserve = path.with_name(f"{path.name}.reserve")
         self.reserve_bytes = reserve_bytes
-        self._reserve_missing = True
+        self._reserve_due: float | None = 0.0  # when to try to allocate it; None: it is there
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -183,7 +185,7 @@ class Database:
                 raise
         finally:
             self._write_lock.release()
-        if self._reserve_missing:
+        if self._reserve_wanted():
             await asyncio.to_thread(self._keep_reserve)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
@@ -199,11 +201,18 @@ class Database:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
+    def _reserve_wanted(self) -> bool:
+        """Whether to try to allocate the reserve now: it is missing, and the last try (a
+        disk without room for it) was ``RESERVE_RETRY_S`` ago, so that writes on a low
+        disk do not each ask."""
+        return self._reserve_due is not None and time.monotonic() >= self._reserve_due
+
     def _keep_reserve(self) -> None:
         """Allocate the reserve if it is missing and the disk has room to spare for it."""
         if self.reserve_bytes <= 0 or self.reserve.exists():
-            self._reserve_missing = self.reserve_bytes > 0 and not self.reserve.exists()
+            self._reserve_due = None
             return
+        self._reserve_due = time.monotonic() + RESERVE_RETRY_S
         try:
             if shutil.disk_usage(self.path.parent).free < 3 * self.reserve_bytes:
                 return
@@ -214,14 +223,14 @@ class Database:
             with contextlib.suppress(OSError):
                 self.reserve.unlink(missing_ok=True)
             return
-        self._reserve_missing = False
+        self._reserve_due = None
 
     def _release_reserve(self) -> None:
         if self.reserve.exists():
             log.warning("the disk is full: releasing the database's reserve to go on writing")
         with contextlib.suppress(OSError):
             self.reserve.unlink(missing_ok=True)
-        self._reserve_missing = True
+        self._reserve_due = time.monotonic() + RESERVE_RETRY_S
 
     async def probe_write(self, timeout_s: float = 1.0) -> str | None:
         """Whether the database takes a write now: None, or why not.
@@ -250,7 +259,7 @@ class Database:
             await asyncio.to_thread(write)
         except sqlite3.Error as exc:
             return f"The database does not take writes ({exc})."
-        if self._reserve_missing:
+        if self._reserve_wanted():
             await asyncio.to_thread(self._keep_reserve)
         return None
 
