@@ -33,8 +33,9 @@ from bench.table import Options, Row, progress
 from bench.timing import interleaved, timed
 from sparrow.events import EventHub
 from sparrow.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
-from sparrow.store import ChainStore, Database
+from sparrow.store import ChainStore
 from sparrow.store.rows import NODE_COLUMNS, node_from_row
+from sparrow.store.sqlite import SqliteDatabase as Database
 
 # The baseline: the spine's rows through the chain's index, no recursion. The spine
 # is exactly the committed nodes of the chain (the invariant the CTE follows).

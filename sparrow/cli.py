@@ -62,7 +62,7 @@ def _keys(args: argparse.Namespace) -> int:
     from sparrow.domain.keys import KeyService
     from sparrow.errors import SparrowError
     from sparrow.models import Tier
-    from sparrow.store import Database
+    from sparrow.store import open_database
     from sparrow.store.keys import KeyStore
 
     settings = _settings()
@@ -70,9 +70,9 @@ def _keys(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        db = Database(settings.db_path)
-        await db.open()
+        db = open_database(settings)
         try:
+            await db.open()
             keys = KeyService(KeyStore(db), enabled=True)
             if args.action == "create":
                 record, key = await keys.create(tier=Tier(args.tier), name=args.name)
@@ -101,24 +101,30 @@ def _keys(args: argparse.Namespace) -> int:
 def _db(args: argparse.Namespace) -> int:
     import asyncio
 
-    from sparrow.store import Database
-    from sparrow.store.migrations import MIGRATIONS
+    from sparrow.errors import SparrowError
+    from sparrow.store import open_database
+    from sparrow.store.db import describe
 
     settings = _settings()
     if settings is None:
         return 2
+    db = open_database(settings)
 
     async def migrate() -> None:
-        db = Database(settings.db_path)
-        await db.open()  # migrates; several processes at once take turns
-        await db.close()
+        try:
+            await db.open()  # migrates; several processes at once take turns
+        finally:
+            await db.close()
 
     try:
         asyncio.run(migrate())
-    except Exception as exc:
-        print(f"sparrow: cannot migrate {settings.db_path.name}: {exc}", file=sys.stderr)
+    except SparrowError as exc:
+        print(f"sparrow: {exc.detail}", file=sys.stderr)
         return 1
-    print(f"The database is at schema version {len(MIGRATIONS)}.")
+    except Exception as exc:
+        print(f"sparrow: cannot migrate {describe(settings)}: {exc}", file=sys.stderr)
+        return 1
+    print(f"The database is at schema version {db.schema_version}.")
     return 0
 
 

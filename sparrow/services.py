@@ -35,7 +35,7 @@ from sparrow.jobs import LocalQueue, Worker
 from sparrow.media import MediaStore
 from sparrow.models import JobKind
 from sparrow.settings import Settings
-from sparrow.store import ChainStore, Database
+from sparrow.store import ChainStore, Database, open_database
 from sparrow.store.events import EventLog
 from sparrow.store.jobs import JobReads
 from sparrow.store.keys import KeyStore
@@ -66,7 +66,7 @@ class Services:
 @asynccontextmanager
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Sparrow, built from ``settings`` and running for the block (see the module docstring)."""
-    db = Database(settings.db_path)
+    db = open_database(settings)
     hub = EventHub(settings.sse_queue_limit)
     worker: Worker | None = None
     preloading: set[asyncio.Task[None]] = set()

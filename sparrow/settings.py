@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     database_path: Path | None = Field(
         default=None, description="SQLite file; defaults to <data_dir>/sparrow.db"
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/db puts the state and the job "
+        "queue in PostgreSQL; unset, SQLite at database_path.",
     )
 
     # Serving.
@@ -111,6 +116,15 @@ class Settings(BaseSettings):
 
     # Also accepted: CF_MUSICGEN_MOCK=1 selects the mock engine.
     cf_musicgen_mock: bool = Field(default=False, validation_alias="CF_MUSICGEN_MOCK")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_only(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is None or not url.get_secret_value().strip():
+            return None
+        if not url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("SPARROW_DATABASE_URL must be a postgresql:// URL (or unset)")
+        return url
 
     @model_validator(mode="after")
     def _mock_alias(self) -> Settings:

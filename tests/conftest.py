@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import corpus
 import httpx
+import pg
 import pytest
 from corpus import BadUpload, GoodUpload
 from fastapi import FastAPI
 from helpers import ML_REASON, ml_installed
+from pg import PostgresServer, running_postgres
 from sse_starlette.sse import AppStatus
 
 from sparrow.api import create_app
@@ -39,9 +41,40 @@ def _sse_not_exiting() -> None:
     AppStatus.should_exit = False
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (Debian's binaries, 127.0.0.1 only).
+
+    Missing binaries skip the tests that need it, with one reason; on CI, where the
+    test command installs them, they fail instead.
+    """
+    with running_postgres() as server:
+        if server is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"{pg.REASON} on CI")
+            pytest.skip(pg.REASON)
+        yield server
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", engine="mock")
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None (SQLite, the default), or a fresh PostgreSQL database's URL for tests
+    parametrized with ``@both_databases``. ``TEST_DATABASE=postgresql`` runs every
+    in-process test on PostgreSQL."""
+    kind = getattr(request, "param", os.environ.get("TEST_DATABASE", "sqlite"))
+    if kind == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str | None) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        engine="mock",
+        database_url=database_url,
+    )
 
 
 @pytest.fixture

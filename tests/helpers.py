@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from fastapi import FastAPI
 
 from sparrow.api import create_app
@@ -23,6 +24,11 @@ from sparrow.settings import Settings
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.flac"
 
 ML_REASON = "needs the ml extra (torch, transformers, demucs): pip install -e '.[ml]'"
+
+
+# Runs the test once on SQLite and once on a fresh PostgreSQL database (the
+# ``database_url`` fixture, and through it ``settings`` and ``app``).
+both_databases = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 
 
 def ml_installed() -> bool:

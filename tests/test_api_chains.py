@@ -1,4 +1,5 @@
-"""The chain and node routes, in-process, over a real SQLite file and real audio files."""
+"""The chain and node routes, in-process, over a real database (SQLite, and PostgreSQL where
+marked) and real audio files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, add_child, services, upload
+from helpers import SAMPLE, add_child, both_databases, services, upload
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav_info
@@ -35,6 +36,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert isinstance(body["detail"], str) and body["detail"]
 
 
+@both_databases
 async def test_upload_creates_a_ready_committed_root(client: httpx.AsyncClient) -> None:
     body = await make_chain(client)
     chain, root = body["chain"], body["root"]
@@ -49,6 +51,7 @@ async def test_upload_creates_a_ready_committed_root(client: httpx.AsyncClient) 
     assert root["params"] is None and root["error"] is None
 
 
+@both_databases
 async def test_list_newest_first_with_paging(client: httpx.AsyncClient) -> None:
     titles = ["one", "two", "three"]
     for title in titles:
@@ -62,6 +65,7 @@ async def test_list_newest_first_with_paging(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/api/chains", params={"limit": "x"}), 422, "invalid_input")
 
 
+@both_databases
 async def test_get_rename_delete(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
     chain_id = body["chain"]["id"]
@@ -111,6 +115,7 @@ async def test_unknown_ids_are_404_json(client: httpx.AsyncClient, path: str) ->
     assert_error(await client.get(path), 404, "not_found")
 
 
+@both_databases
 async def test_spine_commit_uncommit_discard(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
     chain_id, root_id = body["chain"]["id"], body["root"]["id"]
@@ -166,6 +171,7 @@ async def test_spine_commit_uncommit_discard(client: httpx.AsyncClient, app: Fas
     assert {n["id"] for n in nodes} == {root_id, a2.id}
 
 
+@both_databases
 async def test_audio_range_etag_head(client: httpx.AsyncClient, app: FastAPI) -> None:
     body = await make_chain(client)
     root_id = body["root"]["id"]
@@ -250,6 +256,7 @@ async def test_peaks(client: httpx.AsyncClient) -> None:
     assert rounded["samples_per_pixel"] == 44100 // 29  # audiowaveform rounds down
 
 
+@both_databases
 async def test_health_and_readiness(client: httpx.AsyncClient, app: FastAPI) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
@@ -328,6 +335,7 @@ async def test_cors_in_development_allows_any_origin_without_credentials(
     assert "access-control-allow-credentials" not in response.headers
 
 
+@both_databases
 async def test_commit_racing_discard_never_breaks_the_spine(
     client: httpx.AsyncClient, app: FastAPI
 ) -> None:

@@ -55,9 +55,10 @@ from sparrow.models import (
     new_id,
     utc_now,
 )
-from sparrow.store import ChainStore, Database
-from sparrow.store.migrations import MIGRATIONS
+from sparrow.store import ChainStore
+from sparrow.store.migrations import SQLITE_MIGRATIONS as MIGRATIONS
 from sparrow.store.rows import NODE_COLUMNS, node_values
+from sparrow.store.sqlite import SqliteDatabase as Database
 
 T = TypeVar("T")
 

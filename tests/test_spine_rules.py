@@ -1,7 +1,9 @@
 """The spine invariant under any sequence of commit, uncommit, discard and branch.
 
-A Hypothesis state machine drives ``ChainService`` over a real SQLite file and
-compares every step with a plain-Python model of SPEC §1.
+A Hypothesis state machine drives ``ChainService`` over a real database and
+compares every step with a plain-Python model of SPEC §1: once over a fresh
+SQLite file per example, once over a real PostgreSQL database (each example works
+on a chain of its own there).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from pg import PostgresServer
 
 from sparrow.domain.chains import ChainService
 from sparrow.errors import Conflict, NotFound
@@ -27,6 +30,8 @@ from sparrow.media import MediaStore
 from sparrow.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter, Database
+from sparrow.store.postgres import PostgresDatabase
+from sparrow.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
 
@@ -50,11 +55,17 @@ def make_node(chain_id: str, parent_id: str | None, status: NodeStatus) -> Node:
 
 
 class SpineMachine(RuleBasedStateMachine):
+    database_url: ClassVar[str | None] = None  # None: SQLite
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.tmp = Path(tempfile.mkdtemp(prefix="sparrow-spine-"))
-        self.db = Database(self.tmp / "sparrow.db")
+        self.db: Database = (
+            SqliteDatabase(self.tmp / "sparrow.db")
+            if self.database_url is None
+            else PostgresDatabase(self.database_url, pool_size=2)
+        )
         self.run(self.db.open())
         media = MediaStore(self.tmp)
         media.ensure()
@@ -180,6 +191,18 @@ class SpineMachine(RuleBasedStateMachine):
         assert spine.duration_s == pytest.approx(1.5 * len(ids))
 
 
+class PostgresSpineMachine(SpineMachine):
+    def __init__(self) -> None:
+        assert self.database_url is not None, "the PostgreSQL machine would test SQLite"
+        super().__init__()
+        assert self.db.kind == "postgresql"
+
+
+@pytest.fixture(scope="module")
+def _postgres_spine(postgres: PostgresServer) -> None:
+    PostgresSpineMachine.database_url = postgres.new_database()
+
+
 SpineMachine.TestCase.settings = settings(
     max_examples=80,
     stateful_step_count=40,
@@ -187,3 +210,5 @@ SpineMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSpineRules = SpineMachine.TestCase
+PostgresSpineMachine.TestCase.settings = settings(SpineMachine.TestCase.settings, max_examples=40)
+TestSpineRulesOnPostgres = pytest.mark.usefixtures("_postgres_spine")(PostgresSpineMachine.TestCase)

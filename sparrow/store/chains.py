@@ -16,14 +16,18 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-import aiosqlite
-
 from sparrow.events import EventHub, StoredEvent
 from sparrow.models import Chain, Node, Stems, utc_now
-from sparrow.store.db import BUSY_S, Database
+from sparrow.store.db import BUSY_S, Database, Tx
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
-from sparrow.store.rows import NODE_COLUMNS, chain_from_row, node_from_row, node_values
+from sparrow.store.rows import (
+    CHAIN_COLUMNS,
+    NODE_COLUMNS,
+    chain_from_row,
+    node_from_row,
+    node_values,
+)
 from sparrow.store.stems import SELECT_STEMS, STEMS_COLUMNS, StemsWrites, stems_from_row
 
 # The path from a node up to the root, the node included, with each node's
@@ -62,15 +66,16 @@ def _with(*ctes: str) -> str:
 
 # ``:owner`` NULL reads any chain's rows (auth off, or the server's own work);
 # otherwise only that owner's: another owner's id reads as if it did not exist.
-_OWNED = "(:owner IS NULL OR owner = :owner)"
+_OWNED = "(CAST(:owner AS TEXT) IS NULL OR owner = :owner)"
 _SPINE_NODES = (
     f"{_with(_SPINE)} SELECT {NODE_COLUMNS} FROM spine JOIN nodes USING (id) ORDER BY spine.depth"
 )
 _SELECT_NODE = (
     f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = :id "
-    f"AND (:owner IS NULL OR chain_id IN (SELECT id FROM chains WHERE owner = :owner))"
+    "AND (CAST(:owner AS TEXT) IS NULL "
+    "OR chain_id IN (SELECT id FROM chains WHERE owner = :owner))"
 )
-_SELECT_CHAIN = f"SELECT * FROM chains WHERE id = :id AND {_OWNED}"
+_SELECT_CHAIN = f"SELECT {CHAIN_COLUMNS} FROM chains WHERE id = :id AND {_OWNED}"
 
 _INSERT_NODE = (
     f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES ("
@@ -105,7 +110,9 @@ class ChainStore:
         async with self.db.transaction(
             on_commit=lambda: self.hub.publish(emitted), wait_s=wait_s
         ) as tx:
-            yield ChainWriter(tx, emitted, self.event_retention, self.event_retention_bytes)
+            yield ChainWriter(
+                tx, self.db, emitted, self.event_retention, self.event_retention_bytes
+            )
 
     async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
         """The chain, if it exists and ``owner`` (when given) owns it."""
@@ -117,7 +124,7 @@ class ChainStore:
     ) -> tuple[list[Chain], int]:
         params = {"owner": owner, "limit": limit, "offset": offset}
         rows = await self.db.fetchall(
-            f"SELECT * FROM chains WHERE {_OWNED} "
+            f"SELECT {CHAIN_COLUMNS} FROM chains WHERE {_OWNED} "
             "ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset",
             params,
         )
@@ -168,8 +175,8 @@ class ChainStore:
     async def stems_of(self, node_ids: Sequence[str]) -> dict[str, Stems]:
         """The stems rows of these nodes, by node id (nodes without one are absent)."""
         rows = await self.db.fetchall(
-            f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(node_ids)),),
+            f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id {self.db.ids_in('ids')}",
+            {"ids": json.dumps(list(node_ids))},
         )
         return {s.node_id: s for s in map(stems_from_row, rows)}
 
@@ -187,29 +194,34 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
 
     def __init__(
         self,
-        tx: aiosqlite.Connection,
+        tx: Tx,
+        db: Database,
         emitted: list[StoredEvent],
         retention: int,
         retention_bytes: int,
     ) -> None:
         self.tx = tx
+        self.db = db
         self.emitted = emitted
         self.retention = retention
         self.retention_bytes = retention_bytes
 
     async def get_node(self, node_id: str, *, owner: str | None = None) -> Node | None:
-        """The node as this transaction sees it (``owner``: as in ``ChainStore.get_node``)."""
-        async with self.tx.execute(_SELECT_NODE, {"id": node_id, "owner": owner}) as cur:
-            row = await cur.fetchone()
-        return node_from_row(row) if row else None
+        """The node as this transaction sees it (``owner``: as in ``ChainStore.get_node``),
+        its chain locked for the rest of the transaction: what the caller checks of it
+        stays true until it commits."""
+        await self.tx.lock_chain_of(node_id)
+        rows = await self.tx.rows(_SELECT_NODE, {"id": node_id, "owner": owner})
+        return node_from_row(rows[0]) if rows else None
 
     async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
-        async with self.tx.execute(_SELECT_CHAIN, {"id": chain_id, "owner": owner}) as cur:
-            row = await cur.fetchone()
-        return chain_from_row(row) if row else None
+        """The chain, locked for the rest of the transaction (see ``get_node``)."""
+        await self.tx.lock_chain(chain_id)
+        rows = await self.tx.rows(_SELECT_CHAIN, {"id": chain_id, "owner": owner})
+        return chain_from_row(rows[0]) if rows else None
 
     async def create_chain(self, chain: Chain, root: Node) -> None:
-        await self.tx.execute(
+        await self.tx.run(
             "INSERT INTO chains (id, title, owner, root_node_id, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -221,15 +233,14 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
                 chain.updated_at,
             ),
         )
-        await self.tx.execute(_INSERT_NODE, node_values(root))
+        await self.tx.run(_INSERT_NODE, node_values(root))
 
     async def rename_chain(self, chain_id: str, title: str) -> Chain | None:
-        async with self.tx.execute(
-            "UPDATE chains SET title = ?, updated_at = ? WHERE id = ? RETURNING *",
+        rows = await self.tx.rows(
+            f"UPDATE chains SET title = ?, updated_at = ? WHERE id = ? RETURNING {CHAIN_COLUMNS}",
             (title, utc_now(), chain_id),
-        ) as cur:
-            row = await cur.fetchone()
-        return chain_from_row(row) if row else None
+        )
+        return chain_from_row(rows[0]) if rows else None
 
     async def delete_chain(self, chain_id: str) -> list[str] | None:
         """Delete the chain with its nodes, jobs and events; returns its node ids,
@@ -239,8 +250,8 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         node_ids = await self._ids(
             "DELETE FROM nodes WHERE chain_id = :chain_id RETURNING id", {"chain_id": chain_id}
         )
-        cur = await self.tx.execute("DELETE FROM chains WHERE id = ?", (chain_id,))
-        return node_ids if cur.rowcount > 0 else None
+        deleted = await self.tx.run("DELETE FROM chains WHERE id = ?", (chain_id,))
+        return node_ids if deleted > 0 else None
 
     async def spine_ids(self, chain_id: str) -> list[str]:
         """The spine as this transaction sees it, root first."""
@@ -250,11 +261,10 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
 
     async def spine_nodes(self, chain_id: str) -> list[Node]:
         """The spine's nodes as this transaction sees them, root first."""
-        async with self.tx.execute(_SPINE_NODES, {"chain_id": chain_id}) as cur:
-            return [node_from_row(r) for r in await cur.fetchall()]
+        return [node_from_row(r) for r in await self.tx.rows(_SPINE_NODES, {"chain_id": chain_id})]
 
     async def insert_nodes(self, nodes: Sequence[Node]) -> None:
-        await self.tx.executemany(_INSERT_NODE, [node_values(n) for n in nodes])
+        await self.tx.run_many(_INSERT_NODE, [node_values(n) for n in nodes])
 
     async def commit_path(self, node_id: str, chain_id: str) -> tuple[list[str], list[str]]:
         """Commit the node and its ancestors; uncommit every committed node off that path.
@@ -282,7 +292,7 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         # RETURNING gives no order: the committed ancestors, root side first.
         ordered = await self._ids(
             f"{_with(_ANCESTORS)} SELECT id FROM ancestors "
-            "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY depth DESC",
+            f"WHERE id {self.db.ids_in('ids')} ORDER BY depth DESC",
             {"node_id": node_id, "ids": json.dumps(on)},
         )
         return ordered, off
@@ -308,7 +318,7 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         """
         params = {"node_id": node_id}
         ids = await self._ids(f"{_with(_SUBTREE)} SELECT id FROM subtree ORDER BY depth", params)
-        await self.tx.execute(
+        await self.tx.run(
             f"{_with(_SUBTREE)} DELETE FROM nodes WHERE id IN (SELECT id FROM subtree)", params
         )
         if ids:
@@ -316,8 +326,7 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
         return ids
 
     async def _ids(self, sql: str, params: dict[str, str]) -> list[str]:
-        async with self.tx.execute(sql, params) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        return [r[0] for r in await self.tx.rows(sql, params)]
 
     async def _touch(self, chain_id: str, now: str) -> None:
-        await self.tx.execute("UPDATE chains SET updated_at = ? WHERE id = ?", (now, chain_id))
+        await self.tx.run("UPDATE chains SET updated_at = ? WHERE id = ?", (now, chain_id))

@@ -1,289 +1,136 @@
-"""The SQLite database: one writer, one reader, WAL, versioned schema.
+"""The database under the store: SQLite (the embedded default) or PostgreSQL.
 
-Writes go through ``transaction()``, which holds an asyncio lock around a
-``BEGIN IMMEDIATE`` transaction on the writer connection, so writes are
-serialized and never interleave. Reads use a second connection; with WAL they
-see the last committed state and never wait for the writer.
+The repositories (``chains``, ``events``, ``jobs``, ``stems``, ``keys``) hold
+every SQL statement, written once for both: named parameters (``:name``) or
+positional ones (``?``), and standard SQL both engines run the same way
+(recursive CTEs, ``RETURNING``, ``ON CONFLICT``, partial unique indexes). A
+PostgreSQL table carries an identity column named ``rowid`` standing in for
+SQLite's implicit one, so "in insertion order" reads the same on both. What
+differs is behind the two small protocols here:
 
-A full disk must not stop the server from recording what happened (a job
-that failed because the disk is full still has to say so). Beside the
-database file lies a reserve of ``RESERVE_BYTES``, allocated while there is
-room; a write refused because the disk is full releases it, so the retried
-write (see ``sparrow.jobs.persistently``) finds room. The reserve is made again
-once the disk has room for it to spare.
+- ``Database``: open (and migrate), reads, one write transaction at a time per
+  caller, readiness probes.
+- ``Tx``: the statements of one transaction, plus the locks that SQLite's single
+  writer makes unnecessary and PostgreSQL needs: ``lock_chain`` before a
+  check-then-act on a chain, ``lock_queue`` before counting the queue for its
+  limits.
+
+``open_database(settings)`` picks the implementation from
+``SPARROW_DATABASE_URL``; nothing above the store knows which one it has.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
-import shutil
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from sparrow.errors import StorageUnavailable
-from sparrow.store.migrations import MIGRATIONS
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-Row = sqlite3.Row
+    from sparrow.settings import Settings
+
+Row = Sequence[Any]  # positional: columns in the order the statement names them
 Params = Sequence[Any] | Mapping[str, Any]
 
-RESERVE_BYTES = 8 << 20
-RESERVE_RETRY_S = 5.0
-BUSY_S = 10.0  # the longest a write waits for the database: its turn, and SQLite's lock
+BUSY_S = 10.0  # the longest a write waits for the database: its turn, and the locks
 MIGRATION_WAIT_S = 120.0  # another process's migrations may rebuild a large table
 
 
-async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    await conn.execute(f"PRAGMA busy_timeout = {round(BUSY_S * 1000)}")
-    await conn.execute("PRAGMA foreign_keys = ON")
-    if readonly:
-        await conn.execute("PRAGMA query_only = ON")
-    return conn
+class Tx(Protocol):
+    """The statements of one open write transaction."""
+
+    async def rows(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run a statement; its rows (those of ``RETURNING`` too)."""
+        ...
+
+    async def run(self, sql: str, params: Params = ()) -> int:
+        """Run a statement; how many rows it changed."""
+        ...
+
+    async def run_many(self, sql: str, params: Iterable[Params]) -> None: ...
+
+    async def lock_chain(self, chain_id: str) -> None:
+        """Hold the chain's row until the end of the transaction: what this transaction
+        reads of the chain and then changes, no other changes in between."""
+        ...
+
+    async def lock_chain_of(self, node_id: str) -> None:
+        """``lock_chain`` for the node's chain (nothing if there is no such node)."""
+        ...
+
+    async def lock_queue(self) -> None:
+        """Hold the queue until the end of the transaction: a count of waiting jobs and the
+        insert it allows are not split by another process's."""
+        ...
 
 
-class Database:
-    def __init__(self, path: Path, *, reserve_bytes: int = RESERVE_BYTES) -> None:
-        self.path = path
-        self.reserve = path.with_name(f"{path.name}.reserve")
-        self.reserve_bytes = reserve_bytes
-        self._reserve_due: float | None = 0.0  # when to try to allocate it; None: it is there
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-        self._busy_ms = round(BUSY_S * 1000)  # the writer's busy_timeout, as last set
+class Database(Protocol):
+    kind: str  # "sqlite" or "postgresql"
+    schema_version: int  # the migrations this Sparrow knows, all run once open
+
+    def ids_in(self, param: str) -> str:
+        """SQL for "``IN`` the ids of the JSON array in parameter ``param``"."""
+        ...
 
     async def open(self) -> None:
-        """Open (and migrate) the database. On a disk too full for SQLite to make its WAL
-        files, the reserve is released and the opening tried once more."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            await self._open()
-        except sqlite3.OperationalError:
-            await self.close()
-            if not self.reserve.exists():
-                raise
-            await asyncio.to_thread(self._release_reserve)
-            await self._open()
+        """Connect, and bring the schema up to date (processes starting at once take turns)."""
+        ...
 
-    async def _open(self) -> None:
-        self._writer = await _connect(self.path, readonly=False)
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        # FULL: a transaction acknowledged to a client survives power loss too.
-        await self._writer.execute("PRAGMA synchronous = FULL")
-        await self._migrate()
-        self._reader = await _connect(self.path, readonly=True)
-        await asyncio.to_thread(self._keep_reserve)
+    async def close(self) -> None: ...
 
-    async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
-
-    async def _migrate(self) -> None:
-        """Run the migrations this database lacks, all in one transaction.
-
-        The version is read inside that ``BEGIN IMMEDIATE`` transaction, so processes
-        starting together on a fresh database migrate one after another: the first
-        migrates, the others wait for its lock and then find nothing to do. Foreign keys
-        are off meanwhile (SQLite ignores the pragma inside a transaction), so that a
-        migration can rebuild a table, and are checked before the commit.
-        """
-        writer = self._writer
-        assert writer is not None
-        async with writer.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        if row is not None and int(row[0]) == len(MIGRATIONS):
-            return  # the usual start: nothing to do, no write lock taken
-        await writer.execute(f"PRAGMA busy_timeout = {round(MIGRATION_WAIT_S * 1000)}")
-        await writer.execute("PRAGMA foreign_keys = OFF")
-        try:
-            await writer.execute("BEGIN IMMEDIATE")
-            try:
-                async with writer.execute("PRAGMA user_version") as cur:
-                    row = await cur.fetchone()
-                version = int(row[0]) if row else 0
-                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                    for statement in _statements(script):
-                        await writer.execute(statement)
-                    await writer.execute(f"PRAGMA user_version = {number}")
-                async with writer.execute("PRAGMA foreign_key_check") as cur:
-                    broken = list(await cur.fetchall())
-                if broken:
-                    raise RuntimeError(f"the migrations break foreign keys: {broken[:5]}")
-                await writer.execute("COMMIT")
-            except BaseException:
-                if writer.in_transaction:
-                    await writer.execute("ROLLBACK")
-                raise
-        finally:
-            await writer.execute("PRAGMA foreign_keys = ON")
-            await writer.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-
-    @asynccontextmanager
-    async def transaction(
+    def transaction(
         self, on_commit: Callable[[], None] | None = None, *, wait_s: float = BUSY_S
-    ) -> AsyncIterator[aiosqlite.Connection]:
-        """Run the enclosed writes as one serialized, atomic transaction.
+    ) -> AbstractAsyncContextManager[Tx]:
+        """One atomic write transaction; any exception rolls it back. ``on_commit`` runs once
+        it has committed. ``wait_s`` bounds the wait for it to begin (and, on PostgreSQL,
+        for each lock): past it, ``StorageUnavailable``."""
+        ...
 
-        Whatever fails (a statement, the caller's code, the COMMIT itself), the
-        transaction is rolled back, so the writer is always clean for the next one.
-        ``on_commit`` runs after a successful COMMIT while the write lock is still
-        held, so whatever it announces is announced in commit order.
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]: ...
 
-        ``wait_s`` bounds the wait for the transaction to begin, its turn among this
-        process's writes and SQLite's lock (another process may hold it) together:
-        past it, ``StorageUnavailable``. So a locked database makes each write wait at
-        most that long, however many are queued; 0 is for writes that may be skipped.
-        """
-        if self._writer is None:
-            raise StorageUnavailable("The database is not open.")
-        writer = self._writer
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        try:
-            async with asyncio.timeout(wait_s):
-                await self._write_lock.acquire()
-        except TimeoutError:
-            raise StorageUnavailable(
-                f"The database is busy: this write waited {wait_s:g} s for its turn; "
-                "try again later."
-            ) from None
-        try:
-            remaining = deadline - loop.time()
-            # Whole, unless the turn took a while: the pragma is not re-sent on every write.
-            busy_ms = round(wait_s * 1000 if remaining > wait_s - 0.05 else remaining * 1000)
-            busy_ms = max(0, busy_ms)
-            if busy_ms != self._busy_ms:
-                await writer.execute(f"PRAGMA busy_timeout = {busy_ms}")
-                self._busy_ms = busy_ms
-            try:
-                await writer.execute("BEGIN IMMEDIATE")
-                yield writer
-                await writer.execute("COMMIT")
-                if on_commit is not None:
-                    on_commit()
-            except BaseException as exc:
-                if writer.in_transaction:
-                    await writer.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                        await asyncio.to_thread(self._release_reserve)
-                    raise _unavailable(exc) from exc
-                raise
-        finally:
-            self._write_lock.release()
-        if self._reserve_wanted():
-            await asyncio.to_thread(self._keep_reserve)
-
-    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
-        if self._reader is None:
-            raise StorageUnavailable("The database is not open.")
-        try:
-            async with self._reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-        except sqlite3.OperationalError as exc:
-            raise _unavailable(exc) from exc
-
-    async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
-
-    def _reserve_wanted(self) -> bool:
-        """Whether to try to allocate the reserve now: it is missing, and the last try (a
-        disk without room for it) was ``RESERVE_RETRY_S`` ago, so that writes on a low
-        disk do not each ask."""
-        return self._reserve_due is not None and time.monotonic() >= self._reserve_due
-
-    def _keep_reserve(self) -> None:
-        """Allocate the reserve if it is missing and the disk has room to spare for it."""
-        if self.reserve_bytes <= 0 or self.reserve.exists():
-            self._reserve_due = None
-            return
-        self._reserve_due = time.monotonic() + RESERVE_RETRY_S
-        try:
-            if shutil.disk_usage(self.path.parent).free < 3 * self.reserve_bytes:
-                return
-            with self.reserve.open("wb") as f:
-                os.posix_fallocate(f.fileno(), 0, self.reserve_bytes)
-        except OSError as exc:
-            log.warning("cannot allocate the database's reserve: %s", exc)
-            with contextlib.suppress(OSError):
-                self.reserve.unlink(missing_ok=True)
-            return
-        self._reserve_due = None
-
-    def _release_reserve(self) -> None:
-        if self.reserve.exists():
-            log.warning("the disk is full: releasing the database's reserve to go on writing")
-        with contextlib.suppress(OSError):
-            self.reserve.unlink(missing_ok=True)
-        self._reserve_due = time.monotonic() + RESERVE_RETRY_S
+    async def fetchone(self, sql: str, params: Params = ()) -> Row | None: ...
 
     async def probe_write(self, timeout_s: float = 1.0) -> str | None:
-        """Whether the database takes a write now: None, or why not.
+        """Whether the database takes a write now: None, or why not (one sentence)."""
+        ...
 
-        On a connection of its own with a short busy timeout, so that a database locked by
-        another process answers within ``timeout_s`` instead of the writer's 10 s, and the
-        writer's transactions are left alone.
-        """
+    async def ping(self) -> bool: ...
 
-        if self._writer is None:
-            return "The database is not open."
 
-        def write() -> None:
-            conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(
-                    "INSERT INTO probes (id, at) VALUES (1, datetime('now')) "
-                    "ON CONFLICT (id) DO UPDATE SET at = excluded.at"
-                )
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-
+def open_database(settings: Settings) -> Database:
+    """The database the settings name (not opened yet)."""
+    if settings.database_url is not None:
         try:
-            await asyncio.to_thread(write)
-        except sqlite3.Error as exc:
-            return f"The database does not take writes ({exc})."
-        if self._reserve_wanted():
-            await asyncio.to_thread(self._keep_reserve)
-        return None
+            from sparrow.store.postgres import PostgresDatabase
+        except ModuleNotFoundError as exc:
+            raise StorageUnavailable(
+                f"PostgreSQL needs the cluster extra ({exc.name} is missing): "
+                "pip install -e '.[cluster]'."
+            ) from None
+        return PostgresDatabase(settings.database_url.get_secret_value())
+    from sparrow.store.sqlite import SqliteDatabase
 
-    async def ping(self) -> bool:
-        try:
-            await self.fetchone("SELECT 1")
-        except (StorageUnavailable, sqlite3.Error, ValueError):
-            return False
-        return True
+    return SqliteDatabase(settings.db_path)
 
 
-def _statements(script: str) -> list[str]:
-    """A migration's statements, one by one (``executescript`` would commit first)."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"a migration ends in an incomplete statement: {pending.strip()[:80]}")
-    return statements
+def describe(settings: Settings) -> str:
+    """The database the settings name, for messages: never with a password."""
+    if settings.database_url is None:
+        return str(settings.db_path)
+    return redact(settings.database_url.get_secret_value())
 
 
-def _unavailable(exc: sqlite3.OperationalError) -> StorageUnavailable:
-    # Disk full, I/O error, a lock held too long: the server's trouble, not the client's.
-    return StorageUnavailable(f"The database cannot be used right now ({exc}); try again later.")
+def redact(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + host))

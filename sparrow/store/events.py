@@ -11,38 +11,36 @@ from __future__ import annotations
 
 import json
 
-import aiosqlite
-
 from sparrow.events import Event, StoredEvent
 from sparrow.models import utc_now
-from sparrow.store.db import Database
+from sparrow.store.db import Database, Tx
 
 
 class EventWrites:
     """Event writes inside a write transaction (mixed into ``ChainWriter``)."""
 
-    tx: aiosqlite.Connection
+    tx: Tx
     emitted: list[StoredEvent]
     retention: int
     retention_bytes: int
 
     async def emit(self, event: Event) -> StoredEvent:
-        async with self.tx.execute(
+        rows = await self.tx.rows(
             "UPDATE chains SET last_event_id = last_event_id + 1 WHERE id = ? "
             "RETURNING last_event_id, event_log_bytes",
             (event.chain_id,),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        )
+        if not rows:
             raise LookupError(f"chain {event.chain_id} does not exist")
+        row = rows[0]
         stored = StoredEvent(event.chain_id, int(row[0]), event.name, event.data())
-        await self.tx.execute(
+        await self.tx.run(
             "INSERT INTO events (chain_id, id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
             (stored.chain_id, stored.id, stored.name, stored.data_json, utc_now()),
         )
         size = len(stored.data_json)  # ASCII JSON: characters are bytes
         freed = await self._prune(stored.chain_id, stored.id, int(row[1]) + size)
-        await self.tx.execute(
+        await self.tx.run(
             "UPDATE chains SET event_log_bytes = event_log_bytes + ? WHERE id = ?",
             (size - freed, stored.chain_id),
         )
@@ -56,24 +54,23 @@ class EventWrites:
         cutoff = last_id - self.retention
         if log_bytes > self.retention_bytes:
             excess = log_bytes - self.retention_bytes * 3 // 4
-            async with self.tx.execute(
-                "SELECT id, length(CAST(data AS BLOB)) FROM events "
-                "WHERE chain_id = ? AND id < ? ORDER BY id",
+            sizes = await self.tx.rows(
+                "SELECT id, length(data) FROM events WHERE chain_id = ? AND id < ? ORDER BY id",
                 (chain_id, last_id),
-            ) as cur:
-                async for event_id, event_bytes in cur:
-                    cutoff = max(cutoff, int(event_id))
-                    excess -= int(event_bytes)
-                    if excess <= 0:
-                        break
+            )
+            for event_id, event_bytes in sizes:
+                cutoff = max(cutoff, int(event_id))
+                excess -= int(event_bytes)
+                if excess <= 0:
+                    break
         if cutoff <= 0:
             return 0
-        async with self.tx.execute(
-            "DELETE FROM events WHERE chain_id = ? AND id <= ? "
-            "RETURNING length(CAST(data AS BLOB))",
+        # length() counts characters: the JSON is ASCII, so they are bytes.
+        freed = await self.tx.rows(
+            "DELETE FROM events WHERE chain_id = ? AND id <= ? RETURNING length(data)",
             (chain_id, cutoff),
-        ) as cur:
-            return sum(int(r[0]) for r in await cur.fetchall())
+        )
+        return sum(int(r[0]) for r in freed)
 
 
 class EventLog:

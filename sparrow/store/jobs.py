@@ -13,10 +13,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from sparrow.models import Job, JobKind, Node, NodeError, NodeStatus, sources_of, utc_now
-from sparrow.store.db import Database, Row
+from sparrow.store.db import Database, Row, Tx
 from sparrow.store.rows import NODE_COLUMNS, guarded_update, node_from_row, status_params
 
 # Jobs waiting that still have work: a job whose nodes (or stems) were all
@@ -51,14 +49,13 @@ def _job(row: Row) -> Job:
 class JobWrites:
     """Job and node-status writes inside a write transaction (mixed into ``ChainWriter``)."""
 
-    tx: aiosqlite.Connection
+    tx: Tx
 
     async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
-        async with self.tx.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return await self.tx.rows(sql, params)
 
     async def insert_job(self, job: Job) -> None:
-        await self.tx.execute(
+        await self.tx.run(
             f"INSERT INTO jobs ({_JOB_COLUMNS}, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
             (
                 job.id,
@@ -72,7 +69,10 @@ class JobWrites:
         )
 
     async def waiting_jobs(self, owner: str | None = None) -> int:
-        """Jobs waiting with work to do: all of them, or those of one owner."""
+        """Jobs waiting with work to do: all of them, or those of one owner. The queue stays
+        locked for the rest of the transaction, so a job inserted after the count is
+        counted by the next one, in any process."""
+        await self.tx.lock_queue()
         if owner is None:
             rows = await self._rows(WAITING_JOBS)
         else:
@@ -90,12 +90,12 @@ class JobWrites:
         return _job(rows[0]) if rows else None
 
     async def requeue_job(self, job_id: str) -> None:
-        await self.tx.execute(
+        await self.tx.run(
             "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
         )
 
     async def delete_job(self, job_id: str) -> None:
-        await self.tx.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        await self.tx.run("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     async def job_node_ids(self, job_id: str, status: NodeStatus) -> list[str]:
         rows = await self._rows(
@@ -116,7 +116,7 @@ class JobWrites:
         return [r[0] for r in rows]
 
     async def delete_running_jobs(self) -> None:
-        await self.tx.execute("DELETE FROM jobs WHERE status = 'running'")
+        await self.tx.run("DELETE FROM jobs WHERE status = 'running'")
 
     async def set_status(
         self,
@@ -135,6 +135,7 @@ class JobWrites:
         facts = audio or {}
         if not facts.keys() <= AUDIO_FACTS:
             raise ValueError(f"not audio facts: {sorted(facts.keys() - AUDIO_FACTS)}")
+        await self.tx.lock_chain_of(node_id)  # the chain first, as every writer takes it
         sql = guarded_update("nodes", "id", NODE_COLUMNS, sources_of(status), facts)
         rows = await self._rows(sql, status_params(status, error, node_id, **facts))
         return node_from_row(rows[0]) if rows else None

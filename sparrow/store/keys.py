@@ -14,9 +14,8 @@ _COLUMNS = "id, name, tier, created_at"
 
 
 def _key(row: Row) -> ApiKey:
-    return ApiKey(
-        id=row["id"], name=row["name"], tier=Tier(row["tier"]), created_at=row["created_at"]
-    )
+    id_, name, tier, created_at = row[:4]
+    return ApiKey(id=id_, name=name, tier=Tier(tier), created_at=created_at)
 
 
 class KeyStore:
@@ -25,7 +24,7 @@ class KeyStore:
 
     async def insert(self, key: ApiKey, key_hash: str) -> None:
         async with self.db.transaction() as tx:
-            await tx.execute(
+            await tx.run(
                 f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?)",
                 (key.id, key.name, key.tier.value, key.created_at, key_hash),
             )
@@ -35,14 +34,14 @@ class KeyStore:
         row = await self.db.fetchone(
             f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ?", (key_hash,)
         )
-        return (_key(row), row["key_hash"]) if row else None
+        return (_key(row), row[4]) if row else None
 
     async def with_hash(self, key_id: str) -> tuple[ApiKey, str] | None:
         """The key with this id, and its stored hash (the secret stream tokens are signed with)."""
         row = await self.db.fetchone(
             f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE id = ?", (key_id,)
         )
-        return (_key(row), row["key_hash"]) if row else None
+        return (_key(row), row[4]) if row else None
 
     async def get(self, key_id: str) -> ApiKey | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
@@ -54,12 +53,10 @@ class KeyStore:
 
     async def set_tier(self, key_id: str, tier: Tier) -> bool:
         async with self.db.transaction() as tx:
-            cur = await tx.execute(
-                "UPDATE api_keys SET tier = ? WHERE id = ?", (tier.value, key_id)
+            return (
+                await tx.run("UPDATE api_keys SET tier = ? WHERE id = ?", (tier.value, key_id)) > 0
             )
-            return cur.rowcount > 0
 
     async def delete(self, key_id: str) -> bool:
         async with self.db.transaction() as tx:
-            cur = await tx.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
-            return cur.rowcount > 0
+            return await tx.run("DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0

@@ -1,14 +1,22 @@
-"""The schema, as numbered migrations.
+"""The schema, as numbered migrations: one list per database.
 
-``PRAGMA user_version`` records how many have run; each runs once, in order,
-inside one transaction with the version bump, with foreign keys off (so that a
-table can be rebuilt, SQLite's way of changing a constraint) and checked before
-the commit. Never edit a released migration: append a new one.
+SQLite: ``PRAGMA user_version`` records how many have run; the missing ones run
+in order inside one transaction with the version bump, with foreign keys off (so
+that a table can be rebuilt, SQLite's way of changing a constraint) and checked
+before the commit. PostgreSQL: the table ``schema_version`` records it; the
+missing ones run in one transaction under an advisory lock. PostgreSQL's list
+starts at the schema SQLite reached in its fourth migration, so its numbers are
+its own; a change to the schema appends one migration to each list.
+
+The two schemas hold the same tables, columns and constraints. PostgreSQL's
+tables add an identity column ``rowid`` (SQLite has one implicitly), its reals
+are double precision and its counters 64-bit. Never edit a released migration:
+append a new one.
 """
 
 from __future__ import annotations
 
-MIGRATIONS: list[str] = [
+SQLITE_MIGRATIONS: list[str] = [
     # 1: chains and the node tree.
     """
     CREATE TABLE chains (
@@ -159,6 +167,109 @@ MIGRATIONS: list[str] = [
     );
 
     -- One row that /readyz rewrites: proof that the database takes writes.
+    CREATE TABLE probes (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        at            TEXT NOT NULL
+    );
+    """,
+]
+
+
+POSTGRES_MIGRATIONS: list[str] = [
+    # 1: everything SQLite's migrations 1-4 built.
+    """
+    CREATE TABLE chains (
+        id              TEXT PRIMARY KEY,
+        title           TEXT NOT NULL,
+        owner           TEXT,
+        root_node_id    TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        last_event_id   BIGINT NOT NULL DEFAULT 0,
+        event_log_bytes BIGINT NOT NULL DEFAULT 0,
+        rowid           BIGINT GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX chains_created ON chains (created_at DESC);
+    CREATE INDEX chains_owner ON chains (owner, created_at DESC);
+
+    CREATE TABLE events (
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        id            BIGINT NOT NULL,
+        type          TEXT NOT NULL,
+        data          TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        PRIMARY KEY (chain_id, id)
+    );
+
+    CREATE TABLE jobs (
+        id            TEXT PRIMARY KEY,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        kind          TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('queued', 'running')),
+        owner         TEXT,
+        request       TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        started_at    TEXT,
+        rowid         BIGINT GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX jobs_queue ON jobs (status, created_at);
+    CREATE INDEX jobs_owner ON jobs (owner, status);
+
+    CREATE TABLE nodes (
+        id            TEXT PRIMARY KEY,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        parent_id     TEXT REFERENCES nodes (id),
+        kind          TEXT NOT NULL CHECK (kind IN ('upload', 'continuation')),
+        status        TEXT NOT NULL
+                      CHECK (status IN ('queued', 'generating', 'ready', 'error', 'cancelled')),
+        committed     INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
+        duration_s    DOUBLE PRECISION,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        frames        BIGINT,
+        prompt        TEXT,
+        params        TEXT,
+        error         TEXT,
+        audio_sha256  TEXT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        job_id        TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+        rowid         BIGINT GENERATED ALWAYS AS IDENTITY,
+        CHECK (parent_id IS NOT NULL OR committed = 1)
+    );
+    CREATE INDEX nodes_chain ON nodes (chain_id, created_at);
+    CREATE INDEX nodes_parent ON nodes (parent_id);
+    CREATE UNIQUE INDEX nodes_one_committed_child ON nodes (parent_id) WHERE committed = 1;
+    CREATE INDEX nodes_job ON nodes (job_id) WHERE job_id IS NOT NULL;
+
+    CREATE TABLE api_keys (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        tier          TEXT NOT NULL CHECK (tier IN ('free', 'paid')),
+        key_hash      TEXT NOT NULL UNIQUE,
+        created_at    TEXT NOT NULL,
+        rowid         BIGINT GENERATED ALWAYS AS IDENTITY
+    );
+
+    CREATE TABLE stems (
+        node_id       TEXT PRIMARY KEY REFERENCES nodes (id) ON DELETE CASCADE,
+        chain_id      TEXT NOT NULL REFERENCES chains (id) ON DELETE CASCADE,
+        status        TEXT NOT NULL
+                      CHECK (status IN ('queued', 'separating', 'ready', 'error', 'cancelled')),
+        job_id        TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+        model         TEXT,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        frames        BIGINT,
+        files         TEXT,
+        error         TEXT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        rowid         BIGINT GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX stems_chain ON stems (chain_id);
+    CREATE INDEX stems_job ON stems (job_id) WHERE job_id IS NOT NULL;
+
     CREATE TABLE probes (
         id            INTEGER PRIMARY KEY CHECK (id = 1),
         at            TEXT NOT NULL

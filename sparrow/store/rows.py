@@ -10,6 +10,7 @@ from typing import Any
 from sparrow.models import Chain, Node, NodeError, NodeKind, NodeStatus, utc_now
 from sparrow.store.db import Row
 
+CHAIN_COLUMNS = "id, title, owner, root_node_id, created_at, updated_at, last_event_id"
 NODE_COLUMNS = (
     "id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels, "
     "frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id"
@@ -48,14 +49,16 @@ def node_from_row(row: Row) -> Node:
 
 
 def chain_from_row(row: Row) -> Chain:
+    # In CHAIN_COLUMNS order.
+    id_, title, owner, root_node_id, created_at, updated_at, last_event_id = row
     return Chain(
-        id=row["id"],
-        title=row["title"],
-        owner=row["owner"],
-        root_node_id=row["root_node_id"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_event_id=row["last_event_id"],
+        id=id_,
+        title=title,
+        owner=owner,
+        root_node_id=root_node_id,
+        created_at=created_at,
+        updated_at=updated_at,
+        last_event_id=int(last_event_id),
     )
 
 

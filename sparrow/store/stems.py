@@ -11,10 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from sparrow.models import NodeError, Stems, StemsStatus, stems_sources_of, utc_now
-from sparrow.store.db import Row
+from sparrow.store.db import Row, Tx
 from sparrow.store.jobs import STRANDED
 from sparrow.store.rows import guarded_update, status_params
 
@@ -52,11 +50,10 @@ SELECT_STEMS = f"SELECT {STEMS_COLUMNS} FROM stems WHERE node_id = ?"
 class StemsWrites:
     """Stems writes inside a write transaction (mixed into ``ChainWriter``)."""
 
-    tx: aiosqlite.Connection
+    tx: Tx
 
     async def _stems_rows(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Row]:
-        async with self.tx.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return await self.tx.rows(sql, params)
 
     async def get_stems(self, node_id: str) -> Stems | None:
         rows = await self._stems_rows(SELECT_STEMS, (node_id,))
@@ -111,6 +108,7 @@ class StemsWrites:
             raise ValueError(f"not stems facts: {sorted(values.keys() - STEMS_FACTS)}")
         if "files" in values:
             values["files"] = json.dumps(values["files"])
+        await self.tx.lock_chain_of(node_id)  # the chain first, as every writer takes it
         sql = guarded_update("stems", "node_id", STEMS_COLUMNS, stems_sources_of(status), values)
         rows = await self._stems_rows(sql, status_params(status, error, node_id, **values))
         return stems_from_row(rows[0]) if rows else None
