@@ -1,6 +1,7 @@
 """The ``sparrow`` command.
 
 sparrow serve [--host H] [--port P]                 run the API server
+sparrow worker                                      run one worker process (PostgreSQL)
 sparrow keys create --tier free|paid [--name N]     create an API key (the key is the last line)
 sparrow keys list | revoke ID | set-tier ID TIER    manage keys
 sparrow db migrate                                  bring the database's schema up to date
@@ -40,9 +41,73 @@ def _serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if settings.database_url is not None and (problem := _unreachable(settings)):
+        print(f"sparrow: {problem}", file=sys.stderr)
+        return 1
     uvicorn.Server(
         server_config(create_app(settings), host=settings.host, port=settings.port)
     ).run()
+    return 0
+
+
+def _unreachable(settings: Settings) -> str | None:
+    """Why the database cannot be opened (and migrated), in one sentence; None if it can."""
+    import asyncio
+
+    from sparrow.errors import SparrowError
+    from sparrow.store import open_database
+
+    async def check() -> None:
+        db = open_database(settings)
+        try:
+            await db.open()
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(check())
+    except SparrowError as exc:
+        return exc.detail
+    return None
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from sparrow.errors import SparrowError
+    from sparrow.services import running_services
+
+    settings = _settings(worker="on", preload_model=True)
+    if settings is None:
+        return 2
+    if settings.database_url is None:
+        print(
+            "sparrow: sparrow worker takes its jobs from PostgreSQL: set SPARROW_DATABASE_URL "
+            "(with SQLite, sparrow serve runs the jobs itself).",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("sparrow.worker")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with running_services(settings) as services:
+            worker = services.worker
+            assert worker is not None
+            log.info("worker started: taking jobs until SIGTERM")
+            await stop.wait()
+            log.info("stopping: the running job, if any, goes back to the queue")
+
+    try:
+        asyncio.run(run())
+    except SparrowError as exc:
+        print(f"sparrow: {exc.detail}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -138,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: SPARROW_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: SPARROW_PORT or 8520)")
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run one worker process (one GPU): take jobs from PostgreSQL until SIGTERM",
+        description="Loads the engines, then takes generation and stems jobs from the shared "
+        "queue in PostgreSQL (SPARROW_DATABASE_URL) until SIGTERM, which hands the running "
+        "job back to the queue. Run one per GPU (CUDA_VISIBLE_DEVICES).",
+    )
+    worker.set_defaults(run=_worker)
 
     keys = commands.add_parser(
         "keys",

@@ -95,6 +95,9 @@ class JobControl:
     node_ids: set[str] = field(default_factory=set)  # nodes still wanted
     cancel: threading.Event = field(default_factory=threading.Event)
     shutting_down: bool = False
+    # With shutting_down: leave the job's work as it is (nodes stay generating), for the
+    # queue to run it again elsewhere, rather than ending it interrupted.
+    hand_back: bool = False
     progress: float = 0.0  # of the whole job
     piece_progress: dict[str, float] = field(default_factory=dict)  # per node, where it differs
     started: float = field(default_factory=time.monotonic)
@@ -125,12 +128,23 @@ class Runner(Protocol):
 
 
 class JobQueue(Protocol):
-    """What the services need of the job queue: the queue itself is rows in the database,
-    so a job is queued by inserting its row; the queue is told (``wake``), is told what
-    is no longer wanted (``forget``), and says what runs."""
+    """What the services need of the job queue: a job is queued inside the transaction
+    that creates its rows (``enqueue``), so a rolled-back request leaves no job; the queue
+    is told once it has committed (``wake``), is told what is no longer wanted
+    (``forget``), and says what runs in this process."""
+
+    mean_job_s: float  # for Retry-After estimates
+
+    async def enqueue(self, w: ChainWriter, job: Job) -> None:
+        """Queue the job, in the caller's transaction."""
+        ...
 
     def wake(self) -> None:
-        """A job was queued: start it if the worker is idle."""
+        """A job was queued (and committed): start it if a worker is idle."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of what the queue holds (after the worker has stopped)."""
         ...
 
     def forget(self, node_ids: Collection[str]) -> None:
@@ -143,6 +157,30 @@ class JobQueue(Protocol):
         ...
 
 
+class JobWorker(Protocol):
+    """What runs jobs in this process: the in-process ``Worker`` (SQLite) or a
+    ``sparrow.cluster.ClusterWorker`` (PostgreSQL)."""
+
+    async def recover(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self, grace_s: float = 5.0) -> None: ...
+
+    @property
+    def running(self) -> JobControl | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class WorkerSide(Protocol):
+    """A queue as the process that runs its jobs holds it: it knows the running job."""
+
+    running: JobControl | None
+    mean_job_s: float
+
+
 class LocalQueue:
     """The ``JobQueue`` of one process: the in-process ``Worker`` drives it."""
 
@@ -151,12 +189,70 @@ class LocalQueue:
         self.woken = asyncio.Event()
         self.mean_job_s = 10.0  # moving average, for Retry-After estimates
 
+    async def enqueue(self, w: ChainWriter, job: Job) -> None:
+        await w.insert_job(job)  # the row is the queue
+
     def wake(self) -> None:
         self.woken.set()
+
+    async def close(self) -> None:
+        self.woken.set()  # nothing held: a worker still waiting looks once more and stops
 
     def forget(self, node_ids: Collection[str]) -> None:
         if self.running is not None:
             self.running.forget(node_ids)
+
+
+class Execution:
+    """Runs one claimed job with the runner of its kind and ends it: the one way jobs run,
+    whichever worker claimed them."""
+
+    def __init__(
+        self, store: ChainStore, queue: WorkerSide, runners: dict[JobKind, Runner]
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.runners = runners
+
+    async def run(self, job: Job, *, hand_back: bool = False) -> bool:
+        """Run the job; returns whether it was handed back (``hand_back``: a stop leaves the
+        job's work as it is, for the queue to run again) instead of ended."""
+        control = self.queue.running = JobControl(job, hand_back=hand_back)
+        error = UNFINISHED
+        try:
+            await self.runners[job.kind].run(job, control)
+        except Exception as exc:
+            # A failed job fails that job, never the worker.
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            if isinstance(exc, SparrowError):
+                error = NodeError(exc.code, exc.detail)
+        finally:
+            self.queue.running = None
+            elapsed = time.monotonic() - control.started
+            self.queue.mean_job_s = 0.8 * self.queue.mean_job_s + 0.2 * elapsed
+        if control.shutting_down and control.hand_back:
+            return True
+        await persistently(lambda: self.end(job, error), f"ending job {job.id}")
+        return False
+
+    def stop(self) -> None:
+        """Stop the running job at its next step (a shutdown)."""
+        running = self.queue.running
+        if running is not None:
+            running.shutting_down = True
+            running.cancel.set()
+
+    async def end(self, job: Job, error: NodeError) -> int:
+        """End what the runner left of the job (nothing, unless it failed) with ``error``,
+        and remove its row; returns how many pieces of work it ended."""
+        async with self.store.write() as w:
+            left = sum([await runner.recover(w, job.id, error) for runner in self.runners.values()])
+            await w.delete_job(job.id)
+        if left:
+            log.warning(
+                "job %s left %d piece(s) of work unfinished; ended as %s", job.id, left, error.code
+            )
+        return left
 
 
 class Worker:
@@ -168,6 +264,7 @@ class Worker:
         self.store = store
         self.queue = queue
         self.runners = runners
+        self.execution = Execution(store, queue, runners)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -199,10 +296,7 @@ class Worker:
         its nodes stay ``generating`` until the next start-up's recovery.
         """
         self._stopping.set()
-        running = self.queue.running
-        if running is not None:
-            running.shutting_down = True
-            running.cancel.set()
+        self.execution.stop()
         self.queue.wake()
         if self._task is None:
             return
@@ -227,32 +321,6 @@ class Worker:
                 continue
             if self._stopping.is_set():  # claimed while stopping: it waits for the next start
                 async with self.store.write() as w:
-                    await w.requeue_job(job.id)
+                    await w.requeue_job(job.id, counted=False)
                 break
-            await self._execute(job)
-
-    async def _execute(self, job: Job) -> None:
-        control = self.queue.running = JobControl(job)
-        error = UNFINISHED
-        try:
-            await self.runners[job.kind].run(job, control)
-        except Exception as exc:
-            # A failed job fails that job, never the worker.
-            log.exception("job %s (%s) failed", job.id, job.kind)
-            if isinstance(exc, SparrowError):
-                error = NodeError(exc.code, exc.detail)
-        finally:
-            self.queue.running = None
-            elapsed = time.monotonic() - control.started
-            self.queue.mean_job_s = 0.8 * self.queue.mean_job_s + 0.2 * elapsed
-        await persistently(lambda: self._end_job(job, error), f"ending job {job.id}")
-
-    async def _end_job(self, job: Job, error: NodeError) -> None:
-        """End what the runner left of the job (nothing, unless it failed) and remove its row."""
-        async with self.store.write() as w:
-            left = sum([await runner.recover(w, job.id, error) for runner in self.runners.values()])
-            await w.delete_job(job.id)
-        if left:
-            log.warning(
-                "job %s left %d piece(s) of work unfinished; ended as %s", job.id, left, error.code
-            )
+            await self.execution.run(job)

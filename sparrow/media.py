@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -168,7 +169,7 @@ class MediaStore:
                 continue
             for entry in entries:
                 if entry.name.removesuffix(suffix) in gone:
-                    _remove(Path(entry.path))
+                    _remove_path(Path(entry.path))
 
     def remove_stems(self, chain_id: str, node_id: str) -> None:
         shutil.rmtree(self.node_stems(chain_id, node_id), ignore_errors=True)
@@ -178,8 +179,18 @@ class MediaStore:
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(self.chain_exports(chain_id), ignore_errors=True)
 
-    def sweep(self, chain_ids: set[str], node_ids: set[str], stems_ids: set[str]) -> int:
+    def sweep(
+        self,
+        chain_ids: set[str],
+        node_ids: set[str],
+        stems_ids: set[str],
+        *,
+        older_than_s: float = 0.0,
+    ) -> int:
         """Delete every file the database does not account for.
+
+        ``older_than_s`` spares what changed more recently: where other processes share
+        the data dir, a file may be written a moment before its row is.
 
         ``node_ids`` are the nodes that own an audio file (the ready ones) and
         ``stems_ids`` the nodes whose stems are ready: anything else was left by a
@@ -188,6 +199,11 @@ class MediaStore:
         are not.
         Returns the number of files and folders removed.
         """
+        cutoff = time.time() - older_than_s
+
+        def _remove(path: Path) -> int:
+            return _remove_path(path) if older_than_s <= 0 or _mtime(path) < cutoff else 0
+
         removed = 0
         for leftover in self.tmp_dir.iterdir():
             removed += _remove(leftover)
@@ -224,7 +240,14 @@ def _make_durable(path: Path) -> Path:
     return path
 
 
-def _remove(path: Path) -> int:
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_path(path: Path) -> int:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

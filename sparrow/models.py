@@ -171,6 +171,7 @@ class Job:
     created_at: str
     owner: str | None = None
     started_at: str | None = None
+    attempts: int = 0  # times a worker started it
 
 
 @dataclass(frozen=True)

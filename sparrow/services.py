@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -31,7 +32,7 @@ from sparrow.domain.system import SystemService
 from sparrow.domain.uploads import UploadSlots
 from sparrow.engines import Engine, build_engine, build_stem_engine
 from sparrow.events import EventHub
-from sparrow.jobs import LocalQueue, Worker
+from sparrow.jobs import JobQueue, JobWorker, LocalQueue, Runner, Worker
 from sparrow.media import MediaStore
 from sparrow.models import JobKind
 from sparrow.settings import Settings
@@ -40,7 +41,12 @@ from sparrow.store.events import EventLog
 from sparrow.store.jobs import JobReads
 from sparrow.store.keys import KeyStore
 
+if TYPE_CHECKING:
+    from sparrow.cluster import LogFeed
+
 log = logging.getLogger(__name__)
+
+SHARED_SWEEP_S = 3600.0  # with PostgreSQL, orphaned files are removed once an hour old
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class Services:
     db: Database
     media: MediaStore
     hub: EventHub
-    worker: Worker
+    worker: JobWorker | None  # None: this process runs no jobs (SPARROW_WORKER)
     chains: ChainService
     generation: GenerationService
     stems: StemsService
@@ -68,22 +74,27 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Sparrow, built from ``settings`` and running for the block (see the module docstring)."""
     db = open_database(settings)
     hub = EventHub(settings.sse_queue_limit)
-    worker: Worker | None = None
+    queue: JobQueue | None = None
+    feed: LogFeed | None = None
+    worker: JobWorker | None = None
     preloading: set[asyncio.Task[None]] = set()
     try:
         await db.open()
         media = MediaStore(settings.data_dir, min_free_bytes=settings.min_free_bytes)
         media.ensure()
+        if db.kind == "postgresql":
+            feed = await _feed(db, hub)
         store = ChainStore(
             db,
             hub,
             event_retention=settings.event_retention,
             event_retention_bytes=settings.event_retention_bytes,
+            announce=feed.announce if feed is not None else None,
         )
         engine = build_engine(settings)
         stem_engine = build_stem_engine(settings)
         keys = KeyService(KeyStore(db), enabled=settings.auth == "on")
-        queue = LocalQueue()
+        queue = await _queue(db)
         limits = QueueLimits(settings, retry_after_s=lambda: queue.mean_job_s)
         uploads = UploadSlots(settings.max_concurrent_uploads)
         chains = ChainService(store, media, settings, jobs=queue, uploads=uploads)
@@ -91,15 +102,18 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         stems = StemsService(
             store, media, stem_engine, settings, keys=keys, limits=limits, jobs=queue
         )
-        worker = running = Worker(
-            store, queue, {JobKind.GENERATE: generation, JobKind.STEMS: stems}
-        )
-        await worker.recover()
-        await chains.sweep_orphans()
-        worker.start()
+        runners: dict[JobKind, Runner] = {JobKind.GENERATE: generation, JobKind.STEMS: stems}
+        if _runs_worker(settings, db):
+            worker = _worker(settings, db, store, queue, runners, engine)
+            await worker.recover()
+        # Shared by other processes, the data dir may hold files a moment ahead of their rows.
+        await chains.sweep_orphans(older_than_s=0 if db.kind == "sqlite" else SHARED_SWEEP_S)
+        if worker is not None:
+            worker.start()
         if settings.preload_model:
             for preloaded in (engine, stem_engine):
                 preloading.add(asyncio.create_task(_preload(preloaded)))
+        running = worker
         yield Services(
             settings=settings,
             db=db,
@@ -111,18 +125,79 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             stems=stems,
             exports=ExportService(store, media, settings),
             keys=keys,
-            events=EventsService(store, EventLog(db), hub),
+            events=EventsService(store, EventLog(db), hub, feed),
             system=SystemService(engine, stem_engine, queue, JobReads(db)),
             health=HealthService(
-                db, media, ffmpeg=settings.ffmpeg, worker_alive=lambda: running.alive
+                db,
+                media,
+                ffmpeg=settings.ffmpeg,
+                # A process without a worker by design is not waiting for one.
+                worker_alive=lambda: running is None or running.alive,
             ),
             uploads=uploads,
         )
     finally:
         if worker is not None:
             await worker.stop()
+        if feed is not None:
+            await feed.stop()
         hub.close()  # after the worker: its last events still reach open streams
+        if queue is not None:
+            await queue.close()
         await db.close()
+
+
+def _runs_worker(settings: Settings, db: Database) -> bool:
+    """SPARROW_WORKER: ``auto`` runs one in-process with SQLite, none with PostgreSQL."""
+    return settings.worker == "on" or (settings.worker == "auto" and db.kind == "sqlite")
+
+
+async def _feed(db: Database, hub: EventHub) -> LogFeed:
+    from sparrow.cluster import LogFeed
+    from sparrow.store.postgres import PostgresDatabase
+
+    assert isinstance(db, PostgresDatabase)
+    feed = LogFeed(db, hub, EventLog(db))
+    await feed.start()
+    return feed
+
+
+async def _queue(db: Database) -> JobQueue:
+    if db.kind == "sqlite":
+        return LocalQueue()
+    from sparrow.cluster import PostgresQueue
+    from sparrow.store.postgres import PostgresDatabase
+
+    assert isinstance(db, PostgresDatabase)
+    queue = PostgresQueue(db)
+    await queue.open()
+    return queue
+
+
+def _worker(
+    settings: Settings,
+    db: Database,
+    store: ChainStore,
+    queue: JobQueue,
+    runners: dict[JobKind, Runner],
+    engine: Engine,
+) -> JobWorker:
+    if isinstance(queue, LocalQueue):
+        return Worker(store, queue, runners)
+    from sparrow.cluster import ClusterWorker, PostgresQueue
+    from sparrow.store.postgres import PostgresDatabase
+
+    assert isinstance(db, PostgresDatabase)
+    assert isinstance(queue, PostgresQueue)
+    return ClusterWorker(
+        db,
+        store,
+        queue,
+        runners,
+        stall_s=settings.worker_stall_s,
+        attempts=settings.job_attempts,
+        engine_info=engine.info,
+    )
 
 
 async def _preload(engine: Engine) -> None:

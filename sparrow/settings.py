@@ -68,6 +68,24 @@ class Settings(BaseSettings):
     queue_limit_per_owner: int = Field(
         default=16, ge=1, description="Jobs waiting for one API key before 429 (with auth on)."
     )
+    # The cluster (PostgreSQL): who runs jobs, and what happens when a worker dies.
+    worker: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto: an in-process worker with SQLite, none with PostgreSQL "
+        "(sparrow worker processes run the jobs); on: one inside sparrow serve either way; "
+        "off: none.",
+    )
+    worker_stall_s: float = Field(
+        default=30,
+        gt=0,
+        description="A worker silent this long is presumed dead and its job retried elsewhere.",
+    )
+    job_attempts: int = Field(
+        default=2,
+        ge=1,
+        description="Attempts a job gets when its worker dies under it; the last ends it "
+        "interrupted.",
+    )
     max_export_s: float = Field(
         default=3600, gt=0, description="Longest spine that can be exported, in seconds."
     )

@@ -74,6 +74,7 @@ def settings(tmp_path: Path, database_url: str | None) -> Settings:
         data_dir=tmp_path / "data",
         engine="mock",
         database_url=database_url,
+        worker="on",  # on PostgreSQL too: the in-process tests run their jobs themselves
     )
 
 

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from sparrow.api import create_app
 from sparrow.audio import render_music, write_wav
+from sparrow.jobs import JobWorker
 from sparrow.models import LOCAL_USER, Node, NodeKind, NodeStatus, Tier, new_id, utc_now
 from sparrow.services import Services
 from sparrow.settings import Settings
@@ -47,6 +48,13 @@ async def upload(
 def services(app: FastAPI) -> Services:
     result: Services = app.state.services
     return result
+
+
+def worker_of(app: FastAPI) -> JobWorker:
+    """The app's job worker (every test app runs one)."""
+    worker = services(app).worker
+    assert worker is not None, "this app runs no worker"
+    return worker
 
 
 async def add_child(

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, branch, ml_installed, services, upload, wait_for_status
+from helpers import SAMPLE, branch, ml_installed, services, upload, wait_for_status, worker_of
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav_info
@@ -129,7 +129,7 @@ async def test_branch_needs_a_ready_parent(client: httpx.AsyncClient, app: FastA
     root = await new_root(client)
     missing = await client.post("/api/nodes/0123/branch", json={})
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
-    await services(app).worker.stop()  # nothing runs: the new node stays queued
+    await worker_of(app).stop()  # nothing runs: the new node stays queued
     [queued] = await branch(client, root["id"], duration_s=1)
     conflict = await client.post(f"/api/nodes/{queued['id']}/branch", json={})
     assert conflict.status_code == 409 and "ready" in conflict.json()["detail"]
@@ -176,7 +176,7 @@ async def test_cancel_stops_the_running_batch_within_a_step(slow: Any) -> None:
     started = time.monotonic()
     second = await client.post(f"/api/nodes/{ids[1]}/cancel")
     assert second.json()["status"] == "cancelled"
-    while services(app).worker.running is not None:
+    while worker_of(app).running is not None:
         assert time.monotonic() - started < 1.0, "the batch did not stop within a step"
         await asyncio.sleep(0.005)
     # Idempotent, and the nodes never get audio.
@@ -201,8 +201,7 @@ async def test_cancel_a_queued_node_and_refuse_to_cancel_a_ready_one(slow: Any) 
     # The cancelled queued job is skipped: nothing runs any more.
     deadline = time.monotonic() + 5
     while (
-        services(app).worker.running is not None
-        or ((await client.get("/api/gpu")).json()["queue_depth"])
+        worker_of(app).running is not None or ((await client.get("/api/gpu")).json()["queue_depth"])
     ):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
@@ -230,7 +229,7 @@ async def test_discarding_a_generating_node_stops_its_job(slow: Any) -> None:
     response = await client.post(f"/api/nodes/{node['id']}/discard")
     assert response.json() == {"deleted": [node["id"]]}
     deadline = time.monotonic() + 1
-    while services(app).worker.running is not None:
+    while worker_of(app).running is not None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
     files = list(services(app).media.chain_dir(root["chain_id"]).iterdir())
@@ -244,7 +243,7 @@ async def test_deleting_the_chain_stops_its_job(slow: Any) -> None:
     await wait_running(client)
     assert (await client.delete(f"/api/chains/{root['chain_id']}")).status_code == 204
     deadline = time.monotonic() + 1
-    while services(app).worker.running is not None:
+    while worker_of(app).running is not None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
     assert not services(app).media.chain_dir(root["chain_id"]).exists()

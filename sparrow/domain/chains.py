@@ -229,11 +229,13 @@ class ChainService:
             opened.close()
             raise
 
-    async def sweep_orphans(self) -> int:
+    async def sweep_orphans(self, *, older_than_s: float = 0.0) -> int:
+        """Remove the files no row accounts for (see ``MediaStore.sweep``)."""
         return self.media.sweep(
             await self.store.all_chain_ids(),
             await self.store.ids_with_audio(),
             await self.store.ids_with_stems(),
+            older_than_s=older_than_s,
         )
 
 

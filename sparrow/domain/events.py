@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from sparrow.domain.chains import found_chain, shown
 from sparrow.errors import NotFound
@@ -21,11 +22,20 @@ from sparrow.store import ChainStore
 from sparrow.store.events import EventLog
 
 
+class Tracking(Protocol):
+    async def track(self, chain_id: str) -> None:
+        """Make sure this process's hub gets the chain's events from now on."""
+        ...
+
+
 class EventsService:
-    def __init__(self, store: ChainStore, log: EventLog, hub: EventHub) -> None:
+    def __init__(
+        self, store: ChainStore, log: EventLog, hub: EventHub, feed: Tracking | None = None
+    ) -> None:
         self.store = store
         self.log = log
         self.hub = hub
+        self.feed = feed  # None: every event is written in this process (SQLite)
 
     async def last_id(self, caller: Caller, chain_id: str) -> int:
         """The chain's last event id (404 for an unknown chain or another owner's)."""
@@ -48,6 +58,8 @@ class EventsService:
     ) -> AsyncIterator[StoredEvent]:
         """The retained events after ``after`` (None: not a usable id), then the live ones
         from ``sub`` until it ends; a ``reset`` first where the log cannot serve ``after``."""
+        if self.feed is not None:
+            await self.feed.track(chain_id)  # before the window: nothing between
         window = await self.log.window(chain_id)  # read after subscribing: nothing between
         if window is None:
             return

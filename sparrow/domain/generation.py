@@ -98,7 +98,7 @@ class GenerationService:
                 )
             await self.limits.check(w, caller)
             job, nodes = self._rows_for(caller, parent, request, base_seed)
-            await w.insert_job(job)
+            await self.jobs.enqueue(w, job)
             await w.insert_nodes(nodes)
             for node in nodes:
                 await w.emit(NodeStatusChanged(node.chain_id, node.id, node.status))
@@ -182,9 +182,15 @@ class GenerationService:
         return len(stranded)
 
     async def run(self, job: Job, control: JobControl) -> None:
-        """Generate the job's nodes that are still queued (the worker's runner)."""
+        """Generate the job's nodes that are still queued (the worker's runner), and those
+        still generating when an earlier attempt's worker died (they stay generating)."""
         async with self.store.write() as w:
-            started = [
+            resumed = [
+                node
+                for node_id in await w.job_node_ids(job.id, NodeStatus.GENERATING)
+                if (node := await w.get_node(node_id)) is not None
+            ]
+            started = resumed + [
                 node
                 for node_id in await w.job_node_ids(job.id, NodeStatus.QUEUED)
                 if (node := await self._set(w, node_id, NodeStatus.GENERATING)) is not None
@@ -196,6 +202,8 @@ class GenerationService:
         try:
             outputs = await self._generate(job, started, control)
         except Cancelled:
+            if control.shutting_down and control.hand_back:
+                return  # the nodes stay generating: the queue runs the job again elsewhere
             if control.shutting_down:
                 await self._end(started, NodeStatus.ERROR, INTERRUPTED)
             else:  # cancelled by the user, who has already seen each node's new status

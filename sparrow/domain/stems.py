@@ -147,7 +147,7 @@ class StemsService:
             created_at=utc_now(),
             owner=caller.owner,
         )
-        await w.insert_job(job)
+        await self.jobs.enqueue(w, job)
         queued = []
         for node in todo:
             stems = await w.queue_stems(node.id, chain_id, job.id)
@@ -227,9 +227,12 @@ class StemsService:
         return len(stranded)
 
     async def run(self, job: Job, control: JobControl) -> None:
-        """Separate the job's stems that are still queued (the worker's runner)."""
+        """Separate the job's stems that are still queued (the worker's runner), and those
+        still separating when an earlier attempt's worker died (they stay separating)."""
         async with self.store.write() as w:
-            queued = [s.node_id for s in await w.job_stems(job.id, StemsStatus.QUEUED)]
+            separating = [s.node_id for s in await w.job_stems(job.id, StemsStatus.SEPARATING)]
+            resumed = set(separating)
+            queued = separating + [s.node_id for s in await w.job_stems(job.id, StemsStatus.QUEUED)]
             # Known to the worker before any cancel can see them in this job.
             control.node_ids.update(queued)
         if not queued:
@@ -243,9 +246,11 @@ class StemsService:
             for i, node_id in enumerate(queued):
                 if control.cancel.is_set():
                     raise Cancelled
-                async with self.store.write() as w:
-                    started = await self._set(w, node_id, StemsStatus.SEPARATING)
-                if started is not None:  # else cancelled or deleted while it waited
+                started = node_id in resumed
+                if not started:
+                    async with self.store.write() as w:
+                        started = await self._set(w, node_id, StemsStatus.SEPARATING) is not None
+                if started:  # else cancelled or deleted while it waited
                     span = (i / len(queued), (i + 1) / len(queued))
                     try:
                         await self._separate(node_id, control, span)
@@ -255,6 +260,8 @@ class StemsService:
                         await self._end([node_id], StemsStatus.ERROR, _failure(job, exc))
                 pending.remove(node_id)
         except Cancelled:
+            if control.shutting_down and control.hand_back:
+                return  # left as they are: the queue runs the job again elsewhere
             if control.shutting_down:
                 await self._end(pending, StemsStatus.ERROR, INTERRUPTED)
             else:  # cancelled or deleted by the user, who has seen the new status

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from sparrow.events import EventHub, StoredEvent
 from sparrow.models import Chain, Node, Stems, utc_now
@@ -84,6 +85,12 @@ _INSERT_NODE = (
 )
 
 
+class Announce(Protocol):
+    async def __call__(self, tx: Tx, chain_ids: set[str]) -> None:
+        """Say, inside the transaction, that these chains have new events (see ``write``)."""
+        ...
+
+
 class ChainStore:
     def __init__(
         self,
@@ -92,27 +99,34 @@ class ChainStore:
         *,
         event_retention: int = 1000,
         event_retention_bytes: int = 8 << 20,
+        announce: Announce | None = None,
     ) -> None:
         self.db = db
         self.hub = hub
         self.event_retention = event_retention
         self.event_retention_bytes = event_retention_bytes
+        self.announce = announce
 
     @asynccontextmanager
     async def write(self, *, wait_s: float = BUSY_S) -> AsyncIterator[ChainWriter]:
-        """One atomic, serialized write transaction; an exception rolls it back.
+        """One atomic write transaction; an exception rolls it back.
 
-        The events the writer emits are published to subscribers once the
-        transaction has committed, in commit order; a rolled-back transaction
-        publishes nothing. ``wait_s``: as in ``Database.transaction``.
+        The events the writer emits reach subscribers once the transaction has committed,
+        in id order; a rolled-back transaction delivers nothing. By default they are
+        handed to this process's hub on commit (SQLite's single writer commits in id
+        order). With ``announce`` (PostgreSQL, several processes), the transaction
+        announces its chains instead and every process reads the events from the log
+        (``sparrow.cluster.LogFeed``). ``wait_s``: as in ``Database.transaction``.
         """
         emitted: list[StoredEvent] = []
-        async with self.db.transaction(
-            on_commit=lambda: self.hub.publish(emitted), wait_s=wait_s
-        ) as tx:
+        announce = self.announce
+        on_commit = None if announce is not None else lambda: self.hub.publish(emitted)
+        async with self.db.transaction(on_commit=on_commit, wait_s=wait_s) as tx:
             yield ChainWriter(
                 tx, self.db, emitted, self.event_retention, self.event_retention_bytes
             )
+            if announce is not None and emitted:
+                await announce(tx, {e.chain_id for e in emitted})
 
     async def get_chain(self, chain_id: str, *, owner: str | None = None) -> Chain | None:
         """The chain, if it exists and ``owner`` (when given) owns it."""

@@ -30,11 +30,13 @@ STRANDED = "(job_id IS NULL OR job_id IN (SELECT id FROM jobs WHERE status = 'ru
 
 AUDIO_FACTS = frozenset({"duration_s", "sample_rate", "channels", "frames", "audio_sha256"})
 
-_JOB_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at"
+_CLAIM = "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 WHERE id = "
+_JOB_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at, attempts"
+_INSERTED_COLUMNS = "id, chain_id, kind, owner, request, created_at, started_at"
 
 
 def _job(row: Row) -> Job:
-    id_, chain_id, kind, owner, request, created_at, started_at = row
+    id_, chain_id, kind, owner, request, created_at, started_at, attempts = row
     return Job(
         id=id_,
         chain_id=chain_id,
@@ -43,6 +45,7 @@ def _job(row: Row) -> Job:
         request=json.loads(request),
         created_at=created_at,
         started_at=started_at,
+        attempts=int(attempts),
     )
 
 
@@ -56,7 +59,8 @@ class JobWrites:
 
     async def insert_job(self, job: Job) -> None:
         await self.tx.run(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
+            f"INSERT INTO jobs ({_INSERTED_COLUMNS}, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
             (
                 job.id,
                 job.chain_id,
@@ -80,18 +84,31 @@ class JobWrites:
         return int(rows[0][0])
 
     async def claim_next_job(self) -> Job | None:
-        """Mark the oldest queued job running and return it."""
+        """Mark the oldest queued job running and return it (one process's queue: SQLite)."""
         rows = await self._rows(
-            f"UPDATE jobs SET status = 'running', started_at = ? WHERE id = ("
-            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
-            f") RETURNING {_JOB_COLUMNS}",
+            _CLAIM + "(SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid "
+            f"LIMIT 1) RETURNING {_JOB_COLUMNS}",
             (utc_now(),),
         )
         return _job(rows[0]) if rows else None
 
-    async def requeue_job(self, job_id: str) -> None:
+    async def claim_job(self, job_id: str) -> Job | None:
+        """Mark this job running, one more attempt, and return it; None if it is gone (its
+        chain was deleted) — the queue on PostgreSQL chose it."""
+        rows = await self._rows(_CLAIM + f"? RETURNING {_JOB_COLUMNS}", (utc_now(), job_id))
+        return _job(rows[0]) if rows else None
+
+    async def get_job(self, job_id: str) -> Job | None:
+        rows = await self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    async def requeue_job(self, job_id: str, *, counted: bool = True) -> None:
+        """Queue the job again. ``counted``: the attempt it was on failed (its worker died);
+        otherwise the attempt is given back (a worker stopping handed the job back)."""
         await self.tx.run(
-            "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
+            "UPDATE jobs SET status = 'queued', started_at = NULL, "
+            "attempts = attempts - ? WHERE id = ?",
+            (0 if counted else 1, job_id),
         )
 
     async def delete_job(self, job_id: str) -> None:
@@ -148,3 +165,14 @@ class JobReads:
     async def queue_depth(self) -> int:
         row = await self.db.fetchone(WAITING_JOBS)
         return int(row[0]) if row else 0
+
+    async def wanted_ids(self, job_id: str) -> set[str]:
+        """The node ids of the job's nodes or stems still queued or running: what a worker
+        running it should still work for."""
+        rows = await self.db.fetchall(
+            "SELECT id FROM nodes WHERE job_id = :job_id AND status IN ('queued', 'generating') "
+            "UNION SELECT node_id FROM stems WHERE job_id = :job_id "
+            "AND status IN ('queued', 'separating')",
+            {"job_id": job_id},
+        )
+        return {r[0] for r in rows}

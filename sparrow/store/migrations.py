@@ -16,6 +16,17 @@ append a new one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+
+def procrastinate_schema() -> str:
+    """procrastinate's tables and functions (its version is pinned: its schema is part of
+    ours, and a new version's migration scripts would be appended here)."""
+    from procrastinate.schema import SchemaManager
+
+    return SchemaManager.get_schema()
+
+
 SQLITE_MIGRATIONS: list[str] = [
     # 1: chains and the node tree.
     """
@@ -172,10 +183,14 @@ SQLITE_MIGRATIONS: list[str] = [
         at            TEXT NOT NULL
     );
     """,
+    # 5: how many times a job was started (a worker that dies under it costs one).
+    """
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
-POSTGRES_MIGRATIONS: list[str] = [
+POSTGRES_MIGRATIONS: list[str | Callable[[], str]] = [
     # 1: everything SQLite's migrations 1-4 built.
     """
     CREATE TABLE chains (
@@ -275,4 +290,24 @@ POSTGRES_MIGRATIONS: list[str] = [
         at            TEXT NOT NULL
     );
     """,
+    # 2: job attempts (as SQLite's 5), the workers, and procrastinate's queue.
+    """
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+
+    -- Every sparrow worker process, as GET /api/gpu lists them. A row not seen for
+    -- SPARROW_WORKER_STALL_S belongs to a dead worker and is removed.
+    CREATE TABLE workers (
+        id            TEXT PRIMARY KEY,
+        host          TEXT NOT NULL,
+        device        TEXT NOT NULL,
+        engine        TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        loaded        BOOLEAN NOT NULL DEFAULT FALSE,
+        job_id        TEXT,
+        started_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+        seen_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    """,
+    procrastinate_schema,
 ]

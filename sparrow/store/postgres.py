@@ -139,10 +139,12 @@ class PostgresDatabase:
             max_size=self.pool_size,
             open=False,
             kwargs={
-                "autocommit": True,
                 "connect_timeout": round(CONNECT_TIMEOUT_S),
                 "options": f"-c lock_timeout={round(BUSY_S * 1000)}",
             },
+            # Autocommit set here, not in kwargs: procrastinate opens its listening
+            # connection with the pool's kwargs and autocommit of its own.
+            configure=_autocommit,
             check=AsyncConnectionPool.check_connection,
             name="sparrow",
         )
@@ -179,13 +181,18 @@ class PostgresDatabase:
                     f"knows ({len(MIGRATIONS)}); run the newer version."
                 )
             for script in MIGRATIONS[version:]:
-                await conn.execute(script)
+                await conn.execute(script if isinstance(script, str) else script())
             if row is None:
                 await conn.execute(
                     "INSERT INTO schema_version (version) VALUES (%s)", (len(MIGRATIONS),)
                 )
             elif version < len(MIGRATIONS):
                 await conn.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
+
+    @property
+    def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        """The open pool (procrastinate shares it)."""
+        return self._opened()
 
     def _opened(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
         if self._pool is None:
@@ -251,6 +258,10 @@ class PostgresDatabase:
         except StorageUnavailable:
             return False
         return True
+
+
+async def _autocommit(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.set_autocommit(True)
 
 
 def _unavailable(exc: psycopg.Error) -> StorageUnavailable:
