@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +28,7 @@ from sparrow.domain.health import HealthService
 from sparrow.domain.keys import KeyService
 from sparrow.domain.queue import QueueLimits
 from sparrow.domain.stems import StemsService
-from sparrow.domain.system import SystemService
+from sparrow.domain.system import SystemService, WorkerView
 from sparrow.domain.uploads import UploadSlots
 from sparrow.engines import Engine, build_engine, build_stem_engine
 from sparrow.events import EventHub
@@ -126,7 +126,14 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             exports=ExportService(store, media, settings),
             keys=keys,
             events=EventsService(store, EventLog(db), hub, feed),
-            system=SystemService(engine, stem_engine, queue, JobReads(db)),
+            system=SystemService(
+                engine,
+                stem_engine,
+                queue,
+                JobReads(db),
+                worker=worker,
+                cluster_workers=_cluster_workers(db, settings) if feed is not None else None,
+            ),
             health=HealthService(
                 db,
                 media,
@@ -150,6 +157,28 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
 def _runs_worker(settings: Settings, db: Database) -> bool:
     """SPARROW_WORKER: ``auto`` runs one in-process with SQLite, none with PostgreSQL."""
     return settings.worker == "on" or (settings.worker == "auto" and db.kind == "sqlite")
+
+
+def _cluster_workers(db: Database, settings: Settings) -> Callable[[], Awaitable[list[WorkerView]]]:
+    from sparrow.store.workers import WorkerStore
+
+    workers = WorkerStore(db)
+
+    async def live() -> list[WorkerView]:
+        return [
+            WorkerView(
+                id=w.id,
+                host=w.host,
+                device=w.device,
+                engine=w.engine,
+                model=w.model,
+                loaded=w.loaded,
+                running=w.job_id is not None,
+            )
+            for w in await workers.live(settings.worker_stall_s)
+        ]
+
+    return live
 
 
 async def _feed(db: Database, hub: EventHub) -> LogFeed:

@@ -252,6 +252,16 @@ class EngineOut(BaseModel):
         )
 
 
+class WorkerOut(BaseModel):
+    id: str = Field(description="`local` for the worker inside this server (SQLite).")
+    host: str
+    device: str
+    engine: str
+    model: str
+    loaded: bool = Field(description="Whether its generation model is loaded.")
+    running: bool = Field(description="Whether it is running a job now.")
+
+
 class GpuOut(BaseModel):
     generation: EngineOut
     stems: EngineOut
@@ -261,6 +271,10 @@ class GpuOut(BaseModel):
     running: list[RunningJobOut] = Field(
         description="The running job, when it is the caller's (with auth on, other keys' "
         "jobs are not shown)."
+    )
+    workers: list[WorkerOut] = Field(
+        description="Every live worker: this server's own, or with PostgreSQL every "
+        "`sparrow worker` of the cluster (and a server's with SPARROW_WORKER=on)."
     )
 
 

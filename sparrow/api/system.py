@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from sparrow.api.deps import CallerDep, System
 from sparrow.api.errors import responses
-from sparrow.api.schemas import EngineOut, GpuOut, RunningJobOut
+from sparrow.api.schemas import EngineOut, GpuOut, RunningJobOut, WorkerOut
 
 router = APIRouter(tags=["system"])
 
@@ -15,8 +15,8 @@ router = APIRouter(tags=["system"])
     "/gpu",
     summary="The engines, their device and the job queue",
     description="Both engines (generation and stems) with their device, model and whether "
-    "the model is loaded; GPU memory (null on CPU); jobs waiting; the running job with its "
-    "progress when it is the caller's.",
+    "the model is loaded; GPU memory (null on CPU); jobs waiting (cluster-wide); the "
+    "running job with its progress when it is the caller's; every live worker.",
     responses=responses(401),
 )
 async def gpu(caller: CallerDep, system: System) -> GpuOut:
@@ -38,4 +38,5 @@ async def gpu(caller: CallerDep, system: System) -> GpuOut:
             )
             for control in view.running
         ],
+        workers=[WorkerOut(**vars(worker)) for worker in view.workers],
     )

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sparrow.engines import EngineInfo, GenerationEngine, StemEngine
-from sparrow.jobs import JobControl, JobQueue
+from sparrow.jobs import JobControl, JobQueue, JobWorker
 from sparrow.models import Caller
 from sparrow.store.jobs import JobReads
+
+LOCAL_WORKER = "local"
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker process: where it runs, what it has loaded, whether it runs a job."""
+
+    id: str
+    host: str
+    device: str
+    engine: str
+    model: str
+    loaded: bool
+    running: bool
 
 
 @dataclass(frozen=True)
@@ -20,16 +37,47 @@ class SystemView:
     queue_depth: int
     running: list[JobControl]
     """The running job, when the caller may see it (its owner's, or any with auth off)."""
+    workers: list[WorkerView]
 
 
 class SystemService:
     def __init__(
-        self, engine: GenerationEngine, stem_engine: StemEngine, jobs: JobQueue, reads: JobReads
+        self,
+        engine: GenerationEngine,
+        stem_engine: StemEngine,
+        jobs: JobQueue,
+        reads: JobReads,
+        *,
+        worker: JobWorker | None,
+        cluster_workers: Callable[[], Awaitable[list[WorkerView]]] | None = None,
     ) -> None:
+        """``cluster_workers``: every live worker of the cluster (PostgreSQL); without it
+        the workers are this process's own, if it runs one."""
         self.engine = engine
         self.stem_engine = stem_engine
         self.jobs = jobs
         self.reads = reads
+        self.worker = worker
+        self.cluster_workers = cluster_workers
+        self.host = socket.gethostname()
+
+    async def workers(self) -> list[WorkerView]:
+        if self.cluster_workers is not None:
+            return await self.cluster_workers()
+        if self.worker is None:
+            return []
+        info = self.engine.info()
+        return [
+            WorkerView(
+                id=LOCAL_WORKER,
+                host=self.host,
+                device=info.device,
+                engine=info.engine,
+                model=info.model,
+                loaded=info.loaded,
+                running=self.worker.running is not None,
+            )
+        ]
 
     async def view(self, caller: Caller) -> SystemView:
         generation, stems = self.engine.info(), self.stem_engine.info()
@@ -44,6 +92,7 @@ class SystemService:
             vram_used_bytes=used,
             queue_depth=await self.reads.queue_depth(),
             running=[control] if visible and control is not None else [],
+            workers=await self.workers(),
         )
 
 

@@ -1,0 +1,240 @@
+"""Sparrow as a cluster, with real processes: a real PostgreSQL, ``sparrow serve`` replicas
+and ``sparrow worker`` processes (mock engine), killed for real where the test says so."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cluster import Cluster, running_cluster, wait_ready_node
+from faults import upload_sample, wait_until
+from pg import PostgresServer
+from sse import Message, open_stream
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(postgres: PostgresServer, tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(postgres.new_database(), tmp_path) as running:
+        yield running
+
+
+def branch(
+    client: httpx.Client, parent_id: str, *, seed: int, duration_s: float = 2.0, count: int = 1
+) -> list[dict[str, Any]]:
+    response = client.post(
+        f"/api/nodes/{parent_id}/branch",
+        json={"prompt": "x", "duration_s": duration_s, "count": count, "seed": seed},
+    )
+    assert response.status_code == 202, response.text
+    nodes: list[dict[str, Any]] = response.json()["nodes"]
+    return nodes
+
+
+def ready(node_id: str) -> Any:
+    def check(messages: list[Message]) -> bool:
+        return any(
+            m.event == "node-status"
+            and m.json["node_id"] == node_id
+            and m.json["status"] == "ready"
+            for m in messages
+        )
+
+    return check
+
+
+def audio_sha256(client: httpx.Client, node_id: str) -> str:
+    response = client.get(f"/api/nodes/{node_id}/audio")
+    assert response.status_code == 200, response.text
+    return hashlib.sha256(response.content).hexdigest()
+
+
+def wait_progress(cluster: Cluster, chain_id: str, node_id: str) -> None:
+    """Until the node has reported progress: its job is decoding."""
+    base = cluster.replicas[-1].base or ""
+
+    def progressed(messages: list[Message]) -> bool:
+        return any(m.event == "node-progress" and m.json["node_id"] == node_id for m in messages)
+
+    events_of(base, chain_id, progressed)
+
+
+def events_of(base: str, chain_id: str, until: Any, *, after: int = 0) -> list[Message]:
+    with open_stream(base, chain_id, last_event_id=str(after)) as stream:
+        return stream.collect(until, timeout_s=30)
+
+
+def collect_in_thread(base: str, chain_id: str, until: Any, out: list[Message]) -> threading.Thread:
+    def run() -> None:
+        out.extend(events_of(base, chain_id, until))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_branch_through_one_replica_is_seen_live_and_identically_on_the_other(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.replicas[0].base, cluster.replicas[1].base
+    assert a is not None and b is not None
+    with cluster.client(0) as client:
+        chain_id, root = upload_sample(client)
+        seen_a: list[Message] = []
+        seen_b: list[Message] = []
+        # Both streams are open before the branch: what they get is live, not replayed.
+        with (
+            open_stream(a, chain_id, last_event_id="1") as on_a,
+            open_stream(b, chain_id, last_event_id="1") as on_b,
+        ):
+            (node,) = branch(client, root["id"], seed=7)
+            started = time.monotonic()
+            seen_a = on_a.collect(ready(node["id"]))
+            seen_b = on_b.collect(ready(node["id"]))
+        assert time.monotonic() - started < 15
+    as_sent = [(m.id, m.event, m.data) for m in seen_a]
+    assert as_sent == [(m.id, m.event, m.data) for m in seen_b]
+    ids = [int(m.id) for m in seen_a if m.id is not None]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # in order, no gap
+    assert {"node-status", "node-progress"} <= {m.event for m in seen_a}
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_node_ends_with_the_same_audio(
+    cluster: Cluster,
+) -> None:
+    with cluster.client(0) as client:
+        chain_id, root = upload_sample(client)
+        (undisturbed,) = branch(client, root["id"], seed=11, duration_s=3)
+        expected = wait_ready_node(client, undisturbed["id"])
+        assert expected["status"] == "ready"
+
+        starts = cluster.job_starts(chain_id)
+        (node,) = branch(client, root["id"], seed=11, duration_s=3)
+        victim = cluster.worker_started(chain_id, starts)
+        wait_progress(cluster, chain_id, node["id"])
+        victim.kill_9()
+        killed = time.monotonic()
+        # Until another worker takes it, the node stays generating.
+        assert client.get(f"/api/nodes/{node['id']}").json()["status"] == "generating"
+        done = wait_ready_node(client, node["id"], timeout_s=30)
+        assert time.monotonic() - killed < 3 + 15  # found within the stall time, then re-run
+        assert done["status"] == "ready", done
+        assert audio_sha256(client, done["id"]) == audio_sha256(client, expected["id"])
+        assert done["frames"] == expected["frames"]
+    messages = events_of(cluster.replicas[1].base or "", chain_id, ready(node["id"]))
+    ids = [int(m.id) for m in messages if m.id is not None]
+    assert ids == list(range(1, len(ids) + 1))  # the whole log: no gap, nothing twice
+    statuses = [
+        m.json["status"]
+        for m in messages
+        if m.event == "node-status" and m.json["node_id"] == node["id"]
+    ]
+    assert statuses == ["queued", "generating", "ready"]  # generating throughout the retry
+
+
+def test_sigterm_hands_the_running_job_back_at_once_and_the_worker_exits_0(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    # A long stall time: only a hand-back explains the job finishing elsewhere soon.
+    with (
+        running_cluster(
+            postgres.new_database(), tmp_path, replicas=1, SPARROW_WORKER_STALL_S="60"
+        ) as cluster,
+        cluster.client(0) as client,
+    ):
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=5, duration_s=3)
+        victim = cluster.worker_started(chain_id)
+        wait_progress(cluster, chain_id, node["id"])
+        victim.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert victim.proc.wait(10) == 0
+        assert time.monotonic() - stopped < 5
+        assert "handed back" in victim.text()
+        done = wait_ready_node(client, node["id"], timeout_s=20)
+        assert done["status"] == "ready"
+        assert time.monotonic() - stopped < 20  # far less than the 60 s a stall would take
+        assert len(audio_sha256(client, node["id"])) == 64
+
+
+def test_a_client_of_a_killed_replica_resumes_on_the_other_with_every_event_once(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.replicas[0].base, cluster.replicas[1].base
+    assert a is not None and b is not None
+    with cluster.client(1) as client:
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=3, duration_s=4)
+        first: list[Message] = []
+        with open_stream(a, chain_id, last_event_id="0") as on_a:
+            first = on_a.collect(lambda got: any(m.event == "node-progress" for m in got))
+            cluster.replicas[0].kill_9()
+        last_id = first[-1].id
+        assert last_id is not None
+        rest = events_of(b, chain_id, ready(node["id"]), after=int(last_id))
+    ids = [int(m.id) for m in [*first, *rest] if m.id is not None]
+    assert ids == list(range(1, len(ids) + 1))
+
+
+def test_queue_limits_hold_across_replicas(postgres: PostgresServer, tmp_path: Path) -> None:
+    """No workers: every accepted job stays queued. Twelve requests through two replicas
+    at once against a limit of three: exactly three get in."""
+    with running_cluster(
+        postgres.new_database(), tmp_path, workers=0, SPARROW_QUEUE_LIMIT="3"
+    ) as cluster:
+        with cluster.client(0) as client:
+            _, root = upload_sample(client)
+        codes: list[int] = []
+
+        def ask(replica: int) -> None:
+            with cluster.client(replica) as client:
+                response = client.post(
+                    f"/api/nodes/{root['id']}/branch", json={"prompt": "x", "duration_s": 1}
+                )
+                codes.append(response.status_code)
+
+        threads = [threading.Thread(target=ask, args=(i % 2,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(codes) == [202] * 3 + [429] * 9
+        with cluster.client(1) as client:
+            assert client.get("/api/gpu").json()["queue_depth"] == 3
+
+
+def test_two_replicas_starting_together_on_a_fresh_database_both_come_up(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    with running_cluster(postgres.new_database(), tmp_path, replicas=0, workers=0) as cluster:
+        both = [cluster.spawn_replica(), cluster.spawn_replica()]
+        for replica in both:
+            cluster.wait_replica(replica)
+        with cluster.client(0) as client:
+            assert client.get("/api/chains").status_code == 200
+
+
+def test_a_cancel_through_any_replica_stops_the_worker_within_a_step(cluster: Cluster) -> None:
+    with cluster.client(0) as client, cluster.client(1) as other:
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=9, duration_s=10)  # 5 s of decoding
+        cluster.worker_started(chain_id)
+        wait_progress(cluster, chain_id, node["id"])
+        cancelled = other.post(f"/api/nodes/{node['id']}/cancel")
+        assert cancelled.status_code == 200
+        asked = time.monotonic()
+        wait_until(
+            lambda: not any(w["running"] for w in cluster.live_workers()),
+            timeout_s=5,
+            what="the workers to be idle",
+        )
+        assert time.monotonic() - asked < 2.5
+        assert client.get(f"/api/nodes/{node['id']}").json()["status"] == "cancelled"
