@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 QUEUE = "sparrow"
 EVENTS_CHANNEL = "sparrow_events"
+LISTENER_NAME = "sparrow-listener"  # its application_name
 TASK = "sparrow.job"
 FORGET_CHANNEL = "sparrow_forget"
 SWEEP_LOCK = 0x73706172726F7703
@@ -156,7 +157,7 @@ class Listener:
         delay = RECONNECT_S[0]
         while True:
             try:
-                conn = await self.db.connect()
+                conn = await self.db.connect(name=LISTENER_NAME)
             except Exception as exc:
                 log.warning("cannot listen for notifications (%s); retrying", exc)
                 await asyncio.sleep(delay)

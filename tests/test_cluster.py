@@ -4,7 +4,10 @@ and ``sparrow worker`` processes (mock engine), killed for real where the test s
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -238,3 +241,82 @@ def test_a_cancel_through_any_replica_stops_the_worker_within_a_step(cluster: Cl
         )
         assert time.monotonic() - asked < 2.5
         assert client.get(f"/api/nodes/{node['id']}").json()["status"] == "cancelled"
+
+
+def test_a_worker_lost_on_the_last_attempt_ends_its_nodes_interrupted(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    with (
+        running_cluster(
+            postgres.new_database(), tmp_path, replicas=1, SPARROW_JOB_ATTEMPTS="1"
+        ) as cluster,
+        cluster.client(0) as client,
+    ):
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=2, duration_s=4)
+        victim = cluster.worker_started(chain_id)
+        wait_progress(cluster, chain_id, node["id"])
+        victim.kill_9()
+        done = wait_ready_node(client, node["id"], timeout_s=20)
+        assert done["status"] == "error"
+        assert done["error"]["code"] == "interrupted"
+        survivor = next(w for w in cluster.workers if w is not victim)
+        assert "lost its worker on its last attempt" in survivor.text()
+
+
+def test_a_process_starting_while_a_job_runs_leaves_it_alone(cluster: Cluster) -> None:
+    """No start-up ends another live process's work: a replica and a worker start while
+    a job runs, and the job finishes where it runs."""
+    with cluster.client(0) as client:
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=4, duration_s=6)
+        runner = cluster.worker_started(chain_id)
+        wait_progress(cluster, chain_id, node["id"])
+        cluster.start_replica()
+        cluster.start_worker()
+        done = wait_ready_node(client, node["id"], timeout_s=30)
+    assert done["status"] == "ready"
+    assert cluster.job_starts(chain_id)[cluster.workers.index(runner)] == 1
+    assert sum(cluster.job_starts(chain_id)) == 1  # it ran once, undisturbed
+
+
+def test_the_database_password_never_shows(postgres: PostgresServer, tmp_path: Path) -> None:
+    """The test server trusts local logins, so a password in the URL is ignored by it and
+    must be by everything else too: logs, errors, /api/gpu, /readyz."""
+    secret = "hunter2-never-shown"
+    url = postgres.new_database().replace("sparrow@", f"sparrow:{secret}@")
+    with (
+        running_cluster(url, tmp_path, replicas=1, workers=1) as cluster,
+        cluster.client(0) as client,
+    ):
+        _, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=1, duration_s=1)
+        wait_ready_node(client, node["id"])
+        pages = [client.get(path).text for path in ("/api/gpu", "/readyz", "/api/chains")]
+        logs = [p.text() for p in [*cluster.replicas, *cluster.workers]]
+    assert all(secret not in text for text in [*pages, *logs])
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_an_unreachable_database_is_one_sentence_and_a_nonzero_exit(
+    tmp_path: Path, command: str
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
+        "SPARROW_DATA_DIR": str(tmp_path),
+        "SPARROW_ENGINE": "mock",
+        "SPARROW_DATABASE_URL": "postgresql://sparrow:hunter2@127.0.0.1:1/sparrow",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "sparrow", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("sparrow: Cannot connect to PostgreSQL at "), done.stderr
+    assert "127.0.0.1:1" in lines[-1]
+    assert "hunter2" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

@@ -115,12 +115,18 @@ class PostgresDatabase:
     def ids_in(self, param: str) -> str:
         return ids_in(param)
 
-    async def connect(self, *, autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
-        """A connection of its own (not the pool's); an unreachable database or a refused
-        login is ``StorageUnavailable`` with one sentence that names no password."""
+    async def connect(
+        self, *, autocommit: bool = True, name: str = "sparrow"
+    ) -> psycopg.AsyncConnection[Any]:
+        """A connection of its own (not the pool's), named ``name`` in ``pg_stat_activity``;
+        an unreachable database or a refused login is ``StorageUnavailable`` with one
+        sentence that names no password."""
         try:
             return await psycopg.AsyncConnection.connect(
-                self.url, autocommit=autocommit, connect_timeout=round(CONNECT_TIMEOUT_S)
+                self.url,
+                autocommit=autocommit,
+                connect_timeout=round(CONNECT_TIMEOUT_S),
+                application_name=name,
             )
         except psycopg.Error as exc:
             raise StorageUnavailable(
@@ -141,6 +147,7 @@ class PostgresDatabase:
             kwargs={
                 "connect_timeout": round(CONNECT_TIMEOUT_S),
                 "options": f"-c lock_timeout={round(BUSY_S * 1000)}",
+                "application_name": "sparrow",
             },
             # Autocommit set here, not in kwargs: procrastinate opens its listening
             # connection with the pool's kwargs and autocommit of its own.
