@@ -14,7 +14,11 @@ Rows (``--only`` names):
   ``ffmpeg -i … -f wav`` (audio s/s);
 - ``export``: the spine's export to WAV and MP3 against an FFmpeg concat (audio s/s);
 - ``decode``: Sparrow's MusicGen decoding loop against transformers' ``generate``
-  at the same shape (steps/s; the tiny model by default).
+  at the same shape (steps/s; the tiny model by default);
+- ``cluster``: PostgreSQL, replicas and workers as real processes — jobs per minute
+  with 1, 2 and 4 mock workers against 1, event latency on another replica against
+  the writing one, the spine's CTE on PostgreSQL against SQLite (needs Debian's
+  ``postgresql`` server binaries; see ``bench.cluster``).
 
 ``--quick`` is CI-sized (under 2 minutes on 2 cores; it leaves out spine depth
 100,000); the full run takes about 5 minutes there. The machine is printed first,
@@ -39,6 +43,7 @@ GROUPS = {
     "upload": "bench.upload",
     "export": "bench.export",
     "decode": "bench.musicgen_decode",
+    "cluster": "bench.cluster",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,15 @@ async def test_gpu_reports_engine_and_queue(client: httpx.AsyncClient, app: Fast
         "vram_used_bytes": None,
         "queue_depth": 0,
         "running": [],
+        "workers": [
+            {
+                # This server's own worker; on PostgreSQL it is registered under an id.
+                "id": "local" if services(app).db.kind == "sqlite" else gpu["workers"][0]["id"],
+                "host": socket.gethostname(),
+                **{k: mock[k] for k in ("device", "engine", "model", "loaded")},
+                "running": False,
+            }
+        ],
     }
 
 
