@@ -394,7 +394,11 @@ class ClusterWorker:
         if job is None:
             return  # its chain was deleted meanwhile
         log.info(
-            "job %s (%s, chain %s) started, attempt %d", job.id, job.kind, job.chain_id, job.attempts
+            "job %s (%s, chain %s) started, attempt %d",
+            job.id,
+            job.kind,
+            job.chain_id,
+            job.attempts,
         )
         await self._beat_once()
         handed_back = await self.execution.run(job, hand_back=True)

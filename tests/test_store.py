@@ -4,6 +4,7 @@ clean, event ids in commit order."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from pg import PostgresServer
 
 from sparrow.events import EventHub, NodeProgress, StoredEvent
 from sparrow.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
-from sparrow.store import ChainStore
+from sparrow.store import ChainStore, chains
 from sparrow.store.migrations import POSTGRES_MIGRATIONS
 from sparrow.store.migrations import SQLITE_MIGRATIONS as MIGRATIONS
 from sparrow.store.postgres import PostgresDatabase
@@ -223,3 +224,52 @@ def test_a_wrong_database_url_is_one_sentence_without_the_password(
     assert says in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+async def test_postgres_walks_the_tree_by_index_before_it_has_statistics(
+    postgres: PostgresServer,
+) -> None:
+    """On a fresh database (no ANALYZE yet) every recursive statement of the store runs as
+    index lookups per level, never a join that scans the nodes table at every level
+    (quadratic in depth: 111 ms at depth 1,000 before)."""
+    db = PostgresDatabase(postgres.new_database())
+    await db.open()
+    store = ChainStore(db, EventHub())
+    chain, root = chain_with_root()
+    async with store.write() as w:
+        await w.create_chain(chain, root)
+    parent, nodes = root.id, []
+    for _ in range(300):
+        node = Node(
+            id=new_id(),
+            chain_id=chain.id,
+            parent_id=parent,
+            kind=NodeKind.CONTINUATION,
+            status=NodeStatus.READY,
+            committed=True,
+            created_at=root.created_at,
+            updated_at=root.created_at,
+        )
+        nodes.append(node)
+        parent = node.id
+    async with store.write() as w:
+        await w.insert_nodes(nodes)
+    statements = {
+        "spine": (chains._SPINE_NODES, {"chain_id": chain.id}),
+        "path": (
+            f"WITH RECURSIVE {chains._ANCESTORS} SELECT id FROM ancestors",
+            {"node_id": parent},
+        ),
+        "subtree": (
+            f"WITH RECURSIVE {chains._SUBTREE} SELECT id FROM subtree",
+            {"node_id": root.id},
+        ),
+    }
+    for name, (sql, params) in statements.items():
+        async with db.transaction() as tx:
+            (plan,) = await tx.rows(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        text = json.dumps(plan)
+        assert "Hash Join" not in text and "Merge Join" not in text, (name, text)
+    assert [n.id for n in await store.spine(chain.id)] == [root.id] + [n.id for n in nodes]
+    assert len(await store.path_to(parent)) == 301
+    await db.close()

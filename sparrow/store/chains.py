@@ -32,12 +32,16 @@ from sparrow.store.rows import (
 from sparrow.store.stems import SELECT_STEMS, STEMS_COLUMNS, StemsWrites, stems_from_row
 
 # The path from a node up to the root, the node included, with each node's
-# distance from it (``up`` is the parent: a name no node column shares).
+# distance from it (``up`` is the parent: a name no node column shares). Each step
+# is one primary-key lookup, written as a scalar subquery so that no planner can
+# choose to scan the table once per level (PostgreSQL does, before its statistics
+# know the table).
 _ANCESTORS = """
     ancestors(id, up, depth) AS (
         SELECT id, parent_id, 0 FROM nodes WHERE id = :node_id
         UNION ALL
-        SELECT n.id, n.parent_id, a.depth + 1 FROM nodes AS n JOIN ancestors AS a ON n.id = a.up
+        SELECT a.up, (SELECT n.parent_id FROM nodes AS n WHERE n.id = a.up), a.depth + 1
+        FROM ancestors AS a WHERE a.up IS NOT NULL
     )
 """
 
@@ -50,13 +54,18 @@ _SUBTREE = """
     )
 """
 
-# The committed path from the chain's root down.
+# The committed path from the chain's root down. Each step looks up the one committed
+# child (the partial unique index guarantees at most one) as a scalar subquery, for
+# the reason above; the walk ends with one row whose id is NULL, which every reader
+# leaves out.
 _SPINE = """
     spine(id, depth) AS (
         SELECT root_node_id, 0 FROM chains WHERE id = :chain_id
         UNION ALL
-        SELECT n.id, s.depth + 1 FROM nodes AS n JOIN spine AS s ON n.parent_id = s.id
-        WHERE n.committed = 1
+        SELECT (
+            SELECT n.id FROM nodes AS n WHERE n.parent_id = s.id AND n.committed = 1
+        ), s.depth + 1
+        FROM spine AS s WHERE s.id IS NOT NULL
     )
 """
 
@@ -173,7 +182,8 @@ class ChainStore:
 
     async def spine_ids(self, chain_id: str) -> list[str]:
         rows = await self.db.fetchall(
-            f"{_with(_SPINE)} SELECT id FROM spine ORDER BY depth", {"chain_id": chain_id}
+            f"{_with(_SPINE)} SELECT id FROM spine WHERE id IS NOT NULL ORDER BY depth",
+            {"chain_id": chain_id},
         )
         return [r[0] for r in rows]
 
@@ -270,7 +280,8 @@ class ChainWriter(EventWrites, JobWrites, StemsWrites):
     async def spine_ids(self, chain_id: str) -> list[str]:
         """The spine as this transaction sees it, root first."""
         return await self._ids(
-            f"{_with(_SPINE)} SELECT id FROM spine ORDER BY depth", {"chain_id": chain_id}
+            f"{_with(_SPINE)} SELECT id FROM spine WHERE id IS NOT NULL ORDER BY depth",
+            {"chain_id": chain_id},
         )
 
     async def spine_nodes(self, chain_id: str) -> list[Node]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psycopg
 
+
 def binaries() -> Path | None:
     found = shutil.which("initdb")
     if found:
