@@ -80,6 +80,7 @@ _OWNED = "(CAST(:owner AS TEXT) IS NULL OR owner = :owner)"
 _SPINE_NODES = (
     f"{_with(_SPINE)} SELECT {NODE_COLUMNS} FROM spine JOIN nodes USING (id) ORDER BY spine.depth"
 )
+_SPINE_IDS = f"{_with(_SPINE)} SELECT id FROM spine WHERE id IS NOT NULL ORDER BY depth"
 _SELECT_NODE = (
     f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = :id "
     "AND (CAST(:owner AS TEXT) IS NULL "
