@@ -39,6 +39,7 @@ import psycopg
 from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
 from procrastinate.jobs import Status
 
+from sparrow.domain.system import RunningJob, WorkerView
 from sparrow.engines import EngineInfo
 from sparrow.events import ChainDeleted, EventHub
 from sparrow.jobs import Execution, JobControl, Runner, persistently
@@ -280,6 +281,40 @@ class LogFeed:
                 self._last.pop(chain_id, None)
 
 
+class ClusterView:
+    """The workers of the cluster and their jobs, as ``GET /api/gpu`` shows them on any
+    replica: read from the workers' rows, which every heartbeat rewrites."""
+
+    def __init__(self, db: PostgresDatabase, *, stall_s: float) -> None:
+        self.registry = WorkerStore(db)
+        self.reads = JobReads(db)
+        self.stall_s = stall_s
+
+    async def workers(self) -> list[tuple[WorkerView, str | None]]:
+        return [(_view(row), row.job_id) for row in await self.registry.live(self.stall_s)]
+
+    async def running(self) -> list[RunningJob]:
+        running = []
+        for row in await self.registry.live(self.stall_s):
+            if row.job_id is None or (job := await self.reads.get(row.job_id)) is None:
+                continue
+            wanted = frozenset(await self.reads.wanted_ids(job.id))
+            running.append(RunningJob(job, wanted, row.progress or 0.0))
+        return running
+
+
+def _view(row: WorkerRow) -> WorkerView:
+    return WorkerView(
+        id=row.id,
+        host=row.host,
+        device=row.device,
+        engine=row.engine,
+        model=row.model,
+        loaded=row.loaded,
+        running=row.job_id is not None,
+    )
+
+
 class ClusterWorker:
     """One worker process's share of the cluster: it takes jobs from procrastinate, runs
     them with the domain's runners, beats its heartbeat and sweeps for dead workers' jobs.
@@ -400,9 +435,9 @@ class ClusterWorker:
             job.chain_id,
             job.attempts,
         )
-        await self._beat_once()
+        await self._beat_quietly(starting=job)
         handed_back = await self.execution.run(job, hand_back=True)
-        await self._beat_once()
+        await self._beat_quietly()
         if handed_back:
 
             async def requeue() -> None:
@@ -413,9 +448,12 @@ class ClusterWorker:
             log.info("job %s handed back to the queue", job_id)
             raise HandedBack(job_id)
 
-    async def _beat_once(self) -> None:
+    async def _beat_once(self, starting: Job | None = None) -> None:
+        """Tell the registry this worker is alive, and what it runs (``starting``: the job
+        it is about to run)."""
         info = self.engine_info()
         running = self.queue.running
+        job_id = starting.id if starting is not None else running.job.id if running else None
         await self.workers.beat(
             WorkerRow(
                 id=self.id,
@@ -424,16 +462,21 @@ class ClusterWorker:
                 engine=info.engine,
                 model=info.model,
                 loaded=info.loaded,
-                job_id=running.job.id if running is not None else None,
+                job_id=job_id,
+                progress=running.progress if running is not None else 0.0 if job_id else None,
             )
         )
 
+    async def _beat_quietly(self, starting: Job | None = None) -> None:
+        """A heartbeat that never fails the job: the next one says it again."""
+        try:
+            await self._beat_once(starting)
+        except Exception as exc:
+            log.warning("cannot record this worker's heartbeat: %s", exc)
+
     async def _beat(self) -> None:
         while True:
-            try:
-                await self._beat_once()
-            except Exception as exc:
-                log.warning("cannot record this worker's heartbeat: %s", exc)
+            await self._beat_quietly()
             await asyncio.sleep(self.heartbeat_s)
 
     async def _watch_wanted(self) -> None:

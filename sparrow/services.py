@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +28,7 @@ from sparrow.domain.health import HealthService
 from sparrow.domain.keys import KeyService
 from sparrow.domain.queue import QueueLimits
 from sparrow.domain.stems import StemsService
-from sparrow.domain.system import SystemService, WorkerView
+from sparrow.domain.system import SystemService
 from sparrow.domain.uploads import UploadSlots
 from sparrow.engines import Engine, build_engine, build_stem_engine
 from sparrow.events import EventHub
@@ -42,7 +42,7 @@ from sparrow.store.jobs import JobReads
 from sparrow.store.keys import KeyStore
 
 if TYPE_CHECKING:
-    from sparrow.cluster import LogFeed
+    from sparrow.cluster import ClusterView, LogFeed
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
                 queue,
                 JobReads(db),
                 worker=worker,
-                cluster_workers=_cluster_workers(db, settings) if feed is not None else None,
+                cluster=_cluster_view(db, settings) if feed is not None else None,
             ),
             health=HealthService(
                 db,
@@ -159,26 +159,12 @@ def _runs_worker(settings: Settings, db: Database) -> bool:
     return settings.worker == "on" or (settings.worker == "auto" and db.kind == "sqlite")
 
 
-def _cluster_workers(db: Database, settings: Settings) -> Callable[[], Awaitable[list[WorkerView]]]:
-    from sparrow.store.workers import WorkerStore
+def _cluster_view(db: Database, settings: Settings) -> ClusterView:
+    from sparrow.cluster import ClusterView
+    from sparrow.store.postgres import PostgresDatabase
 
-    workers = WorkerStore(db)
-
-    async def live() -> list[WorkerView]:
-        return [
-            WorkerView(
-                id=w.id,
-                host=w.host,
-                device=w.device,
-                engine=w.engine,
-                model=w.model,
-                loaded=w.loaded,
-                running=w.job_id is not None,
-            )
-            for w in await workers.live(settings.worker_stall_s)
-        ]
-
-    return live
+    assert isinstance(db, PostgresDatabase)
+    return ClusterView(db, stall_s=settings.worker_stall_s)
 
 
 async def _feed(db: Database, hub: EventHub) -> LogFeed:

@@ -231,6 +231,11 @@ def test_a_cancel_through_any_replica_stops_the_worker_within_a_step(cluster: Cl
         (node,) = branch(client, root["id"], seed=9, duration_s=10)  # 5 s of decoding
         cluster.worker_started(chain_id)
         wait_progress(cluster, chain_id, node["id"])
+        # Any replica shows the job that runs on a worker.
+        gpu = other.get("/api/gpu").json()
+        (running,) = gpu["running"]
+        assert (running["chain_id"], running["node_ids"]) == (chain_id, [node["id"]])
+        assert [w["running"] for w in gpu["workers"]].count(True) == 1
         cancelled = other.post(f"/api/nodes/{node['id']}/cancel")
         assert cancelled.status_code == 200
         asked = time.monotonic()

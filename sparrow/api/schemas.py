@@ -269,8 +269,8 @@ class GpuOut(BaseModel):
     vram_used_bytes: int | None
     queue_depth: int = Field(description="Jobs waiting, of every owner.")
     running: list[RunningJobOut] = Field(
-        description="The running job, when it is the caller's (with auth on, other keys' "
-        "jobs are not shown)."
+        description="The running jobs (with PostgreSQL, every worker's; progress as of its "
+        "last heartbeat) that are the caller's: with auth on, other keys' jobs are not shown."
     )
     workers: list[WorkerOut] = Field(
         description="Every live worker: this server's own, or with PostgreSQL every "

@@ -29,14 +29,14 @@ async def gpu(caller: CallerDep, system: System) -> GpuOut:
         queue_depth=view.queue_depth,
         running=[
             RunningJobOut(
-                job_id=control.job.id,
-                kind=control.job.kind.value,
-                chain_id=control.job.chain_id,
-                node_ids=sorted(control.node_ids),
-                progress=round(control.progress, 4),
-                started_at=control.job.started_at,
+                job_id=running.job.id,
+                kind=running.job.kind.value,
+                chain_id=running.job.chain_id,
+                node_ids=sorted(running.node_ids),
+                progress=round(running.progress, 4),
+                started_at=running.job.started_at,
             )
-            for control in view.running
+            for running in view.running
         ],
         workers=[WorkerOut(**vars(worker)) for worker in view.workers],
     )

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sparrow.engines import EngineInfo, GenerationEngine, StemEngine
 from sparrow.jobs import JobControl, JobQueue, JobWorker
-from sparrow.models import Caller
+from sparrow.models import Caller, Job
 from sparrow.store.jobs import JobReads
 
 LOCAL_WORKER = "local"
+
+
+class Cluster(Protocol):
+    """What the system view reads of a cluster (``sparrow.cluster.ClusterView``)."""
+
+    async def workers(self) -> list[tuple[WorkerView, str | None]]:
+        """Every live worker, and the job it runs (None: idle)."""
+        ...
+
+    async def running(self) -> list[RunningJob]:
+        """The jobs the live workers run now."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -29,14 +41,27 @@ class WorkerView:
 
 
 @dataclass(frozen=True)
+class RunningJob:
+    """A job running now, in this process or on a worker of the cluster."""
+
+    job: Job
+    node_ids: frozenset[str]  # still wanted
+    progress: float  # of the whole job, 0..1
+
+    @classmethod
+    def of(cls, control: JobControl) -> RunningJob:
+        return cls(control.job, frozenset(control.node_ids), control.progress)
+
+
+@dataclass(frozen=True)
 class SystemView:
     generation: EngineInfo
     stems: EngineInfo
     vram_total_bytes: int | None
     vram_used_bytes: int | None
     queue_depth: int
-    running: list[JobControl]
-    """The running job, when the caller may see it (its owner's, or any with auth off)."""
+    running: list[RunningJob]
+    """The running jobs the caller may see (its owner's, or any with auth off)."""
     workers: list[WorkerView]
 
 
@@ -49,21 +74,21 @@ class SystemService:
         reads: JobReads,
         *,
         worker: JobWorker | None,
-        cluster_workers: Callable[[], Awaitable[list[WorkerView]]] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
-        """``cluster_workers``: every live worker of the cluster (PostgreSQL); without it
-        the workers are this process's own, if it runs one."""
+        """``cluster``: every live worker of the cluster and what runs there (PostgreSQL);
+        without it the workers and running jobs are this process's own."""
         self.engine = engine
         self.stem_engine = stem_engine
         self.jobs = jobs
         self.reads = reads
         self.worker = worker
-        self.cluster_workers = cluster_workers
+        self.cluster = cluster
         self.host = socket.gethostname()
 
     async def workers(self) -> list[WorkerView]:
-        if self.cluster_workers is not None:
-            return await self.cluster_workers()
+        if self.cluster is not None:
+            return [view for view, _ in await self.cluster.workers()]
         if self.worker is None:
             return []
         info = self.engine.info()
@@ -83,17 +108,21 @@ class SystemService:
         generation, stems = self.engine.info(), self.stem_engine.info()
         device = generation.device if generation.device.startswith("cuda") else stems.device
         total, used = _vram(device)
-        control = self.jobs.running
-        visible = control is not None and caller.owner in (None, control.job.owner)
         return SystemView(
             generation=generation,
             stems=stems,
             vram_total_bytes=total,
             vram_used_bytes=used,
             queue_depth=await self.reads.queue_depth(),
-            running=[control] if visible and control is not None else [],
+            running=[r for r in await self.running() if caller.owner in (None, r.job.owner)],
             workers=await self.workers(),
         )
+
+    async def running(self) -> list[RunningJob]:
+        if self.cluster is not None:
+            return await self.cluster.running()
+        control = self.jobs.running
+        return [RunningJob.of(control)] if control is not None else []
 
 
 def _vram(device: str) -> tuple[int | None, int | None]:

@@ -166,6 +166,10 @@ class JobReads:
         row = await self.db.fetchone(WAITING_JOBS)
         return int(row[0]) if row else 0
 
+    async def get(self, job_id: str) -> Job | None:
+        row = await self.db.fetchone(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(row) if row else None
+
     async def wanted_ids(self, job_id: str) -> set[str]:
         """The node ids of the job's nodes or stems still queued or running: what a worker
         running it should still work for."""

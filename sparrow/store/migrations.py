@@ -305,6 +305,7 @@ POSTGRES_MIGRATIONS: list[str | Callable[[], str]] = [
         model         TEXT NOT NULL,
         loaded        BOOLEAN NOT NULL DEFAULT FALSE,
         job_id        TEXT,
+        progress      DOUBLE PRECISION,  -- of its running job, 0..1
         started_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
         seen_at       TIMESTAMPTZ NOT NULL DEFAULT now()
     );

@@ -23,9 +23,10 @@ class WorkerRow:
     model: str
     loaded: bool
     job_id: str | None
+    progress: float | None = None  # of the running job
 
 
-_COLUMNS = "id, host, device, engine, model, loaded, job_id"
+_COLUMNS = "id, host, device, engine, model, loaded, job_id, progress"
 
 
 class WorkerStore:
@@ -36,9 +37,10 @@ class WorkerStore:
         """Register the worker, or say it is alive and what it does now."""
         async with self.db.transaction() as tx:
             await tx.run(
-                f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET device = excluded.device, "
-                "loaded = excluded.loaded, job_id = excluded.job_id, seen_at = now()",
+                "loaded = excluded.loaded, job_id = excluded.job_id, "
+                "progress = excluded.progress, seen_at = now()",
                 (
                     worker.id,
                     worker.host,
@@ -47,6 +49,7 @@ class WorkerStore:
                     worker.model,
                     worker.loaded,
                     worker.job_id,
+                    worker.progress,
                 ),
             )
 
