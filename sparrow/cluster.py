@@ -424,8 +424,13 @@ class ClusterWorker:
         """procrastinate's task: claim Sparrow's job row and run it."""
         if self._stopping:
             raise HandedBack(job_id)
-        async with self.store.write() as w:
-            job = await w.claim_job(job_id)
+
+        async def claim() -> Job | None:
+            async with self.store.write() as w:
+                return await w.claim_job(job_id)
+
+        # Persistently: a claim lost to a database blip would leave the job queued forever.
+        job = await persistently(claim, f"claiming job {job_id}")
         if job is None:
             return  # its chain was deleted meanwhile
         log.info(
