@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from sparrow.api import create_app
 from sparrow.audio import render_music, write_wav
 from sparrow.jobs import JobWorker
-from sparrow.models import LOCAL_USER, Node, NodeKind, NodeStatus, Tier, new_id, utc_now
+from sparrow.models import LOCAL_USER, Chain, Node, NodeKind, NodeStatus, Tier, new_id, utc_now
 from sparrow.services import Services
 from sparrow.settings import Settings
 
@@ -140,3 +140,19 @@ async def authed_app(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             yield app, client, tokens
+
+
+def chain_with_root() -> tuple[Chain, Node]:
+    """A new chain and its ready root, not stored yet."""
+    now = utc_now()
+    root = Node(
+        id=new_id(),
+        chain_id=new_id(),
+        parent_id=None,
+        kind=NodeKind.UPLOAD,
+        status=NodeStatus.READY,
+        committed=True,
+        created_at=now,
+        updated_at=now,
+    )
+    return Chain(root.chain_id, "t", root.id, now, now), root

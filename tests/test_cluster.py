@@ -127,8 +127,10 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_node_ends_with_the_same_aud
         killed = time.monotonic()
         # Until another worker takes it, the node stays generating.
         assert client.get(f"/api/nodes/{node['id']}").json()["status"] == "generating"
+        survivor = next(w for w in cluster.workers if w is not victim)
+        wait_until(lambda: "lost its worker" in survivor.text(), timeout_s=10, what="detection")
+        assert time.monotonic() - killed < 3  # within SPARROW_WORKER_STALL_S
         done = wait_ready_node(client, node["id"], timeout_s=30)
-        assert time.monotonic() - killed < 3 + 15  # found within the stall time, then re-run
         assert done["status"] == "ready", done
         assert audio_sha256(client, done["id"]) == audio_sha256(client, expected["id"])
         assert done["frames"] == expected["frames"]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from helpers import chain_with_root
 from pg import PostgresServer
 
 from sparrow.events import EventHub, NodeProgress, StoredEvent
-from sparrow.models import Chain, Node, NodeKind, NodeStatus, new_id, utc_now
+from sparrow.models import Node, NodeKind, NodeStatus, new_id, utc_now
 from sparrow.store import ChainStore, chains
 from sparrow.store.migrations import POSTGRES_MIGRATIONS
 from sparrow.store.migrations import SQLITE_MIGRATIONS as MIGRATIONS
@@ -25,21 +26,6 @@ from sparrow.store.postgres import PostgresDatabase
 from sparrow.store.sqlite import SqliteDatabase as Database
 
 pytestmark = pytest.mark.anyio
-
-
-def chain_with_root() -> tuple[Chain, Node]:
-    now = utc_now()
-    root = Node(
-        id=new_id(),
-        chain_id=new_id(),
-        parent_id=None,
-        kind=NodeKind.UPLOAD,
-        status=NodeStatus.READY,
-        committed=True,
-        created_at=now,
-        updated_at=now,
-    )
-    return Chain(root.chain_id, "t", root.id, now, now), root
 
 
 async def test_migrations_run_once_and_record_the_version(tmp_path: Path) -> None:
