@@ -513,7 +513,7 @@ class ClusterWorker:
         """Queue again (or, out of attempts, end) the jobs of workers silent for most of the
         stall time; returns how many it handled. One process sweeps at a time."""
         handled = 0
-        silent_s = self.stall_s * 0.75
+        silent_s = self.stall_s * 2 / 3  # a live worker beats every sixth of it
         manager = self.queue.app.job_manager
         async with self.db.pool.connection() as conn:
             row = await (
