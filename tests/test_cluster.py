@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from cluster import Cluster, running_cluster, wait_ready_node
-from faults import upload_sample, wait_until
+from faults import upload_sample, wait_stems_ended, wait_until
 from pg import PostgresServer
 from sse import Message, open_stream
 
@@ -327,3 +327,19 @@ def test_an_unreachable_database_is_one_sentence_and_a_nonzero_exit(
     assert "127.0.0.1:1" in lines[-1]
     assert "hunter2" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_stems_run_on_a_worker_and_any_replica_shows_their_progress(cluster: Cluster) -> None:
+    with cluster.client(0) as a, cluster.client(1) as b:
+        _, root = upload_sample(a)  # 8 s: 400 steps of 10 ms
+        assert a.post(f"/api/nodes/{root['id']}/stems").status_code == 202
+
+        def separating_with_progress() -> dict[str, Any] | None:
+            stems: dict[str, Any] = b.get(f"/api/nodes/{root['id']}/stems").json()
+            progressed = stems["status"] == "separating" and (stems["progress"] or 0) > 0
+            return stems if progressed else None
+
+        during = wait_until(separating_with_progress, timeout_s=15, what="stems progress on B")
+        assert 0 < during["progress"] < 1
+        done = wait_stems_ended(b, root["id"])
+    assert done["status"] == "ready" and done["progress"] == 1.0

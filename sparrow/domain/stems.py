@@ -174,28 +174,46 @@ class StemsService:
     async def view(self, caller: Caller, node_id: str) -> StemsView:
         node = found_node(node_id, await self.store.get_node(node_id, owner=caller.owner))
         _require_paid(caller)
-        return self._view(node, await self.store.get_stems(node_id))
+        stems = await self.store.get_stems(node_id)
+        return self._view(node, stems, await self._elsewhere(node.chain_id, [stems]))
 
     async def spine_view(self, caller: Caller, chain_id: str) -> list[StemsView]:
         found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
         _require_paid(caller)
         spine = await self.store.spine(chain_id)
         stems = await self.store.stems_of([n.id for n in spine])
-        return [self._view(node, stems.get(node.id)) for node in spine]
+        elsewhere = await self._elsewhere(chain_id, list(stems.values()))
+        return [self._view(node, stems.get(node.id), elsewhere) for node in spine]
 
-    def _view(self, node: Node, stems: Stems | None) -> StemsView:
+    def _view(
+        self, node: Node, stems: Stems | None, elsewhere: dict[str, float] | None = None
+    ) -> StemsView:
+        """``elsewhere``: progress by node of separations another process runs (a cluster's
+        worker), as their last progress events said."""
         control = self.jobs.running
         progress = None
         if stems is not None and stems.status is StemsStatus.READY:
             progress = 1.0
-        elif (
-            stems is not None
-            and control is not None
-            and control.job.id == stems.job_id
-            and stems.status is StemsStatus.SEPARATING
-        ):
-            progress = control.piece_progress.get(node.id, 0.0)
+        elif stems is not None and stems.status is StemsStatus.SEPARATING:
+            if control is not None and control.job.id == stems.job_id:
+                progress = control.piece_progress.get(node.id, 0.0)
+            elif elsewhere is not None:
+                progress = elsewhere.get(node.id, 0.0)
         return StemsView(node, stems, progress)
+
+    async def _elsewhere(self, chain_id: str, stems: list[Stems | None]) -> dict[str, float] | None:
+        """The progress of separations this process does not run, read from the log."""
+        control = self.jobs.running
+        remote = [
+            s
+            for s in stems
+            if s is not None
+            and s.status is StemsStatus.SEPARATING
+            and (control is None or control.job.id != s.job_id)
+        ]
+        if not remote:
+            return None
+        return await self.store.last_progress(chain_id, StemsProgress.name)
 
     async def stem_file(self, caller: Caller, node_id: str, stem: str) -> tuple[Stems, OpenedFile]:
         """One ready stem's WAV, open and checked; the caller serves it and closes it."""

@@ -205,6 +205,22 @@ class ChainStore:
         )
         return {s.node_id: s for s in map(stems_from_row, rows)}
 
+    async def last_progress(
+        self, chain_id: str, event: str, *, window: int = 200
+    ) -> dict[str, float]:
+        """Each node's progress as the chain's latest ``event`` events (``node-progress``,
+        ``stems-progress``) among its last ``window`` of them say: how a process learns
+        the progress of work that runs in another."""
+        rows = await self.db.fetchall(
+            "SELECT data FROM events WHERE chain_id = ? AND type = ? ORDER BY id DESC LIMIT ?",
+            (chain_id, event, window),
+        )
+        progress: dict[str, float] = {}
+        for (data,) in rows:
+            fields = json.loads(data)
+            progress.setdefault(fields["node_id"], float(fields["progress"]))
+        return progress
+
     async def ids_with_stems(self) -> set[str]:
         """The nodes whose stem files exist: those whose separation is ready."""
         rows = await self.db.fetchall("SELECT node_id FROM stems WHERE status = 'ready'")
