@@ -51,3 +51,18 @@ def wav_frames(content: bytes) -> int:
             return frames
         pos = body + size + (size & 1)
     raise AssertionError("no data chunk")
+
+
+def ebur128(path: Path) -> tuple[float, float]:
+    """(integrated loudness in LUFS, true peak in dBTP) as FFmpeg's ebur128 filter measures
+    the file: FFmpeg's own figures, not Sparrow's code."""
+    ffmpeg = importlib.import_module("imageio_ffmpeg").get_ffmpeg_exe()
+    result = subprocess.run(
+        [ffmpeg, "-nostdin", "-hide_banner", "-nostats", "-i", str(path),
+         "-af", "ebur128=peak=true:framelog=quiet", "-f", "null", "-"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    summary = result.stderr[result.stderr.rindex("Summary:") :]
+    integrated = float(summary.split("I:", 1)[1].split("LUFS", 1)[0])
+    peak = float(summary.split("Peak:", 1)[1].split("dBFS", 1)[0])
+    return integrated, peak

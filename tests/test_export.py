@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from helpers import SAMPLE, add_child, services, upload
-from probe import ffprobe
+from probe import ebur128, ffprobe
 
 from sparrow.api import create_app
+from sparrow.audio import render_music, write_wav
 from sparrow.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -123,6 +125,11 @@ async def test_export_requests_are_checked(
         {"crossfade_ms": 5000},
         {"crossfade_ms": "20"},
         {"format": "wav", "extra": 1},
+        {"loudness_lufs": -41},
+        {"loudness_lufs": -4.9},
+        {"loudness_lufs": "-14"},
+        {"loudness_lufs": True},
+        {"loudness_lufs": "NaN"},
     ):
         response = await client.post(url, json=body)
         assert response.status_code == 422, body
@@ -163,3 +170,38 @@ async def test_concurrent_identical_exports_are_made_once(
     assert [a.status_code for a in answers] == [200] * 4
     assert len({a.content for a in answers}) == 1
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
+@pytest.mark.parametrize("level", [0.03, 1.8])  # about -43 and -16 LUFS, clipped peaks
+async def test_an_export_at_a_loudness_measures_it(
+    client: httpx.AsyncClient, tmp_path: Path, fmt: str, level: float
+) -> None:
+    """Measured with FFmpeg's ebur128: within 1 LU of the target, true peak at most -1 dBTP,
+    and (WAV, FLAC) exactly the frames of the plain export."""
+    clip = tmp_path / "clip.wav"
+    music = render_music(6.0, RATE, 2, seed=4) * level
+    write_wav(clip, np.clip(music, -1, 1).astype(np.float32), RATE)
+    chain_id = (await upload(client, clip)).json()["chain"]["id"]
+    _, plain = await export(client, chain_id, tmp_path, format=fmt)
+    plain_frames = ffprobe(plain)["decoded_samples"]
+    for target in (-14.0, -23.0):
+        _, path = await export(client, chain_id, tmp_path, format=fmt, loudness_lufs=target)
+        integrated, peak = ebur128(path)
+        assert abs(integrated - target) <= 1.0, (target, integrated)
+        assert peak <= -1.0, (target, peak)
+        frames = ffprobe(path)["decoded_samples"]
+        assert frames == plain_frames or (fmt == "mp3" and abs(frames - plain_frames) <= MPEG_FRAME)
+
+
+async def test_a_loudness_is_part_of_the_export_s_identity(
+    client: httpx.AsyncClient, spine: dict[str, Any]
+) -> None:
+    url = f"/api/chains/{spine['chain_id']}/export"
+    plain = await client.post(url, json={})
+    loud = await client.post(url, json={"loudness_lufs": -14})
+    quiet = await client.post(url, json={"loudness_lufs": -23.0})
+    tags = {r.headers["ETag"] for r in (plain, loud, quiet)}
+    assert len(tags) == 3
+    again = await client.post(url, json={"loudness_lufs": -14.0})
+    assert again.headers["ETag"] == loud.headers["ETag"] and again.content == loud.content

@@ -43,7 +43,9 @@ def attachment(request: Request, made: ExportFile) -> Response:
     "any is stereo, and each join is an equal-power crossfade of `crossfade_ms` (0: end to "
     "end). The length is exactly the sum of the segments minus one crossfade per join. "
     "WAV and FLAC are 24-bit when a segment is, else 16-bit; MP3 is LAME VBR. The same spine "
-    "and options reuse the file already made. 422 when the spine is longer than "
+    "and options reuse the file already made. With `loudness_lufs` the mix is measured "
+    "(EBU R128, FFmpeg's ebur128) and encoded with the gain that brings it within 1 LU of "
+    "that loudness, under a true-peak limiter at -1 dBTP. 422 when the spine is longer than "
     "SPARROW_MAX_EXPORT_S or a segment is shorter than the crossfade needs.",
     response_class=Response,
     responses=export_responses(404, 409),
@@ -51,5 +53,11 @@ def attachment(request: Request, made: ExportFile) -> Response:
 async def export_chain(
     chain_id: str, body: ExportIn, request: Request, exports: Exports, caller: CallerDep
 ) -> Response:
-    made = await exports.spine(caller, chain_id, format=body.format, crossfade_ms=body.crossfade_ms)
+    made = await exports.spine(
+        caller,
+        chain_id,
+        format=body.format,
+        crossfade_ms=body.crossfade_ms,
+        loudness_lufs=body.loudness_lufs,
+    )
     return attachment(request, made)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
+from sparrow.audio.loudness import MAX_LUFS, MIN_LUFS
 from sparrow.domain.chains import TITLE_MAX, TITLE_PATTERN
 from sparrow.domain.generation import MAX_SEED, MIN_BRANCH_S, BranchRequest
 from sparrow.domain.stems import StemsView
@@ -352,6 +353,13 @@ class ExportIn(BaseModel):
         ge=0,
         le=MAX_CROSSFADE_MS,
         description="Equal-power crossfade at each join, in milliseconds; 0 joins end to end.",
+    )
+    loudness_lufs: float | None = Field(
+        default=None,
+        ge=MIN_LUFS,
+        le=MAX_LUFS,
+        description="Integrated loudness the file is brought to (EBU R128, -40 to -5 LUFS), "
+        "true peak at most -1 dBTP; null keeps the mix as it is.",
     )
 
 

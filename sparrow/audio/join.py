@@ -53,6 +53,7 @@ import mutagen
 import mutagen.flac
 import mutagen.mp3
 
+from sparrow.audio import loudness
 from sparrow.audio.atomic import publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
@@ -72,6 +73,8 @@ MAX_SEGMENTS = 300
 MP3_RATES = (32_000, 44_100, 48_000)
 MP3_QUALITY = 2
 TIMEOUT_S = 300.0
+LOUDNESS_TOLERANCE_LU = 0.5  # the contract allows 1 LU: half of it for the decoder's part
+LOUDNESS_PASSES = 6
 # FFmpeg 7+ runs a demuxer and a decoder thread per input, and each thread's
 # 8 MiB stack counts against the address-space limit (measured: 17 MiB more
 # per segment with FFmpeg 9, 10 MiB with 5.1).
@@ -157,6 +160,7 @@ async def join_segments(
     *,
     format: ExportFormat,
     crossfade_ms: float = DEFAULT_CROSSFADE_MS,
+    loudness_lufs: float | None = None,
     ffmpeg: str | None = None,
     timeout_s: float = TIMEOUT_S,
 ) -> JoinPlan:
@@ -168,6 +172,13 @@ async def join_segments(
     when FFmpeg is broken (it fails its canary, runs past ``timeout_s``, or writes
     a file that fails the check); ``StorageUnavailable`` when the file cannot be
     written or FFmpeg fails otherwise.
+
+    ``loudness_lufs``: the mix is joined to a float WAV first, measured, and encoded
+    with the gain that brings it to that integrated loudness under a true-peak
+    limiter (``sparrow.audio.loudness``); the encoded file is measured again and,
+    while it is more than ``LOUDNESS_TOLERANCE_LU`` off, encoded again with the gain
+    corrected by what it missed (the limiter takes some of the gain from loud
+    material), at most ``LOUDNESS_PASSES`` times in all.
 
     FFmpeg writes into a hidden folder of its own next to ``dst``. FFmpeg is a
     process of its own and outlives a server killed with SIGKILL; the start-up
@@ -184,17 +195,15 @@ async def join_segments(
     with storing("writing the export"):
         await asyncio.to_thread(work.mkdir)
     try:
-        result = await run_ffmpeg(
-            _args(paths, plan, format, tmp),
-            deadline=deadline,
+        mix = tmp if loudness_lufs is None else work / "mix.wav"
+        await _run(
+            _args(paths, plan, "wav" if mix is not tmp else format, mix, float_wav=mix is not tmp),
+            deadline,
+            ffmpeg,
             memory_bytes=MEMORY_LIMIT_BYTES + len(paths) * _MEMORY_PER_SEGMENT,
-            ffmpeg=ffmpeg,
         )
-        if result.returncode != 0:
-            raise_if_storage_failed(result.stderr, "the export")
-            await blame_ffmpeg(ffmpeg, "The spine cannot be exported")
-            tail = scrub_paths(result.stderr.strip()[-_STDERR_TAIL:]) or "no reason given"
-            raise StorageUnavailable(f"The spine could not be exported: {tail}")
+        if loudness_lufs is not None:
+            await _normalize(mix, tmp, plan, format, loudness_lufs, deadline, ffmpeg)
         problem = await asyncio.to_thread(output_problem, tmp, plan, format)
         if problem is not None:
             log.error("FFmpeg wrote a bad export (%s); it is not kept", problem)
@@ -208,6 +217,51 @@ async def join_segments(
     finally:
         shutil.rmtree(work, ignore_errors=True)  # FFmpeg has ended: run_ffmpeg waits for it
     return plan
+
+
+async def _run(
+    args: list[str], deadline: float, ffmpeg: str | None, *, memory_bytes: int | None = None
+) -> None:
+    kwargs: dict[str, Any] = {} if memory_bytes is None else {"memory_bytes": memory_bytes}
+    result = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg, **kwargs)
+    if result.returncode != 0:
+        raise_if_storage_failed(result.stderr, "the export")
+        await blame_ffmpeg(ffmpeg, "The spine cannot be exported")
+        tail = scrub_paths(result.stderr.strip()[-_STDERR_TAIL:]) or "no reason given"
+        raise StorageUnavailable(f"The spine could not be exported: {tail}")
+
+
+async def _normalize(
+    mix: Path,
+    tmp: Path,
+    plan: JoinPlan,
+    format: ExportFormat,
+    target_lufs: float,
+    deadline: float,
+    ffmpeg: str | None,
+) -> None:
+    """Encode ``mix`` to ``tmp`` at ``target_lufs`` (see ``join_segments``)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    measured = await loudness.measure(mix, ffmpeg=ffmpeg, timeout_s=remaining)
+    gain, ceiling = loudness.gain_to(target_lufs, measured), loudness.LIMITER_DBTP
+    for attempt in range(1, LOUDNESS_PASSES + 1):
+        await _run(_encode_args(mix, gain, ceiling, plan, format, tmp), deadline, ffmpeg)
+        remaining = deadline - asyncio.get_running_loop().time()
+        got = await loudness.measure(tmp, ffmpeg=ffmpeg, timeout_s=remaining)
+        missed = target_lufs - got.integrated_lufs
+        over = got.true_peak_dbtp - loudness.TRUE_PEAK_CEILING_DBTP
+        if (measured.silent or abs(missed) <= LOUDNESS_TOLERANCE_LU) and over <= 0:
+            return
+        if attempt < LOUDNESS_PASSES:
+            gain += 0 if measured.silent else missed
+            ceiling -= max(0.0, over + 0.1)
+    log.warning(
+        "the export reached %.1f LUFS and %.1f dBTP for a target of %.1f LUFS under %.1f dBTP",
+        got.integrated_lufs,
+        got.true_peak_dbtp,
+        target_lufs,
+        loudness.TRUE_PEAK_CEILING_DBTP,
+    )
 
 
 def output_problem(path: Path, plan: JoinPlan, format: ExportFormat) -> str | None:
@@ -261,18 +315,50 @@ def _mp3_rate(top: int) -> int:
     return next((rate for rate in MP3_RATES if rate >= top), MP3_RATES[-1])
 
 
-def _args(paths: Sequence[Path], plan: JoinPlan, format: ExportFormat, tmp: Path) -> list[str]:
+def _args(
+    paths: Sequence[Path],
+    plan: JoinPlan,
+    format: ExportFormat,
+    tmp: Path,
+    *,
+    float_wav: bool = False,
+) -> list[str]:
+    """The join's FFmpeg arguments; ``float_wav``: a 32-bit float WAV, to be measured and
+    normalized before it is encoded."""
     args = ["-nostdin", "-hide_banner", "-loglevel", "error"]
     for path in paths:
         # Absolute, so that no name can read as a protocol ("a:b.wav").
         args += ["-f", "wav", "-i", str(path.absolute())]
     args += ["-filter_complex", _graph(plan), "-map", "[out]"]
+    if float_wav:
+        return [*args, "-c:a", "pcm_f32le", "-f", "wav", "-y", str(tmp.absolute())]
+    return [*args, *_output_args(plan, format, tmp)]
+
+
+def _encode_args(
+    mix: Path,
+    gain_db: float,
+    ceiling_dbtp: float,
+    plan: JoinPlan,
+    format: ExportFormat,
+    tmp: Path,
+) -> list[str]:
+    """Arguments that encode the float mix with ``gain_db`` under the true-peak limiter."""
+    filters = loudness.normalizer(
+        gain_db, ceiling_dbtp=ceiling_dbtp, sample_rate=plan.sample_rate, frames=plan.total_frames
+    )
+    args = ["-nostdin", "-hide_banner", "-loglevel", "error"]
+    args += ["-f", "wav", "-i", str(mix.absolute()), "-af", filters]
+    return [*args, *_output_args(plan, format, tmp)]
+
+
+def _output_args(plan: JoinPlan, format: ExportFormat, tmp: Path) -> list[str]:
     if format == "mp3":
-        args += ["-c:a", "libmp3lame", "-q:a", str(MP3_QUALITY)]
+        args = ["-c:a", "libmp3lame", "-q:a", str(MP3_QUALITY)]
     elif format == "flac":
-        args += ["-c:a", "flac", "-sample_fmt", "s32" if plan.bits == 24 else "s16"]
+        args = ["-c:a", "flac", "-sample_fmt", "s32" if plan.bits == 24 else "s16"]
     else:
-        args += ["-c:a", f"pcm_s{plan.bits}le"]
+        args = ["-c:a", f"pcm_s{plan.bits}le"]
     # bitexact: no encoder-version tags, so the same spine exports to the same bytes.
     args += ["-fflags", "+bitexact", "-flags:a", "+bitexact"]
     return [*args, "-f", format, "-y", str(tmp.absolute())]

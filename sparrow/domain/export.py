@@ -65,9 +65,16 @@ class ExportService:
         self._making: dict[str, tuple[asyncio.Lock, int]] = {}  # key → (lock, requests)
 
     async def spine(
-        self, caller: Caller, chain_id: str, *, format: ExportFormat, crossfade_ms: float
+        self,
+        caller: Caller,
+        chain_id: str,
+        *,
+        format: ExportFormat,
+        crossfade_ms: float,
+        loudness_lufs: float | None = None,
     ) -> ExportFile:
-        """The chain's spine as one file."""
+        """The chain's spine as one file (``loudness_lufs``: at that integrated loudness,
+        true peak at most −1 dBTP)."""
         chain = found_chain(chain_id, await self.store.get_chain(chain_id, owner=caller.owner))
         spine = await self.store.spine(chain_id)
 
@@ -82,7 +89,15 @@ class ExportService:
                 for n in spine
             ]
 
-        return await self._export(chain, spine, parts, "", format=format, crossfade_ms=crossfade_ms)
+        return await self._export(
+            chain,
+            spine,
+            parts,
+            "",
+            format=format,
+            crossfade_ms=crossfade_ms,
+            loudness_lufs=loudness_lufs,
+        )
 
     async def spine_stem(
         self,
@@ -134,6 +149,7 @@ class ExportService:
         *,
         format: ExportFormat,
         crossfade_ms: float,
+        loudness_lufs: float | None = None,
     ) -> ExportFile:
         """Make (or reuse) the export of ``spine``; ``parts`` checks and lists its files.
 
@@ -149,7 +165,7 @@ class ExportService:
                 f"{self.settings.max_export_s:.0f} s."
             )
         try:
-            path = await self._make(chain, await parts(), format, crossfade_ms)
+            path = await self._make(chain, await parts(), format, crossfade_ms, loudness_lufs)
         except (Unavailable, OSError) as exc:
             await self._still_there(chain, spine)
             if isinstance(exc, OSError):
@@ -170,10 +186,15 @@ class ExportService:
             raise Conflict("The spine changed while it was being exported; export it again.")
 
     async def _make(
-        self, chain: Chain, parts: list[Part], format: ExportFormat, crossfade_ms: float
+        self,
+        chain: Chain,
+        parts: list[Part],
+        format: ExportFormat,
+        crossfade_ms: float,
+        loudness_lufs: float | None,
     ) -> Path:
         """The export's file, made unless a checked one is there; its name is its key."""
-        key = _key(parts, format, crossfade_ms)
+        key = _key(parts, format, crossfade_ms, loudness_lufs)
         folder = self.media.chain_exports(chain.id)
         dst = folder / f"{key}.{format}"
         paths = [p.path for p in parts]
@@ -191,6 +212,7 @@ class ExportService:
                         dst,
                         format=format,
                         crossfade_ms=crossfade_ms,
+                        loudness_lufs=loudness_lufs,
                         ffmpeg=self.settings.ffmpeg,
                         timeout_s=self.settings.export_timeout_s,
                     )
@@ -220,8 +242,17 @@ def _reusable(paths: list[Path], dst: Path, format: ExportFormat, crossfade_ms: 
     return False
 
 
-def _key(parts: list[Part], format: ExportFormat, crossfade_ms: float) -> str:
-    identity = [JOIN_VERSION, format, crossfade_ms, [(p.node_id, p.sha256) for p in parts]]
+def _key(
+    parts: list[Part], format: ExportFormat, crossfade_ms: float, loudness_lufs: float | None
+) -> str:
+    identity: list[object] = [
+        JOIN_VERSION,
+        format,
+        crossfade_ms,
+        [(p.node_id, p.sha256) for p in parts],
+    ]
+    if loudness_lufs is not None:  # appended, so the keys of earlier exports stay
+        identity.append(loudness_lufs)
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 
 
