@@ -47,6 +47,7 @@ async def test_branch_generates_siblings_of_exact_duration(client: httpx.AsyncCl
         "top_k": 250,
         "top_p": 0.0,
         "cfg_coef": 3.0,
+        "match_loudness": True,
         "seed": 40,
         "engine": "mock",
         "model": "mock",

@@ -200,6 +200,11 @@ class BranchIn(BaseModel):
         default=None,
         description="Seed of the first sibling; sibling i gets seed + i. Random if omitted.",
     )
+    match_loudness: bool = Field(
+        default=True,
+        description="Bring each continuation to the integrated loudness of the audio it "
+        "continues (EBU R128, within 1 LU), true peak at most -1 dBTP; recorded in `params`.",
+    )
 
     def request(self) -> BranchRequest:
         """The request as the domain takes it: validated here, carried typed from here on."""
@@ -215,6 +220,7 @@ class BranchIn(BaseModel):
                 top_p=self.top_p,
                 cfg_coef=self.cfg_coef,
             ),
+            match_loudness=self.match_loudness,
         )
 
 

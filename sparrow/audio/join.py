@@ -73,8 +73,6 @@ MAX_SEGMENTS = 300
 MP3_RATES = (32_000, 44_100, 48_000)
 MP3_QUALITY = 2
 TIMEOUT_S = 300.0
-LOUDNESS_TOLERANCE_LU = 0.5  # the contract allows 1 LU: half of it for the decoder's part
-LOUDNESS_PASSES = 6
 # FFmpeg 7+ runs a demuxer and a decoder thread per input, and each thread's
 # 8 MiB stack counts against the address-space limit (measured: 17 MiB more
 # per segment with FFmpeg 9, 10 MiB with 5.1).
@@ -176,9 +174,9 @@ async def join_segments(
     ``loudness_lufs``: the mix is joined to a float WAV first, measured, and encoded
     with the gain that brings it to that integrated loudness under a true-peak
     limiter (``sparrow.audio.loudness``); the encoded file is measured again and,
-    while it is more than ``LOUDNESS_TOLERANCE_LU`` off, encoded again with the gain
+    while it is more than ``loudness.TOLERANCE_LU`` off, encoded again with the gain
     corrected by what it missed (the limiter takes some of the gain from loud
-    material), at most ``LOUDNESS_PASSES`` times in all.
+    material), at most ``loudness.PASSES`` times in all.
 
     FFmpeg writes into a hidden folder of its own next to ``dst``. FFmpeg is a
     process of its own and outlives a server killed with SIGKILL; the start-up
@@ -244,15 +242,15 @@ async def _normalize(
     remaining = deadline - asyncio.get_running_loop().time()
     measured = await loudness.measure(mix, ffmpeg=ffmpeg, timeout_s=remaining)
     gain, ceiling = loudness.gain_to(target_lufs, measured), loudness.LIMITER_DBTP
-    for attempt in range(1, LOUDNESS_PASSES + 1):
+    for attempt in range(1, loudness.PASSES + 1):
         await _run(_encode_args(mix, gain, ceiling, plan, format, tmp), deadline, ffmpeg)
         remaining = deadline - asyncio.get_running_loop().time()
         got = await loudness.measure(tmp, ffmpeg=ffmpeg, timeout_s=remaining)
         missed = target_lufs - got.integrated_lufs
         over = got.true_peak_dbtp - loudness.TRUE_PEAK_CEILING_DBTP
-        if (measured.silent or abs(missed) <= LOUDNESS_TOLERANCE_LU) and over <= 0:
+        if (measured.silent or abs(missed) <= loudness.TOLERANCE_LU) and over <= 0:
             return
-        if attempt < LOUDNESS_PASSES:
+        if attempt < loudness.PASSES:
             gain += 0 if measured.silent else missed
             ceiling -= max(0.0, over + 0.1)
     log.warning(

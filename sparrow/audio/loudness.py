@@ -1,5 +1,6 @@
-"""Loudness as EBU R128 measures it, with FFmpeg's ``ebur128`` filter, and the filter
-that brings audio to a target loudness under a true-peak ceiling.
+"""Loudness as EBU R128 measures it, with FFmpeg's ``ebur128`` filter; the filter that
+brings audio to a target loudness under a true-peak ceiling; and ``match``, which
+brings samples in memory to a loudness (a continuation to its context's).
 
 ``measure`` reads integrated loudness (LUFS) and true peak (dBTP, ``peak=true``:
 4× oversampled) from the filter's summary. ``normalizer`` is a measured gain
@@ -18,10 +19,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.storage import scrub_paths
+from sparrow.audio.wav import write_wav
 from sparrow.errors import EngineUnavailable, StorageUnavailable
+from sparrow.models import new_id
+
+Audio = npt.NDArray[np.float32]  # (frames, channels)
 
 MIN_LUFS = -40.0
 MAX_LUFS = -5.0
@@ -32,6 +40,8 @@ TRUE_PEAK_CEILING_DBTP = -1.0
 LIMITER_DBTP = -1.5
 SILENT_LUFS = -70.0  # ebur128's absolute gate: nothing louder was heard
 TIMEOUT_S = 120.0
+TOLERANCE_LU = 0.5  # the contracts allow 1 LU: half of it for what decoding changes
+PASSES = 6
 
 _INTEGRATED = re.compile(r"Integrated loudness:\s*\n\s*I:\s*(-?[\d.]+|-inf)\s*LUFS")
 _TRUE_PEAK = re.compile(r"True peak:\s*\n\s*Peak:\s*(-?[\d.]+|-inf)\s*dBFS")
@@ -59,12 +69,20 @@ async def measure(
         raise EngineUnavailable(
             f"FFmpeg did not measure the loudness within {timeout_s:g} s."
         ) from None
-    integrated = _INTEGRATED.search(result.stderr)
-    peak = _TRUE_PEAK.search(result.stderr)
-    if result.returncode != 0 or integrated is None or peak is None:
+    summary = _summary(result.stderr)
+    if result.returncode != 0 or summary is None:
         await blame_ffmpeg(ffmpeg, "The loudness cannot be measured")
         tail = scrub_paths(result.stderr.strip()[-200:]) or "no summary"
         raise StorageUnavailable(f"The loudness could not be measured: {tail}.")
+    return summary
+
+
+def _summary(stderr: str) -> Loudness | None:
+    """The loudness in ebur128's summary on FFmpeg's stderr; None if it printed none."""
+    integrated = _INTEGRATED.search(stderr)
+    peak = _TRUE_PEAK.search(stderr)
+    if integrated is None or peak is None:
+        return None
     return Loudness(_number(integrated.group(1)), _number(peak.group(1)))
 
 
@@ -102,3 +120,89 @@ def normalizer(
             f"atrim=end_sample={frames}",
         ]
     )
+
+
+async def match(
+    samples: Audio,
+    sample_rate: int,
+    target_lufs: float,
+    *,
+    folder: Path,
+    ffmpeg: str | None = None,
+    timeout_s: float = TIMEOUT_S,
+) -> tuple[Audio, Loudness]:
+    """``samples`` brought to ``target_lufs`` under the true-peak ceiling, and their
+    loudness as then measured. Silent audio comes back as it is.
+
+    Each pass is one FFmpeg run over a 24-bit copy of the samples: the normalizer, then
+    ``ebur128`` measuring what it made, the samples out through a pipe. A pass more than
+    ``TOLERANCE_LU`` off, or over the ceiling, is followed by one with the gain and the
+    limiter corrected by what it missed (``PASSES`` at most)."""
+    frames, channels = samples.shape
+    source = folder / f".loudness-{new_id()}.wav"
+    await asyncio.to_thread(write_wav, source, samples, sample_rate, 24)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        measured = await measure(source, ffmpeg=ffmpeg, timeout_s=timeout_s)
+        if measured.silent:
+            return samples, measured
+        gain, ceiling = gain_to(target_lufs, measured), LIMITER_DBTP
+        for attempt in range(1, PASSES + 1):
+            filters = normalizer(gain, ceiling_dbtp=ceiling, sample_rate=sample_rate, frames=frames)
+            # The pipe holds the frames (pinned by the filters) and a second of slack.
+            limit = (frames + sample_rate) * channels * 4
+            matched, got = await _filtered(source, filters, channels, limit, deadline, ffmpeg)
+            missed = target_lufs - got.integrated_lufs
+            over = got.true_peak_dbtp - TRUE_PEAK_CEILING_DBTP
+            if abs(missed) <= TOLERANCE_LU and over <= 0:
+                break
+            if attempt < PASSES:
+                gain += missed
+                ceiling -= max(0.0, over + 0.1)
+        return matched, got
+    finally:
+        await asyncio.to_thread(source.unlink, missing_ok=True)
+
+
+async def measure_samples(
+    samples: Audio,
+    sample_rate: int,
+    *,
+    folder: Path,
+    ffmpeg: str | None = None,
+    timeout_s: float = TIMEOUT_S,
+) -> Loudness:
+    """The loudness of samples in memory (measured on a 24-bit copy in ``folder``)."""
+    source = folder / f".loudness-{new_id()}.wav"
+    await asyncio.to_thread(write_wav, source, samples, sample_rate, 24)
+    try:
+        return await measure(source, ffmpeg=ffmpeg, timeout_s=timeout_s)
+    finally:
+        await asyncio.to_thread(source.unlink, missing_ok=True)
+
+
+async def _filtered(
+    source: Path, filters: str, channels: int, limit: int, deadline: float, ffmpeg: str | None
+) -> tuple[Audio, Loudness]:
+    args = _filter_args(source, filters)
+    try:
+        result = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg, stdout_limit=limit)
+    except FFmpegTimeout:
+        raise EngineUnavailable("FFmpeg did not match the loudness in time.") from None
+    summary = _summary(result.stderr)
+    if result.returncode != 0 or result.stdout_overflow or summary is None:
+        await blame_ffmpeg(ffmpeg, "The loudness cannot be matched")
+        tail = scrub_paths(result.stderr.strip()[-200:]) or "no summary"
+        raise StorageUnavailable(f"The loudness could not be matched: {tail}.")
+    data = np.frombuffer(result.stdout[: len(result.stdout) // 4 * 4], dtype="<f4")
+    samples = data[: len(data) - len(data) % channels].reshape(-1, channels)
+    return np.ascontiguousarray(samples, dtype=np.float32), summary
+
+
+def _filter_args(source: Path, filters: str) -> list[str]:
+    return [
+        "-nostdin", "-hide_banner", "-nostats",
+        "-i", str(source.absolute()),
+        "-af", f"{filters},ebur128=peak=true:framelog=quiet",
+        "-f", "f32le", "pipe:1",
+    ]  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from sparrow.audio import AudioInfo, write_wav
+from sparrow.audio import AudioInfo, loudness, write_wav
 from sparrow.audio.tail import Segment, read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
@@ -60,6 +60,7 @@ class BranchRequest:
     count: int = 1
     seed: int | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    match_loudness: bool = True  # bring each continuation to its context's loudness
 
 
 class GenerationService:
@@ -157,6 +158,7 @@ class GenerationService:
                 # Siblings get consecutive seeds: each node's audio depends on its seed only.
                 params={
                     **shared,
+                    "match_loudness": request.match_loudness,
                     "seed": base_seed + i,
                     "engine": info.engine,
                     "model": info.model,
@@ -239,11 +241,44 @@ class GenerationService:
         )
         try:
             # Abandoned only when the worker itself is cancelled (a shutdown past its grace).
-            return await anyio.to_thread.run_sync(
+            outputs = await anyio.to_thread.run_sync(
                 self.engine.generate, request, reporter, abandon_on_cancel=True
             )
         finally:
             await reporter.flush()
+        if not (first.params or {}).get("match_loudness"):  # nodes from before it: off
+            return outputs
+        return await self._match_loudness(context, outputs)
+
+    async def _match_loudness(self, context: Audio, outputs: list[Audio]) -> list[Audio]:
+        """Each output at the loudness of the context it continues, true peak at most
+        -1 dBTP (a silent context or output is left as it is)."""
+        rate, folder = self.engine.sample_rate, self.media.tmp_dir
+        timeout_s, ffmpeg = self.settings.decode_timeout_s, self.settings.ffmpeg
+        if len(context) == 0:
+            return outputs
+        target = await loudness.measure_samples(
+            context, rate, folder=folder, ffmpeg=ffmpeg, timeout_s=timeout_s
+        )
+        if target.silent:
+            return outputs
+        matched = []
+        for audio in outputs:
+            level, got = await loudness.match(
+                audio,
+                rate,
+                target.integrated_lufs,
+                folder=folder,
+                ffmpeg=ffmpeg,
+                timeout_s=timeout_s,
+            )
+            log.debug(
+                "loudness %.1f LUFS for a context at %.1f",
+                got.integrated_lufs,
+                target.integrated_lufs,
+            )
+            matched.append(level)
+        return matched
 
     async def _context(self, parent_id: str, seconds: float) -> Audio:
         path = await self.store.path_to(parent_id)
