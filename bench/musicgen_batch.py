@@ -46,7 +46,10 @@ def measure(
     frames = round(context_s * engine.sample_rate)
     context = (0.1 * rng.standard_normal((frames, engine.channels))).astype(np.float32)
     request = Continuation(
-        context, "lofi beat with warm piano", tuple(range(count)), Sampling(duration_s=duration_s)
+        context,
+        ("lofi beat with warm piano",) * count,
+        tuple(range(count)),
+        Sampling(duration_s=duration_s),
     )
     samples, steps = [], 0
     for _ in range(repeat):

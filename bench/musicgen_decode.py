@@ -47,7 +47,10 @@ def timed(engine: MusicGenEngine, seconds: float, batch: int, repeat: int) -> tu
     """(decoding steps, median wall seconds) of one generation of ``batch`` siblings."""
     empty = np.zeros((0, engine.channels), np.float32)
     request = Continuation(
-        empty, "lofi beat with warm piano", tuple(range(batch)), Sampling(duration_s=seconds)
+        empty,
+        ("lofi beat with warm piano",) * batch,
+        tuple(range(batch)),
+        Sampling(duration_s=seconds),
     )
     walls, steps = [], 0
     for _ in range(repeat):

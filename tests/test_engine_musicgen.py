@@ -53,7 +53,9 @@ def noise(seconds: float, seed: int = 0) -> Audio:
 
 
 def ask(context: Audio, duration_s: float, *seeds: int, **params: Any) -> Continuation:
-    return Continuation(context, "jazz piano", seeds, Sampling(duration_s=duration_s, **params))
+    return Continuation(
+        context, ("jazz piano",) * len(seeds), seeds, Sampling(duration_s=duration_s, **params)
+    )
 
 
 def ignore(fraction: float) -> None:
@@ -117,9 +119,22 @@ def test_a_seed_gives_the_same_audio_alone_or_in_a_batch(engine: MusicGenEngine)
     assert np.array_equal(alone, in_batch)
 
 
+def test_each_sibling_is_generated_from_its_own_prompt(engine: MusicGenEngine) -> None:
+    """One batch, one text per row: rows with the same seed and text come out the same,
+    a row with another text (of another length, so padded) differently."""
+    context, sampling = noise(0.5), Sampling(duration_s=0.4)
+    same = engine.generate(Continuation(context, ("jazz", "jazz"), (5, 5), sampling), ignore)
+    assert np.array_equal(same[0], same[1])
+    mixed = engine.generate(
+        Continuation(context, ("jazz", "a slow ambient drone"), (5, 5), sampling), ignore
+    )
+    assert not np.allclose(mixed[0], mixed[1], atol=1e-4)
+    assert mixed[0].shape == mixed[1].shape == (frames_for(0.4, SR), 1)
+
+
 def test_text_only_when_the_context_is_empty(engine: MusicGenEngine) -> None:
     empty = np.zeros((0, 1), np.float32)
-    request = Continuation(empty, "", (1, 2), Sampling(duration_s=0.5))
+    request = Continuation(empty, ("", ""), (1, 2), Sampling(duration_s=0.5))
     a, b = engine.generate(request, ignore)
     assert a.shape == b.shape == (frames_for(0.5, SR), 1)
     assert not np.array_equal(a, b)
@@ -195,7 +210,7 @@ def test_past_the_window_in_overlapping_windows(short_window: MusicGenEngine) ->
 def test_text_only_past_the_window_continues_its_own_audio(short_window: MusicGenEngine) -> None:
     empty = np.zeros((0, 1), np.float32)
     a, b = short_window.generate(
-        Continuation(empty, "drums", (1, 2), Sampling(duration_s=1.6)), ignore
+        Continuation(empty, ("drums", "drums"), (1, 2), Sampling(duration_s=1.6)), ignore
     )
     assert a.shape == b.shape == (frames_for(1.6, SR), 1)
     assert not np.array_equal(a, b)

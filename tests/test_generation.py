@@ -387,3 +387,61 @@ async def test_shutdown_does_not_wait_for_a_model_that_is_still_loading(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             [after] = await wait_for_status(client, [node["id"]], "error")
             assert after["error"]["code"] == "interrupted"
+
+
+async def test_a_prompt_per_sibling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prompts``: one node per prompt, each node's prompt its own, and the engine gets one
+    batch with each sibling's text beside its seed."""
+    from sparrow import services as services_module
+    from sparrow.engines.base import Continuation, Progress
+    from sparrow.engines.mock import MockEngine
+
+    asked: list[Continuation] = []
+
+    class Recording(MockEngine):
+        def generate(self, request: Continuation, progress: Progress) -> list[Any]:
+            asked.append(request)
+            return super().generate(request, progress)
+
+    monkeypatch.setattr(services_module, "build_engine", lambda settings: Recording(0))
+    app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            root = await new_root(client)
+            prompts = ["warm pads", "a drum break", ""]
+            nodes = await branch(client, root["id"], prompts=prompts, duration_s=0.5, seed=7)
+            assert [n["prompt"] for n in nodes] == prompts
+            assert [n["params"]["seed"] for n in nodes] == [7, 8, 9]
+            await wait_for_status(client, [n["id"] for n in nodes], "ready")
+            # count may be given when it agrees
+            again = await branch(client, root["id"], prompts=["x", "y"], count=2, duration_s=0.5)
+            assert [n["prompt"] for n in again] == ["x", "y"]
+            await wait_for_status(client, [n["id"] for n in again], "ready")
+    first = asked[0]
+    assert (first.prompts, first.seeds) == (tuple(prompts), (7, 8, 9))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompts": []},
+        {"prompts": [f"p{i}" for i in range(9)]},  # more than SPARROW_MAX_COUNT (8)
+        {"prompts": ["a", "b"], "prompt": "c"},
+        {"prompts": ["a", "b"], "prompt": ""},
+        {"prompts": ["a", "b"], "count": 3},
+        {"prompts": ["a", 1]},
+        {"prompts": ["a" * 2001]},
+        {"prompts": "a"},
+        {"prompts": None, "count": 2, "prompt": "x", "extra": 1},
+    ],
+)
+async def test_bad_prompts_are_422_and_create_nothing(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    root = await new_root(client)
+    response = await client.post(f"/api/nodes/{root['id']}/branch", json={"duration_s": 1, **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_input"
+    chain = (await client.get(f"/api/chains/{root['chain_id']}")).json()
+    assert len(chain["nodes"]) == 1

@@ -36,10 +36,11 @@ async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> NodeOut:
     "/nodes/{parent_id}/branch",
     status_code=202,
     summary="Generate sibling continuations of a ready node",
-    description="Creates `count` continuation nodes under the parent, all `queued`, and "
-    "queues one job that generates them as one batch. Each is conditioned on the last "
-    "`context_s` seconds of the path root→parent and the text prompt; each node's "
-    "`params` record the settings and its own seed. Follow their progress on the chain's "
+    description="Creates `count` continuation nodes under the parent (or one per entry of "
+    "`prompts`), all `queued`, and queues one job that generates them as one batch. Each "
+    "is conditioned on the last `context_s` seconds of the path root→parent and on its "
+    "text prompt (`prompt` for all, or its own from `prompts`); each node's `params` "
+    "record the settings and its own seed. Follow their progress on the chain's "
     "event stream. 409 if the parent is not ready; 429 with `Retry-After` when the "
     "queue is full.",
     responses=responses(404, 409, 422, 429),

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
 from sparrow.audio.loudness import MAX_LUFS, MIN_LUFS
@@ -15,6 +22,7 @@ from sparrow.engines.base import STEM_NAMES, EngineInfo
 from sparrow.models import Chain, Node, NodeKind, NodeStatus, Sampling, Spine, StemsStatus
 
 DEFAULT_SAMPLING = Sampling()
+MAX_PROMPT_CHARS = 2000
 
 TITLE_DESCRIPTION = (
     f"At most {TITLE_MAX} characters, not blank; control characters become spaces and runs "
@@ -164,7 +172,18 @@ class BranchIn(BaseModel):
     # Strict: "2" or true is not a count; JSON integers are still fine for floats.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
-    prompt: str = Field(default="", max_length=2000, description="Text describing the music.")
+    prompt: str = Field(
+        default="",
+        max_length=MAX_PROMPT_CHARS,
+        description="Text describing the music, for every sibling.",
+    )
+    prompts: list[Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="One text per sibling, instead of `prompt`: one node per prompt, all "
+        "in one batch, each node's `prompt` its own. At most SPARROW_MAX_COUNT (8); "
+        "`count`, if given, must equal their number.",
+    )
     duration_s: float = Field(
         default=DEFAULT_SAMPLING.duration_s,
         ge=MIN_BRANCH_S,
@@ -206,11 +225,25 @@ class BranchIn(BaseModel):
         "continues (EBU R128, within 1 LU), true peak at most -1 dBTP; recorded in `params`.",
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_prompt(self) -> BranchIn:
+        if self.prompts is None:
+            return self
+        if "prompt" in self.model_fields_set:
+            raise ValueError("give either prompt (for every sibling) or prompts (one each)")
+        if "count" in self.model_fields_set and self.count != len(self.prompts):
+            raise ValueError(
+                f"count is {self.count} but there are {len(self.prompts)} prompts; "
+                "leave count out or make them agree"
+            )
+        return self
+
     def request(self) -> BranchRequest:
         """The request as the domain takes it: validated here, carried typed from here on."""
         return BranchRequest(
             prompt=self.prompt,
-            count=self.count,
+            count=len(self.prompts) if self.prompts is not None else self.count,
+            prompts=tuple(self.prompts) if self.prompts is not None else None,
             seed=self.seed,
             sampling=Sampling(
                 duration_s=self.duration_s,

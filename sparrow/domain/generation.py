@@ -56,11 +56,19 @@ MIN_BRANCH_S = 0.5
 class BranchRequest:
     """A branch request as the API parsed it; ranges that depend on settings are checked here."""
 
-    prompt: str = ""
+    prompt: str = ""  # for every sibling, unless ``prompts`` gives one each
     count: int = 1
+    prompts: tuple[str, ...] | None = None  # one per sibling; then count is their number
     seed: int | None = None
     sampling: Sampling = field(default_factory=Sampling)
     match_loudness: bool = True  # bring each continuation to its context's loudness
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None and len(self.prompts) != self.count:
+            raise ValueError(f"{len(self.prompts)} prompts for {self.count} siblings")
+
+    def prompt_for(self, sibling: int) -> str:
+        return self.prompt if self.prompts is None else self.prompts[sibling]
 
 
 class GenerationService:
@@ -84,7 +92,7 @@ class GenerationService:
     # -- requests ----------------------------------------------------------------------
 
     async def branch(self, caller: Caller, parent_id: str, request: BranchRequest) -> list[Node]:
-        """Queue ``count`` sibling continuations of a ready node; returns them, queued."""
+        """Queue one sibling continuation per prompt of a ready node; returns them, queued."""
         self._check_limits(request)
         if request.seed is not None:
             base_seed = request.seed
@@ -154,7 +162,7 @@ class GenerationService:
                 kind=NodeKind.CONTINUATION,
                 status=NodeStatus.QUEUED,
                 committed=False,
-                prompt=request.prompt,
+                prompt=request.prompt_for(i),
                 # Siblings get consecutive seeds: each node's audio depends on its seed only.
                 params={
                     **shared,
@@ -230,7 +238,7 @@ class GenerationService:
         context = await self._context(job.request["parent_id"], sampling.context_s)
         request = Continuation(
             context=context,
-            prompt=first.prompt or "",
+            prompts=tuple(n.prompt or "" for n in nodes),
             seeds=tuple(int((n.params or {})["seed"]) for n in nodes),
             sampling=sampling,
         )

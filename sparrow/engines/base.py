@@ -49,15 +49,20 @@ class Continuation:
     """One branch request: ``len(seeds)`` siblings generated as one batch.
 
     ``context`` is the end of the audio of the path root→parent, already at the
-    engine's ``sample_rate`` and ``channels`` (it may hold zero frames). The
-    result for each seed holds exactly ``round(duration_s * sample_rate)``
-    frames of new audio only: the context is not repeated.
+    engine's ``sample_rate`` and ``channels`` (it may hold zero frames). Sibling i
+    is generated from ``prompts[i]`` and ``seeds[i]``. The result for each holds
+    exactly ``round(duration_s * sample_rate)`` frames of new audio only: the
+    context is not repeated.
     """
 
     context: Audio
-    prompt: str
+    prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.seeds):
+            raise ValueError(f"{len(self.prompts)} prompts for {len(self.seeds)} seeds")
 
     @property
     def duration_s(self) -> float:

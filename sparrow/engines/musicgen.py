@@ -6,8 +6,9 @@ in bfloat16 (float16 without bf16 support) with SDPA attention, Encodec in float
 on CPU in float32. A model that cannot load is ``EngineUnavailable``; an error while
 generating is ``GenerationFailed``; a ``Cancelled`` from progress passes untouched.
 
-Siblings are one batch: the prompt repeated once per seed (``num_return_sequences``
-is broken in transformers 5.23), always with a text (empty allowed). The output
+Siblings are one batch, one row each with its own text and seed (rather than
+``num_return_sequences``, broken in transformers 5.23), always with a text (empty
+allowed; texts of different lengths are padded and masked). The output
 holds the re-decoded prompt, which is cut at the prompt's code boundary; the prompt
 is first trimmed at its start to whole codes (640 samples at 32 kHz), so the new
 audio starts exactly where the context ends. The delay pattern costs
@@ -272,7 +273,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         on_step: Callable[[], None],
     ) -> list[Audio]:
         """One generate() call for the batch: each sibling's prompt + new audio, decoded alone."""
-        kwargs: dict[str, Any] = {"text": [request.prompt] * len(prompts), "padding": True}
+        kwargs: dict[str, Any] = {"text": list(request.prompts), "padding": True}
         if len(prompts[0]):
             kwargs["audio"] = [p[:, 0] if m.channels == 1 else p.T for p in prompts]
             kwargs["sampling_rate"] = m.sample_rate
