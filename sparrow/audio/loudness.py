@@ -14,6 +14,7 @@ pass makes up for what the limiter took (see ``sparrow.audio.join``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy.typing as npt
 
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
-from sparrow.audio.storage import scrub_paths
+from sparrow.audio.storage import scrub_paths, storing
 from sparrow.audio.wav import write_wav
 from sparrow.errors import EngineUnavailable, StorageUnavailable
 from sparrow.models import new_id
@@ -140,7 +141,7 @@ async def match(
     limiter corrected by what it missed (``PASSES`` at most)."""
     frames, channels = samples.shape
     source = folder / f".loudness-{new_id()}.wav"
-    await asyncio.to_thread(write_wav, source, samples, sample_rate, 24)
+    await _write_copy(source, samples, sample_rate)
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         measured = await measure(source, ffmpeg=ffmpeg, timeout_s=timeout_s)
@@ -161,7 +162,7 @@ async def match(
                 ceiling -= max(0.0, over + 0.1)
         return matched, got
     finally:
-        await asyncio.to_thread(source.unlink, missing_ok=True)
+        await asyncio.to_thread(_remove, source)
 
 
 async def measure_samples(
@@ -174,11 +175,11 @@ async def measure_samples(
 ) -> Loudness:
     """The loudness of samples in memory (measured on a 24-bit copy in ``folder``)."""
     source = folder / f".loudness-{new_id()}.wav"
-    await asyncio.to_thread(write_wav, source, samples, sample_rate, 24)
+    await _write_copy(source, samples, sample_rate)
     try:
         return await measure(source, ffmpeg=ffmpeg, timeout_s=timeout_s)
     finally:
-        await asyncio.to_thread(source.unlink, missing_ok=True)
+        await asyncio.to_thread(_remove, source)
 
 
 async def _filtered(
@@ -197,6 +198,18 @@ async def _filtered(
     data = np.frombuffer(result.stdout[: len(result.stdout) // 4 * 4], dtype="<f4")
     samples = data[: len(data) - len(data) % channels].reshape(-1, channels)
     return np.ascontiguousarray(samples, dtype=np.float32), summary
+
+
+def _remove(path: Path) -> None:
+    """Remove the copy; one a refusing disk keeps is swept from ``tmp/`` at start-up."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+async def _write_copy(path: Path, samples: Audio, sample_rate: int) -> None:
+    """The 24-bit copy FFmpeg reads; a disk that refuses it is ``StorageUnavailable``."""
+    with storing("the copy of the audio its loudness is measured on"):
+        await asyncio.to_thread(write_wav, path, samples, sample_rate, 24)
 
 
 def _filter_args(source: Path, filters: str) -> list[str]:

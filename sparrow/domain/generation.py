@@ -265,6 +265,7 @@ class GenerationService:
         timeout_s, ffmpeg = self.settings.decode_timeout_s, self.settings.ffmpeg
         if len(context) == 0:
             return outputs
+        await anyio.to_thread.run_sync(self.media.require_room, "the generated audio")
         target = await loudness.measure_samples(
             context, rate, folder=folder, ffmpeg=ffmpeg, timeout_s=timeout_s
         )
