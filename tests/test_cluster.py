@@ -191,22 +191,23 @@ def test_a_client_of_a_killed_replica_resumes_on_the_other_with_every_event_once
 
 def test_queue_limits_hold_across_replicas(postgres: PostgresServer, tmp_path: Path) -> None:
     """No workers: every accepted job stays queued. Twelve requests through two replicas
-    at once against a limit of three: exactly three get in."""
+    at once, each on a chain of its own (so that no chain's row lock orders them), against
+    a limit of three: exactly three get in."""
     with running_cluster(
         postgres.new_database(), tmp_path, workers=0, SPARROW_QUEUE_LIMIT="3"
     ) as cluster:
         with cluster.client(0) as client:
-            _, root = upload_sample(client)
+            roots = [upload_sample(client)[1]["id"] for _ in range(12)]
         codes: list[int] = []
 
-        def ask(replica: int) -> None:
-            with cluster.client(replica) as client:
+        def ask(i: int) -> None:
+            with cluster.client(i % 2) as client:
                 response = client.post(
-                    f"/api/nodes/{root['id']}/branch", json={"prompt": "x", "duration_s": 1}
+                    f"/api/nodes/{roots[i]}/branch", json={"prompt": "x", "duration_s": 1}
                 )
                 codes.append(response.status_code)
 
-        threads = [threading.Thread(target=ask, args=(i % 2,)) for i in range(12)]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -343,3 +344,57 @@ def test_stems_run_on_a_worker_and_any_replica_shows_their_progress(cluster: Clu
         assert 0 < during["progress"] < 1
         done = wait_stems_ended(b, root["id"])
     assert done["status"] == "ready" and done["progress"] == 1.0
+
+
+def test_a_key_s_queue_limit_holds_across_replicas(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Auth on, two keys, a limit of two waiting jobs per key and no workers: eight
+    requests of one key at once through both replicas get two places; the other key
+    still gets its own two."""
+    url = postgres.new_database()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
+        "SPARROW_DATABASE_URL": url,
+        "SPARROW_DATA_DIR": str(tmp_path / "data"),
+    }
+    keys = []
+    for _ in range(2):
+        made = subprocess.run(
+            [sys.executable, "-m", "sparrow", "keys", "create", "--tier", "paid"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        keys.append(made.stdout.strip().splitlines()[-1])
+    with running_cluster(
+        url, tmp_path, workers=0, SPARROW_AUTH="on", SPARROW_QUEUE_LIMIT_PER_OWNER="2"
+    ) as cluster:
+
+        def burst(key: str, n: int) -> list[int]:
+            """``n`` requests of ``key`` at once, each on a chain of its own."""
+            with cluster.client(0) as client:
+                client.headers["Authorization"] = f"Bearer {key}"
+                roots = [upload_sample(client)[1]["id"] for _ in range(n)]
+            codes: list[int] = []
+
+            def ask(i: int) -> None:
+                with cluster.client(i % 2) as client:
+                    response = client.post(
+                        f"/api/nodes/{roots[i]}/branch",
+                        json={"prompt": "x", "duration_s": 1},
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                    codes.append(response.status_code)
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            return sorted(codes)
+
+        assert burst(keys[0], 8) == [202] * 2 + [429] * 6
+        assert burst(keys[1], 3) == [202] * 2 + [429]
