@@ -41,9 +41,11 @@ from procrastinate.jobs import Status
 
 from sparrow.domain.system import RunningJob, WorkerView
 from sparrow.engines import EngineInfo
+from sparrow.errors import StorageUnavailable
 from sparrow.events import ChainDeleted, EventHub
 from sparrow.jobs import Execution, JobControl, Runner, persistently
 from sparrow.models import Job, JobKind, NodeError, new_id
+from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
 from sparrow.store.db import Tx
 from sparrow.store.events import EventLog
@@ -158,14 +160,7 @@ class Listener:
         delay = RECONNECT_S[0]
         while True:
             try:
-                conn = await self.db.connect(name=LISTENER_NAME)
-            except Exception as exc:
-                log.warning("cannot listen for notifications (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(RECONNECT_S[1], delay * 2)
-                continue
-            try:
-                async with conn:
+                async with await self.db.connect(name=LISTENER_NAME) as conn:
                     for channel in self.handlers:
                         await conn.execute(f"LISTEN {channel}")
                     self.connected.set()
@@ -173,12 +168,14 @@ class Listener:
                         await self.on_connect()
                     delay = RECONNECT_S[0]
                     await self._listen(conn)
+            except StorageUnavailable as exc:  # from connect: the database is unreachable
+                log.warning("cannot listen for notifications (%s); retrying", exc.detail)
             except (psycopg.Error, OSError) as exc:
                 self.connected.clear()
                 self.reconnects += 1
                 log.warning("the notification connection was lost (%s); reconnecting", exc)
-                await asyncio.sleep(delay)
-                delay = min(RECONNECT_S[1], delay * 2)
+            await asyncio.sleep(delay)
+            delay = min(RECONNECT_S[1], delay * 2)
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
@@ -290,17 +287,15 @@ class ClusterView:
         self.reads = JobReads(db)
         self.stall_s = stall_s
 
-    async def workers(self) -> list[tuple[WorkerView, str | None]]:
-        return [(_view(row), row.job_id) for row in await self.registry.live(self.stall_s)]
-
-    async def running(self) -> list[RunningJob]:
+    async def state(self) -> tuple[list[WorkerView], list[RunningJob]]:
+        rows = await self.registry.live(self.stall_s)
         running = []
-        for row in await self.registry.live(self.stall_s):
+        for row in rows:
             if row.job_id is None or (job := await self.reads.get(row.job_id)) is None:
                 continue
             wanted = frozenset(await self.reads.wanted_ids(job.id))
             running.append(RunningJob(job, wanted, row.progress or 0.0))
-        return running
+        return [_view(row) for row in rows], running
 
 
 def _view(row: WorkerRow) -> WorkerView:
@@ -313,6 +308,44 @@ def _view(row: WorkerRow) -> WorkerView:
         loaded=row.loaded,
         running=row.job_id is not None,
     )
+
+
+class Cluster:
+    """What a process needs of the cluster, opened and closed together: the log feed
+    behind its event streams, the queue, the view of the workers, and a worker when it
+    runs one."""
+
+    def __init__(self, db: PostgresDatabase, hub: EventHub, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.feed = LogFeed(db, hub, EventLog(db))
+        self.queue = PostgresQueue(db)
+        self.view = ClusterView(db, stall_s=settings.worker_stall_s)
+
+    async def open(self) -> None:
+        await self.feed.start()
+        await self.queue.open()
+
+    async def close(self) -> None:
+        """After the worker has stopped, before the hub closes: its last events are out."""
+        await self.feed.stop()
+        await self.queue.close()
+
+    def worker(
+        self,
+        store: ChainStore,
+        runners: dict[JobKind, Runner],
+        engine_info: Callable[[], EngineInfo],
+    ) -> ClusterWorker:
+        return ClusterWorker(
+            self.db,
+            store,
+            self.queue,
+            runners,
+            stall_s=self.settings.worker_stall_s,
+            attempts=self.settings.job_attempts,
+            engine_info=engine_info,
+        )
 
 
 class ClusterWorker:

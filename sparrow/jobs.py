@@ -143,10 +143,6 @@ class JobQueue(Protocol):
         """A job was queued (and committed): start it if a worker is idle."""
         ...
 
-    async def close(self) -> None:
-        """Let go of what the queue holds (after the worker has stopped)."""
-        ...
-
     def forget(self, node_ids: Collection[str]) -> None:
         """These nodes were cancelled or deleted: stop working for them."""
         ...
@@ -194,9 +190,6 @@ class LocalQueue:
 
     def wake(self) -> None:
         self.woken.set()
-
-    async def close(self) -> None:
-        self.woken.set()  # nothing held: a worker still waiting looks once more and stops
 
     def forget(self, node_ids: Collection[str]) -> None:
         if self.running is not None:

@@ -42,7 +42,7 @@ from sparrow.store.jobs import JobReads
 from sparrow.store.keys import KeyStore
 
 if TYPE_CHECKING:
-    from sparrow.cluster import ClusterView, LogFeed
+    from sparrow.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Sparrow, built from ``settings`` and running for the block (see the module docstring)."""
     db = open_database(settings)
     hub = EventHub(settings.sse_queue_limit)
-    queue: JobQueue | None = None
-    feed: LogFeed | None = None
+    cluster: Cluster | None = None
     worker: JobWorker | None = None
     preloading: set[asyncio.Task[None]] = set()
     try:
@@ -83,18 +82,23 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         media = MediaStore(settings.data_dir, min_free_bytes=settings.min_free_bytes)
         media.ensure()
         if db.kind == "postgresql":
-            feed = await _feed(db, hub)
+            cluster = await _open_cluster(db, hub, settings)
         store = ChainStore(
             db,
             hub,
             event_retention=settings.event_retention,
             event_retention_bytes=settings.event_retention_bytes,
-            announce=feed.announce if feed is not None else None,
+            announce=cluster.feed.announce if cluster is not None else None,
         )
         engine = build_engine(settings)
         stem_engine = build_stem_engine(settings)
         keys = KeyService(KeyStore(db), enabled=settings.auth == "on")
-        queue = await _queue(db)
+        local: LocalQueue | None = None  # the queue of one process, driven by its Worker
+        queue: JobQueue
+        if cluster is None:
+            queue = local = LocalQueue()
+        else:
+            queue = cluster.queue
         limits = QueueLimits(settings, retry_after_s=lambda: queue.mean_job_s)
         uploads = UploadSlots(settings.max_concurrent_uploads)
         chains = ChainService(store, media, settings, jobs=queue, uploads=uploads)
@@ -104,7 +108,11 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         )
         runners: dict[JobKind, Runner] = {JobKind.GENERATE: generation, JobKind.STEMS: stems}
         if _runs_worker(settings, db):
-            worker = _worker(settings, db, store, queue, runners, engine)
+            if cluster is not None:
+                worker = cluster.worker(store, runners, engine.info)
+            else:
+                assert local is not None
+                worker = Worker(store, local, runners)
             await worker.recover()
         # Shared by other processes, the data dir may hold files a moment ahead of their rows.
         await chains.sweep_orphans(older_than_s=0 if db.kind == "sqlite" else SHARED_SWEEP_S)
@@ -125,14 +133,16 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             stems=stems,
             exports=ExportService(store, media, settings),
             keys=keys,
-            events=EventsService(store, EventLog(db), hub, feed),
+            events=EventsService(
+                store, EventLog(db), hub, cluster.feed if cluster is not None else None
+            ),
             system=SystemService(
                 engine,
                 stem_engine,
                 queue,
                 JobReads(db),
                 worker=worker,
-                cluster=_cluster_view(db, settings) if feed is not None else None,
+                cluster=cluster.view if cluster is not None else None,
             ),
             health=HealthService(
                 db,
@@ -146,11 +156,9 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     finally:
         if worker is not None:
             await worker.stop()
-        if feed is not None:
-            await feed.stop()
+        if cluster is not None:
+            await cluster.close()
         hub.close()  # after the worker: its last events still reach open streams
-        if queue is not None:
-            await queue.close()
         await db.close()
 
 
@@ -159,60 +167,15 @@ def _runs_worker(settings: Settings, db: Database) -> bool:
     return settings.worker == "on" or (settings.worker == "auto" and db.kind == "sqlite")
 
 
-def _cluster_view(db: Database, settings: Settings) -> ClusterView:
-    from sparrow.cluster import ClusterView
+async def _open_cluster(db: Database, hub: EventHub, settings: Settings) -> Cluster:
+    # Imported here: the embedded default runs without psycopg and procrastinate.
+    from sparrow.cluster import Cluster
     from sparrow.store.postgres import PostgresDatabase
 
     assert isinstance(db, PostgresDatabase)
-    return ClusterView(db, stall_s=settings.worker_stall_s)
-
-
-async def _feed(db: Database, hub: EventHub) -> LogFeed:
-    from sparrow.cluster import LogFeed
-    from sparrow.store.postgres import PostgresDatabase
-
-    assert isinstance(db, PostgresDatabase)
-    feed = LogFeed(db, hub, EventLog(db))
-    await feed.start()
-    return feed
-
-
-async def _queue(db: Database) -> JobQueue:
-    if db.kind == "sqlite":
-        return LocalQueue()
-    from sparrow.cluster import PostgresQueue
-    from sparrow.store.postgres import PostgresDatabase
-
-    assert isinstance(db, PostgresDatabase)
-    queue = PostgresQueue(db)
-    await queue.open()
-    return queue
-
-
-def _worker(
-    settings: Settings,
-    db: Database,
-    store: ChainStore,
-    queue: JobQueue,
-    runners: dict[JobKind, Runner],
-    engine: Engine,
-) -> JobWorker:
-    if isinstance(queue, LocalQueue):
-        return Worker(store, queue, runners)
-    from sparrow.cluster import ClusterWorker, PostgresQueue
-    from sparrow.store.postgres import PostgresDatabase
-
-    assert isinstance(db, PostgresDatabase)
-    assert isinstance(queue, PostgresQueue)
-    return ClusterWorker(
-        db,
-        store,
-        queue,
-        runners,
-        stall_s=settings.worker_stall_s,
-        attempts=settings.job_attempts,
-        engine_info=engine.info,
-    )
+    cluster = Cluster(db, hub, settings)
+    await cluster.open()
+    return cluster
 
 
 async def _preload(engine: Engine) -> None:

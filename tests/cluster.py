@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 from faults import wait_until
-from live import free_port
+from live import free_port, sparrow_env
 
 
 @dataclass
@@ -133,19 +133,14 @@ def running_cluster(
 ) -> Iterator[Cluster]:
     """PostgreSQL-backed Sparrow: ``replicas`` servers and ``workers`` workers, mock engine."""
     data_dir = root / "data"
-    base_env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
-        },
+    defaults = {
         "SPARROW_DATA_DIR": str(data_dir),
         "SPARROW_DATABASE_URL": database_url,
         "SPARROW_ENGINE": "mock",
         "SPARROW_MOCK_STEP_MS": "10",
         "SPARROW_WORKER_STALL_S": "3",
-        **env,
     }
+    base_env = sparrow_env(**{**defaults, **env})  # the test's own values win
     cluster = Cluster(database_url, root, base_env)
     try:
         for _ in range(replicas):

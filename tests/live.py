@@ -102,6 +102,17 @@ def running_server(settings: Settings, *, timeout_s: float = 20) -> Iterator[str
         yield live.base
 
 
+def sparrow_env(**sparrow: str) -> dict[str, str]:
+    """This process's environment for a child Sparrow, with no Sparrow variable of the
+    developer's in it: only ``sparrow``'s."""
+    mine = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
+    }
+    return {**mine, **sparrow}
+
+
 @contextmanager
 def server_process(
     data_dir: Path,
@@ -116,16 +127,8 @@ def server_process(
     Sparrow's variables come only from ``extra_env``; stderr goes to ``log`` if given.
     Ready means ``wait_for`` answers 200 (``/healthz``: merely up).
     """
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SPARROW_") and k != "CF_MUSICGEN_MOCK"
-        },
-        "SPARROW_DATA_DIR": str(data_dir),
-        "SPARROW_PORT": str(port),
-        **extra_env,
-    }
+    where = {"SPARROW_DATA_DIR": str(data_dir), "SPARROW_PORT": str(port)}
+    env = sparrow_env(**{**where, **extra_env})  # ``extra_env`` wins, as it always did
     with log.open("ab") if log is not None else open(os.devnull, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sparrow", "serve"],

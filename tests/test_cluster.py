@@ -4,7 +4,6 @@ and ``sparrow worker`` processes (mock engine), killed for real where the test s
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from cluster import Cluster, running_cluster, wait_ready_node
+from cluster import Cluster, Process, running_cluster, wait_ready_node
 from faults import upload_sample, wait_stems_ended, wait_until
+from live import sparrow_env
 from pg import PostgresServer
 from sse import Message, open_stream
 
@@ -68,6 +68,18 @@ def wait_progress(cluster: Cluster, chain_id: str, node_id: str) -> None:
         return any(m.event == "node-progress" and m.json["node_id"] == node_id for m in messages)
 
     events_of(base, chain_id, progressed)
+
+
+def decoding_on_a_worker(
+    cluster: Cluster, client: httpx.Client, *, seed: int, duration_s: float
+) -> tuple[str, dict[str, Any], Process]:
+    """A new chain's one-node branch, once a worker decodes it: the chain's id, the node,
+    and the worker."""
+    chain_id, root = upload_sample(client)
+    (node,) = branch(client, root["id"], seed=seed, duration_s=duration_s)
+    worker = cluster.worker_started(chain_id)
+    wait_progress(cluster, chain_id, node["id"])
+    return chain_id, node, worker
 
 
 def events_of(base: str, chain_id: str, until: Any, *, after: int = 0) -> list[Message]:
@@ -155,10 +167,7 @@ def test_sigterm_hands_the_running_job_back_at_once_and_the_worker_exits_0(
         ) as cluster,
         cluster.client(0) as client,
     ):
-        chain_id, root = upload_sample(client)
-        (node,) = branch(client, root["id"], seed=5, duration_s=3)
-        victim = cluster.worker_started(chain_id)
-        wait_progress(cluster, chain_id, node["id"])
+        _, node, victim = decoding_on_a_worker(cluster, client, seed=5, duration_s=3)
         victim.proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
         assert victim.proc.wait(10) == 0
@@ -230,10 +239,8 @@ def test_two_replicas_starting_together_on_a_fresh_database_both_come_up(
 
 def test_a_cancel_through_any_replica_stops_the_worker_within_a_step(cluster: Cluster) -> None:
     with cluster.client(0) as client, cluster.client(1) as other:
-        chain_id, root = upload_sample(client)
-        (node,) = branch(client, root["id"], seed=9, duration_s=10)  # 5 s of decoding
-        cluster.worker_started(chain_id)
-        wait_progress(cluster, chain_id, node["id"])
+        # 10 s of audio: 5 s of decoding
+        chain_id, node, _ = decoding_on_a_worker(cluster, client, seed=9, duration_s=10)
         # Any replica shows the job that runs on a worker.
         gpu = other.get("/api/gpu").json()
         (running,) = gpu["running"]
@@ -260,10 +267,7 @@ def test_a_worker_lost_on_the_last_attempt_ends_its_nodes_interrupted(
         ) as cluster,
         cluster.client(0) as client,
     ):
-        chain_id, root = upload_sample(client)
-        (node,) = branch(client, root["id"], seed=2, duration_s=4)
-        victim = cluster.worker_started(chain_id)
-        wait_progress(cluster, chain_id, node["id"])
+        _, node, victim = decoding_on_a_worker(cluster, client, seed=2, duration_s=4)
         victim.kill_9()
         done = wait_ready_node(client, node["id"], timeout_s=20)
         assert done["status"] == "error"
@@ -276,10 +280,7 @@ def test_a_process_starting_while_a_job_runs_leaves_it_alone(cluster: Cluster) -
     """No start-up ends another live process's work: a replica and a worker start while
     a job runs, and the job finishes where it runs."""
     with cluster.client(0) as client:
-        chain_id, root = upload_sample(client)
-        (node,) = branch(client, root["id"], seed=4, duration_s=6)
-        runner = cluster.worker_started(chain_id)
-        wait_progress(cluster, chain_id, node["id"])
+        chain_id, node, runner = decoding_on_a_worker(cluster, client, seed=4, duration_s=6)
         cluster.start_replica()
         cluster.start_worker()
         done = wait_ready_node(client, node["id"], timeout_s=30)
@@ -309,12 +310,11 @@ def test_the_database_password_never_shows(postgres: PostgresServer, tmp_path: P
 def test_an_unreachable_database_is_one_sentence_and_a_nonzero_exit(
     tmp_path: Path, command: str
 ) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
-        "SPARROW_DATA_DIR": str(tmp_path),
-        "SPARROW_ENGINE": "mock",
-        "SPARROW_DATABASE_URL": "postgresql://sparrow:hunter2@127.0.0.1:1/sparrow",
-    }
+    env = sparrow_env(
+        SPARROW_DATA_DIR=str(tmp_path),
+        SPARROW_ENGINE="mock",
+        SPARROW_DATABASE_URL="postgresql://sparrow:hunter2@127.0.0.1:1/sparrow",
+    )
     done = subprocess.run(
         [sys.executable, "-m", "sparrow", command],
         env=env,
@@ -353,11 +353,7 @@ def test_a_key_s_queue_limit_holds_across_replicas(
     requests of one key at once through both replicas get two places; the other key
     still gets its own two."""
     url = postgres.new_database()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SPARROW_")},
-        "SPARROW_DATABASE_URL": url,
-        "SPARROW_DATA_DIR": str(tmp_path / "data"),
-    }
+    env = sparrow_env(SPARROW_DATABASE_URL=url, SPARROW_DATA_DIR=str(tmp_path / "data"))
     keys = []
     for _ in range(2):
         made = subprocess.run(

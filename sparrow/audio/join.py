@@ -241,25 +241,13 @@ async def _normalize(
     """Encode ``mix`` to ``tmp`` at ``target_lufs`` (see ``join_segments``)."""
     remaining = deadline - asyncio.get_running_loop().time()
     measured = await loudness.measure(mix, ffmpeg=ffmpeg, timeout_s=remaining)
-    gain, ceiling = loudness.gain_to(target_lufs, measured), loudness.LIMITER_DBTP
-    for attempt in range(1, loudness.PASSES + 1):
-        await _run(_encode_args(mix, gain, ceiling, plan, format, tmp), deadline, ffmpeg)
+
+    async def one_pass(gain_db: float, ceiling_dbtp: float) -> loudness.Loudness:
+        await _run(_encode_args(mix, gain_db, ceiling_dbtp, plan, format, tmp), deadline, ffmpeg)
         remaining = deadline - asyncio.get_running_loop().time()
-        got = await loudness.measure(tmp, ffmpeg=ffmpeg, timeout_s=remaining)
-        missed = target_lufs - got.integrated_lufs
-        over = got.true_peak_dbtp - loudness.TRUE_PEAK_CEILING_DBTP
-        if (measured.silent or abs(missed) <= loudness.TOLERANCE_LU) and over <= 0:
-            return
-        if attempt < loudness.PASSES:
-            gain += 0 if measured.silent else missed
-            ceiling -= max(0.0, over + 0.1)
-    log.warning(
-        "the export reached %.1f LUFS and %.1f dBTP for a target of %.1f LUFS under %.1f dBTP",
-        got.integrated_lufs,
-        got.true_peak_dbtp,
-        target_lufs,
-        loudness.TRUE_PEAK_CEILING_DBTP,
-    )
+        return await loudness.measure(tmp, ffmpeg=ffmpeg, timeout_s=remaining)
+
+    await loudness.converge(target_lufs, measured, one_pass, "the export")
 
 
 def output_problem(path: Path, plan: JoinPlan, format: ExportFormat) -> str | None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from sparrow.errors import EngineUnavailable, StorageUnavailable
 from sparrow.models import new_id
 
 Audio = npt.NDArray[np.float32]  # (frames, channels)
+
+log = logging.getLogger(__name__)
 
 MIN_LUFS = -40.0
 MAX_LUFS = -5.0
@@ -147,22 +151,54 @@ async def match(
         measured = await measure(source, ffmpeg=ffmpeg, timeout_s=timeout_s)
         if measured.silent:
             return samples, measured
-        gain, ceiling = gain_to(target_lufs, measured), LIMITER_DBTP
-        for attempt in range(1, PASSES + 1):
-            filters = normalizer(gain, ceiling_dbtp=ceiling, sample_rate=sample_rate, frames=frames)
-            # The pipe holds the frames (pinned by the filters) and a second of slack.
-            limit = (frames + sample_rate) * channels * 4
+        matched = samples
+        # The pipe holds the frames (pinned by the filters) and a second of slack.
+        limit = (frames + sample_rate) * channels * 4
+
+        async def one_pass(gain_db: float, ceiling_dbtp: float) -> Loudness:
+            nonlocal matched
+            filters = normalizer(
+                gain_db, ceiling_dbtp=ceiling_dbtp, sample_rate=sample_rate, frames=frames
+            )
             matched, got = await _filtered(source, filters, channels, limit, deadline, ffmpeg)
-            missed = target_lufs - got.integrated_lufs
-            over = got.true_peak_dbtp - TRUE_PEAK_CEILING_DBTP
-            if abs(missed) <= TOLERANCE_LU and over <= 0:
-                break
-            if attempt < PASSES:
-                gain += missed
-                ceiling -= max(0.0, over + 0.1)
+            return got
+
+        got = await converge(target_lufs, measured, one_pass, "the continuation")
         return matched, got
     finally:
         await asyncio.to_thread(_remove, source)
+
+
+async def converge(
+    target_lufs: float,
+    measured: Loudness,
+    one_pass: Callable[[float, float], Awaitable[Loudness]],
+    what: str,
+) -> Loudness:
+    """Run ``one_pass(gain_db, ceiling_dbtp)`` (it makes the audio and measures it) until
+    the result is within ``TOLERANCE_LU`` of ``target_lufs`` with its true peak under the
+    ceiling: each pass after the first corrects the gain by what the last one missed and
+    lowers the limiter by what it overshot, ``PASSES`` at most. Silence (``measured``)
+    keeps a gain of 0. Returns the last pass's loudness; a shortfall is logged."""
+    gain, ceiling = gain_to(target_lufs, measured), LIMITER_DBTP
+    for attempt in range(1, PASSES + 1):
+        got = await one_pass(gain, ceiling)
+        missed = target_lufs - got.integrated_lufs
+        over = got.true_peak_dbtp - TRUE_PEAK_CEILING_DBTP
+        if (measured.silent or abs(missed) <= TOLERANCE_LU) and over <= 0:
+            return got
+        if attempt < PASSES:
+            gain += 0 if measured.silent else missed
+            ceiling -= max(0.0, over + 0.1)
+    log.warning(
+        "%s reached %.1f LUFS and %.1f dBTP for a target of %.1f LUFS under %.1f dBTP",
+        what,
+        got.integrated_lufs,
+        got.true_peak_dbtp,
+        target_lufs,
+        TRUE_PEAK_CEILING_DBTP,
+    )
+    return got
 
 
 async def measure_samples(

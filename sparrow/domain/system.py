@@ -18,12 +18,8 @@ LOCAL_WORKER = "local"
 class Cluster(Protocol):
     """What the system view reads of a cluster (``sparrow.cluster.ClusterView``)."""
 
-    async def workers(self) -> list[tuple[WorkerView, str | None]]:
-        """Every live worker, and the job it runs (None: idle)."""
-        ...
-
-    async def running(self) -> list[RunningJob]:
-        """The jobs the live workers run now."""
+    async def state(self) -> tuple[list[WorkerView], list[RunningJob]]:
+        """Every live worker, and the jobs they run now (one read of the registry)."""
         ...
 
 
@@ -86,43 +82,40 @@ class SystemService:
         self.cluster = cluster
         self.host = socket.gethostname()
 
-    async def workers(self) -> list[WorkerView]:
+    async def state(self) -> tuple[list[WorkerView], list[RunningJob]]:
+        """The workers, and the jobs they run: the cluster's, or this process's own."""
         if self.cluster is not None:
-            return [view for view, _ in await self.cluster.workers()]
+            return await self.cluster.state()
+        control = self.jobs.running
+        running = [RunningJob.of(control)] if control is not None else []
         if self.worker is None:
-            return []
+            return [], running
         info = self.engine.info()
-        return [
-            WorkerView(
-                id=LOCAL_WORKER,
-                host=self.host,
-                device=info.device,
-                engine=info.engine,
-                model=info.model,
-                loaded=info.loaded,
-                running=self.worker.running is not None,
-            )
-        ]
+        local = WorkerView(
+            id=LOCAL_WORKER,
+            host=self.host,
+            device=info.device,
+            engine=info.engine,
+            model=info.model,
+            loaded=info.loaded,
+            running=self.worker.running is not None,
+        )
+        return [local], running
 
     async def view(self, caller: Caller) -> SystemView:
         generation, stems = self.engine.info(), self.stem_engine.info()
         device = generation.device if generation.device.startswith("cuda") else stems.device
         total, used = _vram(device)
+        workers, running = await self.state()
         return SystemView(
             generation=generation,
             stems=stems,
             vram_total_bytes=total,
             vram_used_bytes=used,
             queue_depth=await self.reads.queue_depth(),
-            running=[r for r in await self.running() if caller.owner in (None, r.job.owner)],
-            workers=await self.workers(),
+            running=[r for r in running if caller.owner in (None, r.job.owner)],
+            workers=workers,
         )
-
-    async def running(self) -> list[RunningJob]:
-        if self.cluster is not None:
-            return await self.cluster.running()
-        control = self.jobs.running
-        return [RunningJob.of(control)] if control is not None else []
 
 
 def _vram(device: str) -> tuple[int | None, int | None]:
