@@ -18,16 +18,17 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import anyio
 
 from sparrow.audio.atomic import fsync_path
 from sparrow.audio.integrity import FileCheck, OpenedFile, Recorded
+from sparrow.audio.segments import Segment
 from sparrow.audio.storage import storing
 from sparrow.errors import StorageUnavailable
-from sparrow.models import Node, Stems, new_id
+from sparrow.models import Node, Played, Stems, new_id
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,27 @@ class MediaStore:
         path, recorded, what = self._node_record(node)
         await anyio.to_thread.run_sync(self.check.verify, path, recorded, what)
         return path
+
+    async def played_segments(self, path: Sequence[Played]) -> list[Segment]:
+        """The checked files of a path's nodes (``checked_node_audio``), each cut where it
+        stops playing."""
+        return [
+            Segment(await self.checked_node_audio(p.node), p.frames, p.node.sample_rate or 0)
+            for p in path
+        ]
+
+    async def played_stems(
+        self, path: Sequence[Played], stems: Mapping[str, Stems], stem: str
+    ) -> list[Segment]:
+        """One stem of each of a path's nodes (``checked_stem``), each cut where its node stops
+        playing (at the stem's own rate)."""
+        segments = []
+        for p in path:
+            of_node = stems[p.node.id]
+            rate = of_node.sample_rate or 0
+            frames = min(of_node.frames or 0, round(p.play_s * rate))
+            segments.append(Segment(await self.checked_stem(of_node, stem), frames, rate))
+        return segments
 
     async def open_node_audio(self, node: Node) -> OpenedFile:
         """A ready node's file, open and checked (as ``checked_node_audio``): the caller

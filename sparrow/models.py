@@ -6,7 +6,7 @@ The bottom layer: every other module may import it, and it imports none of them.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -120,6 +120,10 @@ class Node:
     error: NodeError | None = None
     audio_sha256: str | None = None
     job_id: str | None = None
+    from_s: float | None = None
+    """The point of the parent this node continues from (None: a root)."""
+    analysis: dict[str, Any] | None = None
+    """Tempo, key and loudness (``sparrow.domain.analysis``), once computed."""
 
     @property
     def is_root(self) -> bool:
@@ -127,32 +131,50 @@ class Node:
 
 
 @dataclass(frozen=True)
-class SpineEntry:
+class Played:
+    """One node of a path as the path plays it: its first ``frames`` frames."""
+
     node: Node
+    frames: int
     offset_s: float
+    """Where it starts in the path, in seconds."""
+
+    @property
+    def play_s(self) -> float:
+        return self.frames / self.node.sample_rate if self.node.sample_rate else 0.0
+
+
+def played(path: Sequence[Node]) -> list[Played]:
+    """The path root→node as it plays (SPEC §12): every node up to the point where its
+    child on the path begins (its ``from_s``, to the nearest frame), the last one whole.
+
+    The one rule for the audio of a path: the context a branch continues, the spine,
+    its export, its stems and its audio all read it from here.
+    """
+    out: list[Played] = []
+    offset = 0.0
+    for node, child in zip(path, [*path[1:], None], strict=True):
+        frames = node.frames or 0
+        if child is not None and child.from_s is not None and node.sample_rate:
+            frames = min(frames, max(1, round(child.from_s * node.sample_rate)))
+        out.append(Played(node, frames, offset))
+        offset += out[-1].play_s
+    return out
 
 
 @dataclass(frozen=True)
 class Spine:
-    """The committed path, root first, with each node's start time in the chain."""
+    """The committed path as it plays, root first (``played``)."""
 
-    entries: list[SpineEntry]
+    entries: list[Played]
 
     @property
     def duration_s(self) -> float:
-        if not self.entries:
-            return 0.0
-        last = self.entries[-1]
-        return last.offset_s + (last.node.duration_s or 0.0)
+        return sum(e.play_s for e in self.entries)
 
     @classmethod
     def of(cls, nodes: list[Node]) -> Spine:
-        entries: list[SpineEntry] = []
-        offset = 0.0
-        for node in nodes:
-            entries.append(SpineEntry(node=node, offset_s=offset))
-            offset += node.duration_s or 0.0
-        return cls(entries)
+        return cls(played(nodes))
 
 
 class JobKind(StrEnum):

@@ -1,4 +1,5 @@
-"""Export of the spine: ``POST /api/chains/{chain_id}/export`` (SPEC §2, §6)."""
+"""The spine as one file: ``POST /api/chains/{chain_id}/export`` (SPEC §2, §6), and the
+spine as it plays, ``GET …/spine/audio`` and ``…/spine/peaks`` (SPEC §12)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from fastapi import APIRouter, Request, Response
 from sparrow.api.deps import CallerDep, Exports
 from sparrow.api.errors import responses
 from sparrow.api.files import serve_file
+from sparrow.api.nodes import PEAKS_ROUTE, WAV_RESPONSES, ZoomDep, peaks_response
 from sparrow.api.schemas import ExportIn
 from sparrow.audio.join import MEDIA_TYPES
+from sparrow.domain.chains import samples_per_pixel_for
 from sparrow.domain.export import ExportFile
 
 router = APIRouter(tags=["export"])
@@ -61,3 +64,50 @@ async def export_chain(
         loudness_lufs=body.loudness_lufs,
     )
     return attachment(request, made)
+
+
+_SPINE_AUDIO_ROUTE: dict[str, Any] = {
+    "path": "/chains/{chain_id}/spine/audio",
+    "summary": "The spine as it plays, as one WAV",
+    "description": "Every spine node up to where its child on the spine begins, end to end "
+    "(no crossfade): a node starts at its `offset_s`, and the file lasts the spine's "
+    "`duration_s`. The same bytes as the WAV export with `crossfade_ms` 0, made once per "
+    "spine and reused. Supports `Range` (206), `If-None-Match` (304) and `HEAD`; the ETag "
+    "changes with the spine.",
+    "response_class": Response,
+    "responses": WAV_RESPONSES,
+}
+
+
+@router.get(**_SPINE_AUDIO_ROUTE)
+@router.head(**_SPINE_AUDIO_ROUTE, name="head_spine_audio")
+async def spine_audio(
+    chain_id: str, request: Request, exports: Exports, caller: CallerDep
+) -> Response:
+    made = (await exports.spine_audio(caller, chain_id)).export
+    return serve_file(
+        request, made.file, etag=f'"{made.key}"', media_type="audio/wav", filename=made.filename
+    )
+
+
+@router.get("/chains/{chain_id}/spine/peaks", **PEAKS_ROUTE)
+async def spine_peaks(
+    chain_id: str, request: Request, exports: Exports, caller: CallerDep, zoom: ZoomDep
+) -> Response:
+    """The peaks of ``GET …/spine/audio``, in the node peaks' format and parameters."""
+    audio = await exports.spine_audio(caller, chain_id)
+    try:
+        spp = samples_per_pixel_for(
+            audio.layout.sample_rate,
+            audio.layout.frames,
+            audio.layout.channels,
+            pixels_per_second=zoom.pixels_per_second,
+            samples_per_pixel=zoom.samples_per_pixel,
+            split_channels=zoom.split_channels,
+        )
+    except BaseException:
+        audio.export.file.close()
+        raise
+    return await peaks_response(
+        request, audio.export.file, audio.export.key, spp, zoom.split_channels
+    )

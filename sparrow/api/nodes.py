@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from sparrow.api.deps import CallerDep, Chains, Generation
 from sparrow.api.errors import responses
@@ -21,6 +22,7 @@ from sparrow.api.schemas import (
     SpineOut,
 )
 from sparrow.audio import compute_peaks
+from sparrow.audio.integrity import OpenedFile
 
 router = APIRouter(tags=["nodes"])
 
@@ -98,18 +100,20 @@ async def discard_node(node_id: str, chains: Chains, caller: CallerDep) -> Disca
 _WAV = {"content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}}
 
 
+WAV_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The whole file.", **_WAV},
+    206: {"description": "The requested byte range.", **_WAV},
+    304: {"description": "Not modified (the ETag matched)."},
+    **responses(404, 409, 416),
+}
+
 _AUDIO_ROUTE = {
     "path": "/nodes/{node_id}/audio",
     "summary": "The node's audio as WAV",
     "description": "Supports `Range` (206), `If-None-Match` (304) and `HEAD`. "
     "409 while the node is not ready.",
     "response_class": Response,
-    "responses": {
-        200: {"description": "The whole file.", **_WAV},
-        206: {"description": "The requested byte range.", **_WAV},
-        304: {"description": "Not modified (the ETag matched)."},
-        **responses(404, 409, 416),
-    },
+    "responses": WAV_RESPONSES,
 }
 
 
@@ -126,42 +130,65 @@ async def node_audio(node_id: str, request: Request, chains: Chains, caller: Cal
     )
 
 
-@router.get(
-    "/nodes/{node_id}/peaks",
-    summary="Waveform peaks (BBC audiowaveform JSON v2, 8-bit)",
-    response_model=Peaks,
-    description="For wavesurfer.js and peaks.js. Give `pixels_per_second` (samples per "
-    "pixel = sample rate // pixels per second, as audiowaveform computes it) or "
-    "`samples_per_pixel` (default: 256). Channels are merged into one unless "
-    "`split_channels=true`.",
-    responses={304: {"description": "Not modified (the ETag matched)."}, **responses(404, 409)},
-)
-async def node_peaks(
-    node_id: str,
-    request: Request,
-    chains: Chains,
-    caller: CallerDep,
+@dataclass(frozen=True)
+class Zoom:
+    """The zoom of a peaks request, as its query gives it."""
+
+    pixels_per_second: int | None
+    samples_per_pixel: int | None
+    split_channels: bool
+
+
+def zoom(
     pixels_per_second: Annotated[int | None, Query(ge=1, le=192_000)] = None,
     samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
+) -> Zoom:
+    return Zoom(pixels_per_second, samples_per_pixel, split_channels)
+
+
+ZoomDep = Annotated[Zoom, Depends(zoom)]
+
+PEAKS_ROUTE: dict[str, Any] = {
+    "summary": "Waveform peaks (BBC audiowaveform JSON v2, 8-bit)",
+    "response_model": Peaks,
+    "description": "For wavesurfer.js and peaks.js. Give `pixels_per_second` (samples per "
+    "pixel = sample rate // pixels per second, as audiowaveform computes it) or "
+    "`samples_per_pixel` (default: 256). Channels are merged into one unless "
+    "`split_channels=true`.",
+    "responses": {304: {"description": "Not modified (the ETag matched)."}, **responses(404, 409)},
+}
+
+
+async def peaks_response(
+    request: Request, opened: OpenedFile, identity: str, spp: int, split_channels: bool
 ) -> Response:
-    node, opened, spp = await chains.peaks_source(
-        caller,
-        node_id,
-        pixels_per_second=pixels_per_second,
-        samples_per_pixel=samples_per_pixel,
-        split_channels=split_channels,
-    )
+    """The peaks of the WAV held open (and closed here), with an ETag made of what decides
+    them: the audio's ``identity`` and the zoom."""
     with opened:
-        etag = f'"{node.audio_sha256}-{spp}-{int(split_channels)}"'
+        etag = f'"{identity}-{spp}-{int(split_channels)}"'
         headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
         if etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
 
         def render() -> bytes:
-            # In a worker thread; the size is bounded by ChainService.peaks_source.
+            # In a worker thread; the size is bounded by ``samples_per_pixel_for``.
             peaks = compute_peaks(opened.path, samples_per_pixel=spp, split_channels=split_channels)
             return json.dumps(peaks, separators=(",", ":")).encode()
 
         body = await anyio.to_thread.run_sync(render)
     return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get("/nodes/{node_id}/peaks", **PEAKS_ROUTE)
+async def node_peaks(
+    node_id: str, request: Request, chains: Chains, caller: CallerDep, zoom: ZoomDep
+) -> Response:
+    node, opened, spp = await chains.peaks_source(
+        caller,
+        node_id,
+        pixels_per_second=zoom.pixels_per_second,
+        samples_per_pixel=zoom.samples_per_pixel,
+        split_channels=zoom.split_channels,
+    )
+    return await peaks_response(request, opened, node.audio_sha256 or "", spp, zoom.split_channels)

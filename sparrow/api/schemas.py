@@ -77,6 +77,15 @@ class ChainOut(BaseModel):
         return cls.model_validate(chain)
 
 
+class AnalysisOut(BaseModel):
+    tempo_bpm: float | None = Field(description="Beats per minute; null where none can be told.")
+    key: str | None = Field(description='Like "C major" or "A minor"; null where none can be told.')
+    loudness_lufs: float | None = Field(
+        description="Integrated loudness (EBU R128); null for silence."
+    )
+    true_peak_dbtp: float | None = Field(description="True peak (EBU R128); null for silence.")
+
+
 class NodeOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -95,6 +104,13 @@ class NodeOut(BaseModel):
         description="Generation settings, including the seed used; null for uploads."
     )
     error: NodeErrorOut | None
+    from_s: float | None = Field(
+        description="The point of the parent this node continues from; null for a root."
+    )
+    analysis: AnalysisOut | None = Field(
+        description="Tempo, key and loudness; null until computed, a few seconds after the "
+        "node is ready (announced by a `node-analysis` event)."
+    )
     created_at: str
     updated_at: str
 
@@ -126,17 +142,25 @@ class ChainPatch(BaseModel):
 class SpineEntryOut(BaseModel):
     node: NodeOut
     offset_s: float = Field(description="Where the node starts on the spine, in seconds.")
+    play_s: float = Field(
+        description="The seconds of the node that play: up to where its child on the spine "
+        "begins (the child's `from_s`), all of it for the last node."
+    )
 
 
 class SpineOut(BaseModel):
     nodes: list[SpineEntryOut]
-    duration_s: float
+    duration_s: float = Field(description="The sum of the entries' `play_s`.")
 
     @classmethod
     def of(cls, spine: Spine) -> SpineOut:
         return cls(
             nodes=[
-                SpineEntryOut(node=NodeOut.of(e.node), offset_s=round(e.offset_s, 6))
+                SpineEntryOut(
+                    node=NodeOut.of(e.node),
+                    offset_s=round(e.offset_s, 6),
+                    play_s=round(e.play_s, 6),
+                )
                 for e in spine.entries
             ],
             duration_s=round(spine.duration_s, 6),
@@ -183,6 +207,12 @@ class BranchIn(BaseModel):
         description="One text per sibling, instead of `prompt`: one node per prompt, all "
         "in one batch, each node's `prompt` its own. At most SPARROW_MAX_COUNT (8); "
         "`count`, if given, must equal their number.",
+    )
+    from_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="The point of the parent, in seconds, to continue from (at most the "
+        "parent's duration); the parent's end if omitted.",
     )
     duration_s: float = Field(
         default=DEFAULT_SAMPLING.duration_s,
@@ -245,6 +275,7 @@ class BranchIn(BaseModel):
             count=len(self.prompts) if self.prompts is not None else self.count,
             prompts=tuple(self.prompts) if self.prompts is not None else None,
             seed=self.seed,
+            from_s=self.from_s,
             sampling=Sampling(
                 duration_s=self.duration_s,
                 context_s=self.context_s,

@@ -15,11 +15,14 @@ reads their headers and fixes the output format:
   VBR ``-q:a 2`` (about 190 kbit/s) with its LAME tag, so decoders trim the
   encoder's padding and the MP3 decodes to the same length.
 
-Segment i (r_i Hz, f_i frames) lasts n_i = round(f_i·R/r_i) frames at R, and
+A segment plays its file whole, or only its first p_i frames (a ``Segment``: an
+ancestor on a path plays up to where its child begins, ``sparrow.models.played``);
+such a segment is trimmed to them (``atrim=end_sample=p_i``) before anything else.
+Segment i (r_i Hz, f_i frames that play) lasts n_i = round(f_i·R/r_i) frames at R, and
 each of the k-1 joins overlaps X = round(crossfade_ms·R/1000) frames, so the
 export has exactly sum(n_i) - (k-1)·X frames. The graph, for X > 0::
 
-    [i:a] (downmix) aresample=R (upmix) aformat=flt apad=whole_len=n_i
+    [i:a] (atrim) (downmix) aresample=R (upmix) aformat=flt apad=whole_len=n_i
           atrim=end_sample=n_i asplit → [b_i] first n_i - X frames
                                       → [t_i] last X frames
     [t_i-1][b_i] acrossfade=ns=X:c1=qsin:c2=qsin [j_i]
@@ -57,6 +60,7 @@ from sparrow.audio import loudness
 from sparrow.audio.atomic import publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import MEMORY_LIMIT_BYTES, FFmpegTimeout, run_ffmpeg
+from sparrow.audio.segments import Segment
 from sparrow.audio.storage import raise_if_storage_failed, scrub_paths, storing
 from sparrow.audio.wav import WavFormatError, WavLayout, read_layout
 from sparrow.errors import EngineUnavailable, InvalidInput, StorageUnavailable
@@ -98,6 +102,8 @@ class JoinPlan:
     """Each segment's length at ``sample_rate``, before crossfades."""
     segment_channels: tuple[int, ...]
     """Each segment's own channel count."""
+    segment_cuts: tuple[int | None, ...]
+    """The frames that play of each segment's file, at its own rate; None: all of them."""
     crossfade_frames: int
     total_frames: int
 
@@ -106,7 +112,11 @@ class JoinPlan:
         return self.total_frames / self.sample_rate
 
 
-def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: float) -> JoinPlan:
+Played = Path | Segment
+"""A WAV that plays whole (a path), or its first frames (a ``Segment``)."""
+
+
+def plan_join(paths: Sequence[Played], *, format: ExportFormat, crossfade_ms: float) -> JoinPlan:
     """The plan for joining the WAVs at ``paths`` (headers only, no samples read).
 
     Raises ``InvalidInput`` for no segments, more than ``MAX_SEGMENTS``, a
@@ -124,10 +134,16 @@ def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: floa
         )
     if not 0 <= crossfade_ms <= MAX_CROSSFADE_MS:  # also refuses NaN
         raise InvalidInput(f"crossfade_ms must be between 0 and {MAX_CROSSFADE_MS:g}.")
-    layouts = [_read_segment(path, i) for i, path in enumerate(paths)]
+    layouts = [_read_segment(_path(path), i) for i, path in enumerate(paths)]
+    cuts = tuple(
+        _cut(path, layout, i) for i, (path, layout) in enumerate(zip(paths, layouts, strict=True))
+    )
     top = max(layout.sample_rate for layout in layouts)
     rate = _mp3_rate(top) if format == "mp3" else top
-    frames = tuple(round(layout.frames * rate / layout.sample_rate) for layout in layouts)
+    frames = tuple(
+        round((layout.frames if cut is None else cut) * rate / layout.sample_rate)
+        for layout, cut in zip(layouts, cuts, strict=True)
+    )
     fade = round(crossfade_ms * rate / 1000) if len(paths) > 1 else 0
     for i, n in enumerate(frames):
         needed = fade if i in (0, len(frames) - 1) else 2 * fade
@@ -143,6 +159,7 @@ def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: floa
         bits=None if format == "mp3" else max(layout.bits for layout in layouts),
         segment_frames=frames,
         segment_channels=tuple(layout.channels for layout in layouts),
+        segment_cuts=cuts,
         crossfade_frames=fade,
         total_frames=sum(frames) - (len(frames) - 1) * fade,
     )
@@ -153,7 +170,7 @@ def plan_join(paths: Sequence[Path], *, format: ExportFormat, crossfade_ms: floa
 
 
 async def join_segments(
-    paths: Sequence[Path],
+    paths: Sequence[Played],
     dst: Path,
     *,
     format: ExportFormat,
@@ -285,6 +302,22 @@ def output_problem(path: Path, plan: JoinPlan, format: ExportFormat) -> str | No
     return None
 
 
+def _path(played: Played) -> Path:
+    return played if isinstance(played, Path) else played.path
+
+
+def _cut(played: Played, layout: WavLayout, index: int) -> int | None:
+    """The frames of a segment's file that play, if not all of them."""
+    if isinstance(played, Path) or played.frames >= layout.frames:
+        return None
+    if played.sample_rate != layout.sample_rate:
+        raise StorageUnavailable(
+            f"The audio of segment {index + 1} is at {layout.sample_rate} Hz, "
+            f"not the {played.sample_rate} Hz recorded."
+        )
+    return max(0, played.frames)
+
+
 def _read_segment(path: Path, index: int) -> WavLayout:
     try:
         return read_layout(path)
@@ -302,7 +335,7 @@ def _mp3_rate(top: int) -> int:
 
 
 def _args(
-    paths: Sequence[Path],
+    paths: Sequence[Played],
     plan: JoinPlan,
     format: ExportFormat,
     tmp: Path,
@@ -314,7 +347,7 @@ def _args(
     args = ["-nostdin", "-hide_banner", "-loglevel", "error"]
     for path in paths:
         # Absolute, so that no name can read as a protocol ("a:b.wav").
-        args += ["-f", "wav", "-i", str(path.absolute())]
+        args += ["-f", "wav", "-i", str(_path(path).absolute())]
     args += ["-filter_complex", _graph(plan), "-map", "[out]"]
     if float_wav:
         return [*args, "-c:a", "pcm_f32le", "-f", "wav", "-y", str(tmp.absolute())]
@@ -354,10 +387,13 @@ def _graph(plan: JoinPlan) -> str:
     k, x = len(plan.segment_frames), plan.crossfade_frames
     layout = "stereo" if plan.channels == 2 else "mono"
     chains = []
-    for i, (n, channels) in enumerate(zip(plan.segment_frames, plan.segment_channels, strict=True)):
+    segments = zip(plan.segment_frames, plan.segment_channels, plan.segment_cuts, strict=True)
+    for i, (n, channels, cut) in enumerate(segments):
         steps = [f"aresample={plan.sample_rate}"]
         if channels > 2:
             steps.insert(0, _average_to_stereo(channels))
+        if cut is not None:
+            steps.insert(0, f"atrim=end_sample={cut}")
         elif channels < plan.channels:
             steps.append("pan=stereo|c0=c0|c1=c0")
         steps += [

@@ -219,11 +219,18 @@ class ChainService:
     ) -> tuple[Node, OpenedFile, int]:
         """The ready node, its file (open, as ``audio_file``), and the samples per pixel of
         the asked-for zoom."""
-        if pixels_per_second is not None and samples_per_pixel is not None:
-            raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
         node, opened = await self.audio_file(caller, node_id)
         try:
-            spp = _samples_per_pixel(node, pixels_per_second, samples_per_pixel, split_channels)
+            if not node.sample_rate or node.frames is None or not node.channels:
+                raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug
+            spp = samples_per_pixel_for(
+                node.sample_rate,
+                node.frames,
+                node.channels,
+                pixels_per_second=pixels_per_second,
+                samples_per_pixel=samples_per_pixel,
+                split_channels=split_channels,
+            )
             return node, opened, spp
         except BaseException:
             opened.close()
@@ -239,19 +246,26 @@ class ChainService:
         )
 
 
-def _samples_per_pixel(
-    node: Node, pixels_per_second: int | None, samples_per_pixel: int | None, split: bool
+def samples_per_pixel_for(
+    sample_rate: int,
+    frames: int,
+    channels: int,
+    *,
+    pixels_per_second: int | None,
+    samples_per_pixel: int | None,
+    split_channels: bool,
 ) -> int:
-    """The zoom asked for, in samples per pixel; InvalidInput past ``MAX_PEAK_VALUES``."""
-    if not node.sample_rate or node.frames is None or not node.channels:
-        raise RuntimeError(f"ready node {node.id} lacks its audio facts")  # a bug, not input
+    """The zoom asked for over audio of that shape, in samples per pixel; InvalidInput for
+    both ways of asking at once, or past ``MAX_PEAK_VALUES``."""
+    if pixels_per_second is not None and samples_per_pixel is not None:
+        raise InvalidInput("Give pixels_per_second or samples_per_pixel, not both.")
     if pixels_per_second is not None:
         # As audiowaveform computes it: whole samples per pixel, rounded down.
-        spp = max(2, node.sample_rate // pixels_per_second)
+        spp = max(2, sample_rate // pixels_per_second)
     else:
         spp = samples_per_pixel or DEFAULT_SAMPLES_PER_PIXEL
-    series = node.channels if split else 1
-    if -(-node.frames // spp) * series > MAX_PEAK_VALUES:
+    series = channels if split_channels else 1
+    if -(-frames // spp) * series > MAX_PEAK_VALUES:
         raise InvalidInput(
             f"That zoom gives more than {MAX_PEAK_VALUES} peaks; use fewer pixels per second."
         )

@@ -22,29 +22,32 @@ import anyio
 
 from sparrow.audio.integrity import OpenedFile, open_quietly
 from sparrow.audio.join import MEDIA_TYPES, ExportFormat, join_segments, output_problem, plan_join
+from sparrow.audio.segments import Segment
 from sparrow.audio.storage import storage_failure
+from sparrow.audio.wav import WavLayout, read_layout
 from sparrow.domain.chains import found_chain, remove_files_if_deleted, shown
 from sparrow.errors import Conflict, InvalidInput, NotFound, PaymentRequired, Unavailable
 from sparrow.media import MediaStore
-from sparrow.models import Caller, Chain, Node, StemsStatus
+from sparrow.models import Caller, Chain, Node, StemsStatus, played
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 
 log = logging.getLogger(__name__)
 
-# Part of every export's key: bump it when the join itself changes.
-JOIN_VERSION = 1
+# Part of every export's key: bump it when the join itself changes (2: segments play
+# up to where their child begins, and the key holds their frames).
+JOIN_VERSION = 2
 KEPT_PER_CHAIN = 8
 
 
 @dataclass(frozen=True)
 class Part:
-    """One segment of an export: what identifies its audio, and its file."""
+    """One segment of an export: what identifies its audio, and the frames of its file
+    that play."""
 
     node_id: str
     sha256: str
-    path: Path
-    duration_s: float
+    segment: Segment
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class ExportFile:
     media_type: str
     filename: str
     key: str
+
+
+@dataclass(frozen=True)
+class SpineAudio:
+    export: ExportFile
+    layout: WavLayout
 
 
 class ExportService:
@@ -79,14 +88,11 @@ class ExportService:
         spine = await self.store.spine(chain_id)
 
         async def parts() -> list[Part]:
+            path = played(spine)
+            segments = await self.media.played_segments(path)
             return [
-                Part(
-                    n.id,
-                    n.audio_sha256 or "",
-                    await self.media.checked_node_audio(n),
-                    n.duration_s or 0,
-                )
-                for n in spine
+                Part(p.node.id, p.node.audio_sha256 or "", segment)
+                for p, segment in zip(path, segments, strict=True)
             ]
 
         return await self._export(
@@ -98,6 +104,17 @@ class ExportService:
             crossfade_ms=crossfade_ms,
             loudness_lufs=loudness_lufs,
         )
+
+    async def spine_audio(self, caller: Caller, chain_id: str) -> SpineAudio:
+        """The spine as it plays, for a player: its WAV export end to end (no crossfade, so
+        each node starts at its ``offset_s``), with the file's layout."""
+        made = await self.spine(caller, chain_id, format="wav", crossfade_ms=0)
+        try:
+            layout = await anyio.to_thread.run_sync(read_layout, made.file.path)
+        except BaseException:
+            made.file.close()
+            raise
+        return SpineAudio(made, layout)
 
     async def spine_stem(
         self,
@@ -126,14 +143,11 @@ class ExportService:
             )
 
         async def parts() -> list[Part]:
+            path = played(spine)
+            segments = await self.media.played_stems(path, stems, stem)
             return [
-                Part(
-                    n.id,
-                    (stems[n.id].files or {}).get(stem, ""),
-                    await self.media.checked_stem(stems[n.id], stem),
-                    n.duration_s or 0,
-                )
-                for n in spine
+                Part(p.node.id, (stems[p.node.id].files or {}).get(stem, ""), segment)
+                for p, segment in zip(path, segments, strict=True)
             ]
 
         return await self._export(
@@ -158,7 +172,7 @@ class ExportService:
         """
         if not spine:
             raise Conflict(f"The spine of chain {shown(chain.id)} is empty: nothing to export.")
-        total_s = sum(n.duration_s or 0 for n in spine)
+        total_s = sum(p.play_s for p in played(spine))
         if total_s > self.settings.max_export_s:
             raise InvalidInput(
                 f"The spine is {total_s:.0f} s long; exports are limited to "
@@ -197,7 +211,7 @@ class ExportService:
         key = _key(parts, format, crossfade_ms, loudness_lufs)
         folder = self.media.chain_exports(chain.id)
         dst = folder / f"{key}.{format}"
-        paths = [p.path for p in parts]
+        paths = [p.segment for p in parts]
         lock, requests = self._making.get(key, (asyncio.Lock(), 0))
         self._making[key] = (lock, requests + 1)
         try:
@@ -227,7 +241,7 @@ class ExportService:
         return dst
 
 
-def _reusable(paths: list[Path], dst: Path, format: ExportFormat, crossfade_ms: float) -> bool:
+def _reusable(paths: list[Segment], dst: Path, format: ExportFormat, crossfade_ms: float) -> bool:
     """Whether the export already made at ``dst`` can be served; one that fails its check
     (a file damaged since, or made by a faulty FFmpeg) is removed, to be made again."""
     if not dst.is_file():
@@ -249,7 +263,7 @@ def _key(
         JOIN_VERSION,
         format,
         crossfade_ms,
-        [(p.node_id, p.sha256) for p in parts],
+        [(p.node_id, p.sha256, p.segment.frames) for p in parts],
     ]
     if loudness_lufs is not None:  # appended, so the keys of earlier exports stay
         identity.append(loudness_lufs)

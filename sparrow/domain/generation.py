@@ -21,7 +21,7 @@ import anyio
 import numpy as np
 
 from sparrow.audio import AudioInfo, loudness, write_wav
-from sparrow.audio.tail import Segment, read_tail
+from sparrow.audio.tail import read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
@@ -41,6 +41,7 @@ from sparrow.models import (
     NodeStatus,
     Sampling,
     new_id,
+    played,
     utc_now,
 )
 from sparrow.settings import Settings
@@ -60,6 +61,7 @@ class BranchRequest:
     count: int = 1
     prompts: tuple[str, ...] | None = None  # one per sibling; then count is their number
     seed: int | None = None
+    from_s: float | None = None  # the point of the parent to continue from; None: its end
     sampling: Sampling = field(default_factory=Sampling)
     match_loudness: bool = True  # bring each continuation to its context's loudness
 
@@ -105,8 +107,9 @@ class GenerationService:
                     f"Node {shown(parent_id)} is {parent.status}; only a ready node can be "
                     "branched from."
                 )
+            from_s = self._from_s(parent, request.from_s)
             await self.limits.check(w, caller)
-            job, nodes = self._rows_for(caller, parent, request, base_seed)
+            job, nodes = self._rows_for(caller, parent, request, base_seed, from_s)
             await self.jobs.enqueue(w, job)
             await w.insert_nodes(nodes)
             for node in nodes:
@@ -140,8 +143,20 @@ class GenerationService:
         if request.seed is not None and request.seed + request.count - 1 > MAX_SEED:
             raise InvalidInput(f"seed + count - 1 must not exceed {MAX_SEED}.")
 
+    @staticmethod
+    def _from_s(parent: Node, from_s: float | None) -> float:
+        """Where the new nodes begin in the parent: ``from_s`` if it is within it."""
+        end = parent.duration_s or 0.0
+        if from_s is None:
+            return end
+        if not 0 < from_s <= end:  # also refuses NaN
+            raise InvalidInput(
+                f"from_s must be greater than 0 and at most the parent's duration ({end:g} s)."
+            )
+        return from_s
+
     def _rows_for(
-        self, caller: Caller, parent: Node, request: BranchRequest, base_seed: int
+        self, caller: Caller, parent: Node, request: BranchRequest, base_seed: int, from_s: float
     ) -> tuple[Job, list[Node]]:
         now = utc_now()
         job = Job(
@@ -172,6 +187,7 @@ class GenerationService:
                     "model": info.model,
                 },
                 job_id=job.id,
+                from_s=from_s,
                 created_at=now,
                 updated_at=now,
             )
@@ -235,7 +251,7 @@ class GenerationService:
         first = nodes[0]
         sampling = Sampling.from_json(first.params or {})
         await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
-        context = await self._context(job.request["parent_id"], sampling.context_s)
+        context = await self._context(first, sampling.context_s)
         request = Continuation(
             context=context,
             prompts=tuple(n.prompt or "" for n in nodes),
@@ -289,13 +305,13 @@ class GenerationService:
             matched.append(level)
         return matched
 
-    async def _context(self, parent_id: str, seconds: float) -> Audio:
-        path = await self.store.path_to(parent_id)
-        segments = [
-            Segment(await self.media.checked_node_audio(n), n.duration_s or 0.0) for n in path
-        ]
+    async def _context(self, node: Node, seconds: float) -> Audio:
+        """The last ``seconds`` of the path root→parent as ``node`` continues it: the parent
+        played up to the node's ``from_s``."""
+        assert node.parent_id is not None  # a continuation
+        path = played([*await self.store.path_to(node.parent_id), node])[:-1]
         return await read_tail(
-            segments,
+            await self.media.played_segments(path),
             seconds,
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,

@@ -28,7 +28,8 @@ import numpy as np
 
 from sparrow.audio import write_wav
 from sparrow.audio.integrity import MissingAudio, OpenedFile
-from sparrow.audio.tail import Segment, read_tail
+from sparrow.audio.segments import Segment
+from sparrow.audio.tail import read_tail
 from sparrow.domain.chains import found_chain, found_node, remove_files_if_deleted, shown
 from sparrow.domain.keys import KeyService
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
@@ -328,7 +329,7 @@ class StemsService:
         path = await self.media.checked_node_audio(node)
         duration_s = node.duration_s or 0.0
         audio = await read_tail(
-            [Segment(path, duration_s)],
+            [Segment(path, node.frames or 0, node.sample_rate or 0)],
             duration_s + 1.0,  # more than all of it: nothing is cut
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,

@@ -187,6 +187,17 @@ SQLITE_MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: where a node continues its parent from (SPEC §12; the parent's end for the nodes
+    # before it), and each ready node's analysis (JSON) with its claim by an analyser.
+    """
+    ALTER TABLE nodes ADD COLUMN from_s REAL;
+    ALTER TABLE nodes ADD COLUMN analysis TEXT;
+    ALTER TABLE nodes ADD COLUMN analysis_claimed_at TEXT;
+    UPDATE nodes SET from_s = (SELECT p.duration_s FROM nodes AS p WHERE p.id = nodes.parent_id)
+        WHERE parent_id IS NOT NULL;
+    CREATE INDEX nodes_unanalysed ON nodes (created_at)
+        WHERE status = 'ready' AND analysis IS NULL;
+    """,
 ]
 
 
@@ -311,4 +322,14 @@ POSTGRES_MIGRATIONS: list[str | Callable[[], str]] = [
     );
     """,
     procrastinate_schema,
+    # 3: as SQLite's 6.
+    """
+    ALTER TABLE nodes ADD COLUMN from_s DOUBLE PRECISION;
+    ALTER TABLE nodes ADD COLUMN analysis TEXT;
+    ALTER TABLE nodes ADD COLUMN analysis_claimed_at TEXT;
+    UPDATE nodes SET from_s = (SELECT p.duration_s FROM nodes AS p WHERE p.id = nodes.parent_id)
+        WHERE parent_id IS NOT NULL;
+    CREATE INDEX nodes_unanalysed ON nodes (created_at)
+        WHERE status = 'ready' AND analysis IS NULL;
+    """,
 ]

@@ -13,7 +13,8 @@ from sparrow.store.db import Row
 CHAIN_COLUMNS = "id, title, owner, root_node_id, created_at, updated_at, last_event_id"
 NODE_COLUMNS = (
     "id, chain_id, parent_id, kind, status, committed, duration_s, sample_rate, channels, "
-    "frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id"
+    "frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id, from_s, "
+    "analysis"
 )
 
 
@@ -26,6 +27,7 @@ def node_from_row(row: Row) -> Node:
     (
         id_, chain_id, parent_id, kind, status, committed, duration_s, sample_rate,
         channels, frames, prompt, params, error, audio_sha256, created_at, updated_at, job_id,
+        from_s, analysis,
     ) = row  # fmt: skip
     return Node(
         id=id_,
@@ -45,6 +47,8 @@ def node_from_row(row: Row) -> Node:
         created_at=created_at,
         updated_at=updated_at,
         job_id=job_id,
+        from_s=from_s,
+        analysis=json.loads(analysis) if analysis else None,
     )
 
 
@@ -81,6 +85,8 @@ def node_values(node: Node) -> dict[str, Any]:
         "created_at": node.created_at,
         "updated_at": node.updated_at,
         "job_id": node.job_id,
+        "from_s": node.from_s,
+        "analysis": json.dumps(node.analysis) if node.analysis is not None else None,
     }
 
 
