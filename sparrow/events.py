@@ -72,6 +72,17 @@ class NodeProgress:
 
 
 @dataclass(frozen=True)
+class NodeAnalysed:
+    name: ClassVar[str] = "node-analysis"
+    chain_id: str
+    node_id: str
+    analysis: dict[str, Any]
+
+    def data(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "chain_id": self.chain_id, "analysis": self.analysis}
+
+
+@dataclass(frozen=True)
 class NodesDeleted:
     name: ClassVar[str] = "node-deleted"
     chain_id: str
@@ -139,6 +150,7 @@ class StemsProgress:
 Event = (
     NodeStatusChanged
     | NodeProgress
+    | NodeAnalysed
     | NodesDeleted
     | SpineChanged
     | ChainDeleted

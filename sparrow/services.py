@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from sparrow.domain.analysis import Analyser
 from sparrow.domain.chains import ChainService
 from sparrow.domain.events import EventsService
 from sparrow.domain.export import ExportService
@@ -58,6 +59,7 @@ class Services:
     media: MediaStore
     hub: EventHub
     worker: JobWorker | None  # None: this process runs no jobs (SPARROW_WORKER)
+    analyser: Analyser | None  # runs where the jobs run
     chains: ChainService
     generation: GenerationService
     stems: StemsService
@@ -76,6 +78,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     hub = EventHub(settings.sse_queue_limit)
     cluster: Cluster | None = None
     worker: JobWorker | None = None
+    analyser: Analyser | None = None
     preloading: set[asyncio.Task[None]] = set()
     try:
         await db.open()
@@ -114,10 +117,13 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
                 assert local is not None
                 worker = Worker(store, local, runners)
             await worker.recover()
+            analyser = Analyser(store, media, settings)
         # Shared by other processes, the data dir may hold files a moment ahead of their rows.
         await chains.sweep_orphans(older_than_s=0 if db.kind == "sqlite" else SHARED_SWEEP_S)
         if worker is not None:
             worker.start()
+        if analyser is not None:
+            analyser.start()
         if settings.preload_model:
             for preloaded in (engine, stem_engine):
                 preloading.add(asyncio.create_task(_preload(preloaded)))
@@ -128,6 +134,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             media=media,
             hub=hub,
             worker=worker,
+            analyser=analyser,
             chains=chains,
             generation=generation,
             stems=stems,
@@ -154,6 +161,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             uploads=uploads,
         )
     finally:
+        if analyser is not None:
+            await analyser.stop()
         if worker is not None:
             await worker.stop()
         if cluster is not None:

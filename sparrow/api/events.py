@@ -54,7 +54,8 @@ SHUTDOWN_GRACE_S = 1.0
 CUT_OFF_GRACE_S = 1.0  # a subscriber cut off for falling behind: then its response ends
 
 _STREAM = {
-    "description": "Server-Sent Events: `node-status`, `node-progress`, `node-deleted`, "
+    "description": "Server-Sent Events: `node-status`, `node-progress`, `node-analysis`, "
+    "`node-deleted`, "
     "`spine-changed`, `stems-status`, `stems-progress`, `chain-deleted`, `reset` "
     "(reload the chain), and `shutdown` (the server stops; reconnect). Every event but "
     "`shutdown` has an integer `id`; the data is JSON.",

@@ -457,6 +457,12 @@ class ProgressData(BaseModel):
     eta_s: float | None = Field(default=None, description="Seconds left, when known.")
 
 
+class NodeAnalysisData(BaseModel):
+    node_id: str
+    chain_id: str
+    analysis: AnalysisOut
+
+
 class NodeIdsData(BaseModel):
     chain_id: str
     node_ids: list[str] = Field(description="The deleted nodes.")
@@ -494,6 +500,7 @@ class ShutdownData(BaseModel):
 EVENT_DATA: dict[str, type[BaseModel]] = {
     "node-status": NodeStatusData,
     "node-progress": ProgressData,
+    "node-analysis": NodeAnalysisData,
     "node-deleted": NodeIdsData,
     "spine-changed": SpineChangedData,
     "stems-status": StemsStatusData,

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from sparrow.events import EventHub, StoredEvent
 from sparrow.models import Chain, Node, Stems, utc_now
+from sparrow.store.analysis import AnalysisWrites, next_unanalysed
 from sparrow.store.db import BUSY_S, Database, Tx
 from sparrow.store.events import EventWrites
 from sparrow.store.jobs import JobWrites
@@ -181,6 +182,10 @@ class ChainStore:
         )
         return [node_from_row(r) for r in rows]
 
+    async def next_unanalysed(self, stale_before: str) -> str | None:
+        """The oldest ready node waiting for its analysis (``sparrow.store.analysis``)."""
+        return await next_unanalysed(self.db, stale_before)
+
     async def spine_ids(self, chain_id: str) -> list[str]:
         rows = await self.db.fetchall(
             f"{_with(_SPINE)} SELECT id FROM spine WHERE id IS NOT NULL ORDER BY depth",
@@ -230,7 +235,7 @@ class ChainStore:
         return {r[0] for r in await self.db.fetchall("SELECT id FROM chains")}
 
 
-class ChainWriter(EventWrites, JobWrites, StemsWrites):
+class ChainWriter(EventWrites, JobWrites, StemsWrites, AnalysisWrites):
     """The writes, bound to one open transaction (see ``ChainStore.write``)."""
 
     def __init__(

@@ -1,0 +1,137 @@
+"""The musical analysis of every ready node (SPEC §12): tempo, key, loudness, true peak.
+
+One ``Analyser`` runs in each process that runs jobs (the embedded server, each
+``sparrow worker``), never in an API replica: librosa's import and its numba
+kernels stay out of the request path. It takes the oldest ready node without an
+analysis (uploads and continuations alike; the nodes from before analysis
+existed too), claims it (``sparrow.store.analysis``), measures it off the event
+loop — loudness with FFmpeg's ``ebur128`` as exports are measured, tempo and key
+with librosa in a thread (``sparrow.audio.analysis``) — and writes the analysis
+with a ``node-analysis`` event in one transaction. It looks for work every
+``POLL_S`` while idle, so a node is analysed within about that of being ready,
+whichever process made it ready.
+
+A node whose analysis fails (its file damaged, FFmpeg broken) keeps a null
+analysis and is tried again once its claim is stale (``CLAIM_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+
+from sparrow.audio import loudness
+from sparrow.audio.analysis import analyse_file, warm
+from sparrow.errors import SparrowError
+from sparrow.events import NodeAnalysed
+from sparrow.jobs import persistently
+from sparrow.media import MediaStore
+from sparrow.models import Node
+from sparrow.settings import Settings
+from sparrow.store import ChainStore
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+CLAIM_S = 300.0  # a claim older than this is free again
+FAILED_WAIT_S = 5.0  # after a failure, before the next node
+
+
+def analysis_of(
+    level: loudness.Loudness, tempo_bpm: float | None, key: str | None
+) -> dict[str, Any]:
+    """The analysis as nodes record it (SPEC §12), rounded to what the numbers mean."""
+
+    def finite(value: float) -> float | None:
+        return round(value, 2) if math.isfinite(value) else None
+
+    return {
+        "tempo_bpm": None if tempo_bpm is None else round(tempo_bpm, 2),
+        "key": key,
+        "loudness_lufs": None if level.silent else finite(level.integrated_lufs),
+        "true_peak_dbtp": finite(level.true_peak_dbtp),
+    }
+
+
+class Analyser:
+    def __init__(self, store: ChainStore, media: MediaStore, settings: Settings) -> None:
+        self.store = store
+        self.media = media
+        self.settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self.analysed = 0  # nodes, since start
+        self.last_s: float | None = None  # seconds the last analysis took
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sparrow-analyser")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def analyse(self, node: Node) -> dict[str, Any]:
+        """The analysis of a ready node's audio."""
+        path = await self.media.checked_node_audio(node)
+        level = await loudness.measure(
+            path, ffmpeg=self.settings.ffmpeg, timeout_s=self.settings.decode_timeout_s
+        )
+        # Abandoned on shutdown: the thread only reads.
+        musical = await anyio.to_thread.run_sync(analyse_file, path, abandon_on_cancel=True)
+        return analysis_of(level, musical.tempo_bpm, musical.key)
+
+    async def _run(self) -> None:
+        # The kernels compile once, before the first node waits for them (seconds).
+        await anyio.to_thread.run_sync(warm, abandon_on_cancel=True)
+        while True:
+            try:
+                done = await self._next()
+            except Exception:
+                log.exception("node analysis failed; trying the next node")
+                done = True
+                await asyncio.sleep(FAILED_WAIT_S)
+            if not done:
+                await asyncio.sleep(POLL_S)
+
+    async def _next(self) -> bool:
+        """Analyse one waiting node; False if none is waiting."""
+        now = datetime.now(UTC)
+        stale = _iso(now - timedelta(seconds=CLAIM_S))
+        node_id = await self.store.next_unanalysed(stale)
+        if node_id is None:
+            return False
+        async with self.store.write() as w:
+            node = await w.claim_analysis(node_id, _iso(now), stale)
+        if node is None:
+            return True  # another analyser took it, or it went meanwhile
+        started = time.monotonic()
+        try:
+            analysis = await self.analyse(node)
+        except (SparrowError, OSError) as exc:  # damaged, deleted meanwhile, FFmpeg broken
+            log.warning("node %s not analysed (tried again in %.0f s): %s", node.id, CLAIM_S, exc)
+            return True
+
+        async def record() -> None:
+            async with self.store.write() as w:
+                if await w.set_analysis(node.id, analysis) is not None:
+                    await w.emit(NodeAnalysed(node.chain_id, node.id, analysis))
+
+        await persistently(record, f"recording the analysis of node {node.id}")
+        self.last_s = time.monotonic() - started
+        self.analysed += 1
+        log.debug("analysed node %s in %.2f s: %s", node.id, self.last_s, analysis)
+        return True
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
