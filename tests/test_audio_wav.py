@@ -163,3 +163,15 @@ def test_reader_refuses_truncated_and_foreign_files(tmp_path: Path) -> None:
     path.write_bytes(bytes(float_wav))
     with pytest.raises(WavFormatError, match="not PCM"):
         read_wav_info(path)
+
+
+@pytest.mark.parametrize("bits", [16, 24])
+def test_a_transposed_view_writes_as_its_samples(tmp_path: Path, bits: int) -> None:
+    """Stereo audio often arrives as a transposed view (MusicGen's (channels, samples).T)."""
+    rng = np.random.default_rng(0)
+    planar = (0.5 * rng.standard_normal((2, 1000))).astype(np.float32)
+    view, copy = planar.T, np.ascontiguousarray(planar.T)
+    assert not view.flags.c_contiguous
+    a = write_wav(tmp_path / "a.wav", view, 32_000, bits)
+    b = write_wav(tmp_path / "b.wav", copy, 32_000, bits)
+    assert a.sha256 == b.sha256

@@ -165,3 +165,52 @@ def test_a_step_callback_can_stop_the_loop(tiny: Tiny) -> None:
     # The loop is usable again at once, with the same buffers.
     expected = tiny.reference(inputs, 40, 3.0)
     assert torch.equal(tiny.ours(inputs, 40, 3.0), expected)
+
+
+@pytest.fixture(scope="module")
+def stereo(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """A stereo tiny model, as facebook/musicgen-stereo-*: 8 codebooks, the channels'
+    interleaved, over a mono Encodec."""
+    folder = tmp_path_factory.mktemp("stereo") / "musicgen"
+    return Tiny(make_tiny_musicgen(folder, window_s=8.0, channels=2))
+
+
+def interleaved(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(batch, 4, codes) per channel → (batch, 8, codes): L0, R0, L1, R1, …"""
+    return torch.stack([left, right], dim=2).flatten(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("texts", "seconds", "new", "guidance"),
+    [
+        (["drums and bass"], 0.0, 40, 3.0),
+        (["rock", "slow jazz"], 1.0, 40, 3.0),
+        ([""], 0.6, 30, 1.0),
+    ],
+)
+def test_stereo_greedy_tokens_equal_transformers(
+    stereo: Tiny, texts: list[str], seconds: float, new: int, guidance: float
+) -> None:
+    audio = np.stack([clip(seconds, 0), clip(seconds, 1)]) if seconds else None  # (2, samples)
+    inputs = stereo.inputs(texts, audio)
+    stereo.seen.clear()
+    stereo.model.generate(**inputs, do_sample=False, guidance_scale=guidance, max_new_tokens=new)
+    left, right = stereo.seen  # transformers decodes each channel on its own
+    expected = interleaved(left, right)
+    prompt = None
+    if audio is not None:
+        values, mask = inputs["input_values"], inputs.get("padding_mask")
+        assert values.shape[1] == 2
+        prompt = interleaved(
+            *(stereo.codec.encode(values[:, c : c + 1], mask).audio_codes[0] for c in (0, 1))
+        )
+    got = stereo.decoder.generate(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        prompt,
+        max_new_tokens=new,
+        guidance_scale=guidance,
+        sampling=None,
+    )
+    assert got.shape == expected.shape == (len(texts), 8, expected.shape[-1])
+    assert torch.equal(got, expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import httpx
 import pytest
 from helpers import SAMPLE
 from live import running_server
+from probe import ffprobe
 from sse import Message, Stream, open_stream
 
 from sparrow.settings import Settings
@@ -102,3 +104,68 @@ def test_upload_branch_commit_branch_again(server: str) -> None:
         # Determinism: the same parent, params and seed give identical audio.
         [again] = generate(server, stream, root_id, 1, prompt="warm lofi piano", seed=12)
         assert wav_frames(server, again["id"])[2] == audio[1][2]
+
+
+def test_stereo_checkpoint_end_to_end(tiny_models: TinyModels, tmp_path: Path) -> None:
+    """A stereo MusicGen gives stereo nodes of exact frames; the export and the stems of
+    the spine stay stereo."""
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        musicgen_model=str(tiny_models.musicgen_stereo),
+        demucs_model=tiny_models.demucs_name,
+        demucs_repo=tiny_models.demucs,
+    )
+    with running_server(settings) as base:
+        created = httpx.post(
+            f"{base}/api/chains", files={"file": ("s.flac", SAMPLE.read_bytes())}, timeout=30
+        ).json()
+        chain_id, root = created["chain"]["id"], created["root"]
+        with open_stream(base, chain_id, read_timeout_s=60) as stream:
+            [a] = generate(base, stream, root["id"], 1, seed=3, from_s=4.0)
+            [b] = generate(base, stream, a["id"], 1, seed=4)
+        for node in (a, b):
+            body = httpx.get(f"{base}/api/nodes/{node['id']}/audio", timeout=10).content
+            with wave.open(io.BytesIO(body)) as w:
+                assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (
+                    2,
+                    SAMPLE_RATE,
+                    round(DURATION_S * SAMPLE_RATE),
+                )
+            shown = httpx.get(f"{base}/api/nodes/{node['id']}").json()
+            assert (shown["channels"], shown["frames"]) == (2, round(DURATION_S * SAMPLE_RATE))
+        assert httpx.post(f"{base}/api/nodes/{b['id']}/commit").status_code == 200
+        exported = httpx.post(
+            f"{base}/api/chains/{chain_id}/export",
+            json={"format": "flac", "crossfade_ms": 0},
+            timeout=60,
+        )
+        assert exported.status_code == 200
+        out = tmp_path / "spine.flac"
+        out.write_bytes(exported.content)
+        probed = ffprobe(out)
+        rate = int(probed["sample_rate"])
+        assert int(probed["channels"]) == 2
+        played = [4.0 * rate, 2 * DURATION_S * rate]  # the upload up to a's from_s, then a, b
+        assert abs(probed["decoded_samples"] - sum(played)) <= 3
+
+        # Stems of the spine: every node's, stereo, and the spine's stem as long as the mix.
+        asked = httpx.post(f"{base}/api/chains/{chain_id}/stems", timeout=10)
+        assert asked.status_code == 202, asked.text
+        deadline = time.monotonic() + 120
+        while True:
+            listed = httpx.get(f"{base}/api/chains/{chain_id}/stems", timeout=10).json()
+            if listed["ready"]:
+                break
+            assert all(n["status"] in ("queued", "separating", "ready") for n in listed["nodes"])
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.2)
+        assert [n["channels"] for n in listed["nodes"]] == [2, 2, 2]
+        stem = httpx.get(
+            f"{base}/api/chains/{chain_id}/stems/drums",
+            params={"format": "wav", "crossfade_ms": 0},
+            timeout=60,
+        )
+        assert stem.status_code == 200, stem.text
+        with wave.open(io.BytesIO(stem.content)) as w:
+            assert w.getnchannels() == 2
+            assert abs(w.getnframes() - sum(played) * w.getframerate() / rate) <= 3

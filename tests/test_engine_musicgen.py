@@ -47,9 +47,17 @@ def short_window(
     return MusicGenEngine(str(folder), device="cpu", decoder=request.param)
 
 
-def noise(seconds: float, seed: int = 0) -> Audio:
+@pytest.fixture(scope="module", params=LOOPS)
+def stereo(tiny_models: TinyModels, request: pytest.FixtureRequest) -> MusicGenEngine:
+    engine = MusicGenEngine(str(tiny_models.musicgen_stereo), device="cpu", decoder=request.param)
+    engine.load()
+    assert (engine.channels, engine.info().extra) == (2, {"decoder": request.param})
+    return engine
+
+
+def noise(seconds: float, seed: int = 0, channels: int = 1) -> Audio:
     rng = np.random.default_rng(seed)
-    return (0.1 * rng.standard_normal((round(seconds * SR), 1))).astype(np.float32)
+    return (0.1 * rng.standard_normal((round(seconds * SR), channels))).astype(np.float32)
 
 
 def ask(context: Audio, duration_s: float, *seeds: int, **params: Any) -> Continuation:
@@ -103,6 +111,21 @@ def test_exact_frame_counts(engine: MusicGenEngine, context_s: float, duration_s
     out = engine.generate(ask(noise(context_s), duration_s, 1, 2), ignore)
     assert [a.shape for a in out] == [(frames_for(duration_s, SR), 1)] * 2
     assert all(a.dtype == np.float32 and np.isfinite(a).all() and a.std() > 0 for a in out)
+
+
+@pytest.mark.parametrize(("context_s", "duration_s"), [(1.0, 0.5), (0.0, 0.77)])
+def test_a_stereo_checkpoint_gives_stereo_audio(
+    stereo: MusicGenEngine, context_s: float, duration_s: float
+) -> None:
+    context = noise(context_s, channels=2)
+    alone = stereo.generate(ask(context, duration_s, 7), ignore)
+    out = stereo.generate(ask(context, duration_s, 6, 7), ignore)
+    assert [a.shape for a in out] == [(frames_for(duration_s, SR), 2)] * 2
+    assert np.array_equal(out[1], alone[0])  # a seed's audio, alone or in a batch
+    left, right = out[0].T
+    assert left.std() > 0 and right.std() > 0 and not np.array_equal(left, right)
+    with pytest.raises(GenerationFailed, match="2 channel"):
+        stereo.generate(ask(noise(1.0), 0.5, 1), ignore)  # a mono context
 
 
 def test_seeds_give_different_audio(engine: MusicGenEngine) -> None:

@@ -8,12 +8,12 @@ input refused, missing or ignored auth, ``Allow`` on 405 — once with auth off 
 once with auth on and a paid key. The ids in paths are real: one chain to work
 on, and a second one, and a branch node, for the operations that delete.
 
-Only one check is widened, for three operations where a schema cannot say what the
+Only one check is widened, for four operations where a schema cannot say what the
 server needs (``positive_data_acceptance``: a schema-valid request must be
 accepted): ``POST /api/chains`` needs a file that is audio FFmpeg decodes,
-``GET …/peaks`` takes ``pixels_per_second`` or ``samples_per_pixel``, not both, and
-``POST …/branch`` takes ``prompt`` or ``prompts``, not both, with a ``count`` that
-agrees with ``prompts``.
+``GET …/peaks`` (a node's and the spine's) takes ``pixels_per_second`` or
+``samples_per_pixel``, not both, and ``POST …/branch`` takes ``prompt`` or
+``prompts``, not both, with a ``count`` that agrees with ``prompts``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ checks.positive_data_acceptance.expected-statuses = [201, 401, 413, 415, 422, 42
 
 [[operations]]
 include-operation-id = "node_peaks"
+checks.positive_data_acceptance.expected-statuses = [200, 401, 404, 409, 422]
+
+[[operations]]
+include-operation-id = "spine_peaks"
 checks.positive_data_acceptance.expected-statuses = [200, 401, 404, 409, 422]
 
 [[operations]]

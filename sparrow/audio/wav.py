@@ -226,7 +226,7 @@ def _quantise(block: npt.NDArray[np.float32], bits: int) -> bytes:
     clean = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0)
     ints: npt.NDArray[np.int32] = np.clip(
         np.rint(clean * full_scale), -full_scale, full_scale - 1
-    ).astype(np.dtype("<i4"))
+    ).astype(np.dtype("<i4"), order="C")  # C order: a transposed view stays frame by frame
     if bits == 16:
         return bytes(ints.astype(np.dtype("<i2")).tobytes())
     return bytes(ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes())

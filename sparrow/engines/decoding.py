@@ -87,7 +87,11 @@ class MusicGenDecoder:
         self.lm = model.decoder  # MusicgenForCausalLM: the LM heads
         self.core = model.decoder.model.decoder  # MusicgenDecoder: embeddings and layers
         config = model.decoder.config
-        self.codebooks = int(config.num_codebooks)
+        self.codebooks = int(config.num_codebooks)  # rows per sibling: both channels' in stereo
+        self.channels = int(config.audio_channels)
+        # Stereo interleaves the channels' codebooks (L0, R0, L1, R1, …) and delays each
+        # pair by its codebook's index: the delay pattern spans codebooks // channels.
+        self.delays = self.codebooks // self.channels
         self.vocab = int(config.vocab_size)
         self.heads = int(config.num_attention_heads)
         self.head_dim = int(config.hidden_size) // self.heads
@@ -115,10 +119,11 @@ class MusicGenDecoder:
         sampling: Draws | None,
         on_step: Callable[[], None] = lambda: None,
     ) -> torch.Tensor:
-        """Codes (batch, codebooks, prompt + max_new_tokens - (codebooks - 1)).
+        """Codes (batch, codebooks, prompt + max_new_tokens - (delays - 1)).
 
         ``input_ids``/``attention_mask``: the tokenized text, one row per sibling;
-        ``prompt_codes``: (batch, codebooks, prompt) audio codes, or None.
+        ``prompt_codes``: (batch, codebooks, prompt) audio codes (stereo: the channels'
+        codebooks interleaved, as transformers lays them out), or None.
         ``on_step`` runs after each step and may raise to stop.
         """
         batch = input_ids.shape[0]
@@ -150,7 +155,7 @@ class MusicGenDecoder:
                 if len(in_flight) > 2:
                     in_flight.pop(0).synchronize()
             on_step()
-        return self._codes(state, batch, prompt + max_new_tokens - (self.codebooks - 1))
+        return self._codes(state, batch, prompt + max_new_tokens - (self.delays - 1))
 
     # -- set-up, per call ------------------------------------------------------------------
 
@@ -410,8 +415,9 @@ class MusicGenDecoder:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
 
     def _codes(self, state: _State, batch: int, count: int) -> torch.Tensor:
-        """Undo the delay: codebook k's codes start at position k + 1."""
+        """Undo the delay: row k's codes start at position k // channels + 1."""
         rows = state.seq.view(batch, self.codebooks, self.max_length)
+        starts = [k // self.channels + 1 for k in range(self.codebooks)]
         return torch.stack(
-            [rows[:, k, k + 1 : k + 1 + count] for k in range(self.codebooks)], dim=1
+            [rows[:, k, start : start + count] for k, start in enumerate(starts)], dim=1
         ).clone()

@@ -28,7 +28,9 @@ graphs); elsewhere, or with ``decoder="transformers"``, in transformers'
 ``generate``. Both give the same tokens when decoding greedily; seeded sampling
 differs between them (Sparrow's loop draws by inverse CDF from each sibling's
 pre-drawn uniforms), so a seed reproduces its audio on the same loop and device.
-Stereo checkpoints always use ``generate``.
+Stereo checkpoints (``audio_channels`` 2: each channel coded by the mono Encodec,
+the two channels' codebooks interleaved in the decoder) run on both loops; each
+channel is encoded and decoded on its own, as transformers does.
 
 Windows. MusicGen sees at most ``window`` codes, prompt included: the generation
 config's ``max_length`` less the delay pattern (1503 → 1500 codes, 30 s). A longer
@@ -206,7 +208,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         model.generation_config = greedy
         codebooks = int(decoder.num_codebooks) // int(decoder.audio_channels)
         own_loop = None
-        if self.decoder == "sparrow" and int(decoder.audio_channels) == 1:
+        if self.decoder == "sparrow":
             # Positions: the BOS, then a whole window of codes and the delay pattern.
             own_loop = MusicGenDecoder(model, max_length=(greedy.max_length or 1503) + 1)
         return _Loaded(
@@ -309,9 +311,14 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         codec: Any = m.model.audio_encoder
         prompt = None
         if "input_values" in inputs:
+            values, mask = inputs["input_values"], inputs.get("padding_mask")
             with torch.inference_mode():
-                encoded = codec.encode(inputs["input_values"], inputs.get("padding_mask"))
-            prompt = encoded.audio_codes[0]
+                # Stereo: each channel through the mono codec, codebooks interleaved.
+                per_channel = [
+                    codec.encode(values[:, c : c + 1], mask).audio_codes[0]
+                    for c in range(m.channels)
+                ]
+            prompt = torch.stack(per_channel, dim=2).flatten(1, 2)
         drawn = request.sampling
         codes = decoder.generate(
             inputs["input_ids"],
@@ -323,7 +330,13 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             on_step=on_step,
         )
         with torch.inference_mode():
-            audio = codec.decode(codes[None], [None] * len(codes)).audio_values
+            audio = torch.cat(
+                [
+                    codec.decode(codes[None, :, c :: m.channels], [None] * len(codes)).audio_values
+                    for c in range(m.channels)
+                ],
+                dim=1,
+            )
         return [a.T for a in audio.float().cpu().numpy()]
 
 

@@ -1,7 +1,7 @@
 """Tiny random-weight models, saved the way real checkpoints are, so tests run the real engines.
 
-    make_tiny_models(folder)     → TinyModels: a MusicGen folder and a Demucs repo, in ~1 s
-    make_tiny_musicgen(folder)   → a ``save_pretrained`` folder (model + processor)
+    make_tiny_models(folder)     → TinyModels: MusicGen folders (mono, stereo), a Demucs repo
+    make_tiny_musicgen(folder)   → a ``save_pretrained`` folder (model + processor); stereo too
     make_tiny_demucs(folder)     → a Demucs local repo holding one HTDemucs
     musicgen_shaped(size)        → (model, processor) shaped like facebook/musicgen-small/-medium
 
@@ -51,25 +51,30 @@ _WORDS = (
 @dataclass(frozen=True)
 class TinyModels:
     musicgen: Path  # a save_pretrained folder: config, weights, generation config, processor
+    musicgen_stereo: Path  # the same, stereo (as facebook/musicgen-stereo-*)
     demucs: Path  # a Demucs local repo folder
     demucs_name: str  # the model's signature inside that repo
 
 
 def make_tiny_models(folder: Path) -> TinyModels:
-    """Write a tiny MusicGen and a tiny HTDemucs under ``folder``."""
+    """Write a tiny MusicGen (mono and stereo) and a tiny HTDemucs under ``folder``."""
     return TinyModels(
         musicgen=make_tiny_musicgen(folder / "musicgen"),
+        musicgen_stereo=make_tiny_musicgen(folder / "musicgen-stereo", channels=2),
         demucs=make_tiny_demucs(folder / "demucs"),
         demucs_name=DEMUCS_NAME,
     )
 
 
-def make_tiny_musicgen(folder: Path, *, window_s: float = 30.0) -> Path:
+def make_tiny_musicgen(folder: Path, *, window_s: float = 30.0, channels: int = 1) -> Path:
     """A tiny MusicGen (T5 d_model 32, 2-layer decoder, 32 kHz Encodec, 4 codebooks).
 
     ``window_s`` sets the generation window (``max_length``) as musicgen's own
     generation config does for 30 s: a short window makes multi-window generation
-    cheap to test. The weights do not depend on it.
+    cheap to test. The weights do not depend on it. ``channels=2`` makes it stereo as
+    facebook/musicgen-stereo-* are: the decoder has 8 codebooks, each channel's 4
+    interleaved (left, right, left, …), over the same mono Encodec, and the feature
+    extractor takes two channels.
     """
     model = _random_musicgen(
         text=T5Config(
@@ -89,13 +94,14 @@ def make_tiny_musicgen(folder: Path, *, window_s: float = 30.0) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             ffn_dim=64,
-            num_codebooks=NUM_CODEBOOKS,
+            num_codebooks=NUM_CODEBOOKS * channels,
+            audio_channels=channels,
         ),
     )
     model.generation_config = _generation_config(window_s)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    _processor().save_pretrained(folder)
+    _processor(channels).save_pretrained(folder)
     return folder
 
 
@@ -234,7 +240,7 @@ def _generation_config(window_s: float) -> GenerationConfig:
     )
 
 
-def _processor() -> MusicgenProcessor:
+def _processor(channels: int = 1) -> MusicgenProcessor:
     """A T5-like word tokenizer (appends ``</s>``: even "" is one token) + Encodec's extractor."""
     vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", *_WORDS])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -244,7 +250,7 @@ def _processor() -> MusicgenProcessor:
     )
     return MusicgenProcessor(  # type: ignore[no-untyped-call]
         feature_extractor=EncodecFeatureExtractor(
-            feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0
+            feature_size=channels, sampling_rate=SAMPLE_RATE, padding_value=0.0
         ),
         tokenizer=PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
             tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
