@@ -18,7 +18,10 @@ Rows (``--only`` names):
 - ``cluster``: PostgreSQL, replicas and workers as real processes — jobs per minute
   with 1, 2 and 4 mock workers against 1, event latency on another replica against
   the writing one, the spine's CTE on PostgreSQL against SQLite (needs Debian's
-  ``postgresql`` server binaries; see ``bench.cluster``).
+  ``postgresql`` server binaries; see ``bench.cluster``);
+- ``analysis``: a 30 s node's analysis (ebur128 + librosa) and a continuation's
+  loudness matching against FFmpeg reading the same audio (audio s/s; asserts the
+  analysis takes under a second).
 
 ``--quick`` is CI-sized (under 2 minutes on 2 cores; it leaves out spine depth
 100,000); the full run takes about 5 minutes there. The machine is printed first,
@@ -44,6 +47,7 @@ GROUPS = {
     "export": "bench.export",
     "decode": "bench.musicgen_decode",
     "cluster": "bench.cluster",
+    "analysis": "bench.analysis",
 }
 
 
