@@ -108,7 +108,12 @@ class MediaStore:
         """The checked files of a path's nodes (``checked_node_audio``), each cut where it
         stops playing."""
         return [
-            Segment(await self.checked_node_audio(p.node), p.frames, p.node.sample_rate or 0)
+            Segment(
+                await self.checked_node_audio(p.node),
+                p.frames,
+                p.node.sample_rate or 0,
+                p.node.channels or 0,
+            )
             for p in path
         ]
 
@@ -122,7 +127,8 @@ class MediaStore:
             of_node = stems[p.node.id]
             rate = of_node.sample_rate or 0
             frames = min(of_node.frames or 0, round(p.play_s * rate))
-            segments.append(Segment(await self.checked_stem(of_node, stem), frames, rate))
+            path_of = await self.checked_stem(of_node, stem)
+            segments.append(Segment(path_of, frames, rate, of_node.channels or 0))
         return segments
 
     async def open_node_audio(self, node: Node) -> OpenedFile:

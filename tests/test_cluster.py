@@ -394,3 +394,28 @@ def test_a_key_s_queue_limit_holds_across_replicas(
 
         assert burst(keys[0], 8) == [202] * 2 + [429] * 6
         assert burst(keys[1], 3) == [202] * 2 + [429]
+
+
+def test_every_node_is_analysed_once_by_a_worker_and_announced_on_every_replica(
+    cluster: Cluster,
+) -> None:
+    """The replicas run no analyser; one of the two workers claims each node, and its
+    ``node-analysis`` event reaches a stream on either replica."""
+    a, b = cluster.replicas[0].base, cluster.replicas[1].base
+    assert a is not None and b is not None
+    with cluster.client(0) as client:
+        chain_id, root = upload_sample(client)
+        (node,) = branch(client, root["id"], seed=3, duration_s=2)
+        wait_ready_node(client, node["id"])
+
+        def analysed(messages: list[Message]) -> bool:
+            done = {m.json["node_id"] for m in messages if m.event == "node-analysis"}
+            return {root["id"], node["id"]} <= done
+
+        for base in (a, b):
+            events_of(base, chain_id, analysed)
+        shown = client.get(f"/api/nodes/{root['id']}").json()["analysis"]
+        assert (round(shown["tempo_bpm"]), shown["key"]) == (130, "B major")  # the sample
+        time.sleep(1.5)  # room for a second analysis, if both workers took one node
+        log = events_of(b, chain_id, analysed)
+        assert sum(m.event == "node-analysis" for m in log) == 2

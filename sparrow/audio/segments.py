@@ -8,11 +8,13 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Segment:
-    """The first ``frames`` frames of the WAV at ``path`` (whose rate is ``sample_rate``)."""
+    """The first ``frames`` frames of the WAV at ``path`` (whose rate is ``sample_rate``, in
+    ``channels`` channels)."""
 
     path: Path
     frames: int
     sample_rate: int
+    channels: int
 
     @property
     def duration_s(self) -> float:

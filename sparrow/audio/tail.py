@@ -5,7 +5,9 @@ plays (``sparrow.models.played``). The segments of that path can differ in rate
 and layout (a 44.1 kHz stereo upload followed by 32 kHz mono continuations), so
 the tail is read by one FFmpeg process that trims each segment it needs to its
 frames (``atrim`` counts frames exactly, so the tail ends exactly where the path
-does), resamples and remixes it to the engine's format, and concatenates them.
+does), resamples and remixes it to the engine's format (a mono segment for a
+stereo engine goes to both sides at full level, as the export plays it), and
+concatenates them.
 """
 
 from __future__ import annotations
@@ -64,11 +66,15 @@ async def read_tail(
         args += ["-f", "wav", "-i", str(segment.path.absolute())]
     layout = "mono" if channels == 1 else "stereo"
     convert = f"aresample={sample_rate},aformat=sample_fmts=flt:channel_layouts={layout}"
-    chains = [
-        f"[{i}:a]atrim=start_sample={start}:end_sample={segment.frames},"
-        f"asetpts=PTS-STARTPTS,{convert}[a{i}]"
-        for i, (segment, start) in enumerate(needed)
-    ]
+
+    def chain(i: int, segment: Segment, start: int) -> str:
+        steps = [f"atrim=start_sample={start}:end_sample={segment.frames}", "asetpts=PTS-STARTPTS"]
+        if segment.channels == 1 and channels == 2:
+            # Both sides at full level, as a player plays mono (FFmpeg's upmix is -3 dB).
+            steps.append("pan=stereo|c0=c0|c1=c0")
+        return f"[{i}:a]{','.join([*steps, convert])}[a{i}]"
+
+    chains = [chain(i, segment, start) for i, (segment, start) in enumerate(needed)]
     joined = "".join(f"[a{i}]" for i in range(len(needed)))
     graph = ";".join([*chains, f"{joined}concat=n={len(needed)}:v=0:a=1[out]"])
 

@@ -66,6 +66,7 @@ class Analyser:
         self.media = media
         self.settings = settings
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.analysed = 0  # nodes, since start
         self.last_s: float | None = None  # seconds the last analysis took
 
@@ -73,8 +74,12 @@ class Analyser:
         self._task = asyncio.create_task(self._run(), name="sparrow-analyser")
 
     async def stop(self) -> None:
+        """Stop at once: the running analysis is abandoned (its node is taken up again once
+        its claim is stale). The flag ends the loop even where a cancellation is absorbed
+        (a thread call that is shielded from it)."""
         if self._task is None:
             return
+        self._stopping.set()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -93,15 +98,19 @@ class Analyser:
     async def _run(self) -> None:
         # The kernels compile once, before the first node waits for them (seconds).
         await anyio.to_thread.run_sync(warm, abandon_on_cancel=True)
-        while True:
+        while not self._stopping.is_set():
             try:
                 done = await self._next()
             except Exception:
                 log.exception("node analysis failed; trying the next node")
-                done = True
-                await asyncio.sleep(FAILED_WAIT_S)
+                done = False
+                await self._idle(FAILED_WAIT_S)
             if not done:
-                await asyncio.sleep(POLL_S)
+                await self._idle(POLL_S)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _next(self) -> bool:
         """Analyse one waiting node; False if none is waiting."""

@@ -329,7 +329,7 @@ class StemsService:
         path = await self.media.checked_node_audio(node)
         duration_s = node.duration_s or 0.0
         audio = await read_tail(
-            [Segment(path, node.frames or 0, node.sample_rate or 0)],
+            [Segment(path, node.frames or 0, node.sample_rate or 0, node.channels or 0)],
             duration_s + 1.0,  # more than all of it: nothing is cut
             sample_rate=self.engine.sample_rate,
             channels=self.engine.channels,
