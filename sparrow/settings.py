@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         description="MusicGen decoding loop: Sparrow's (static cache, CUDA graphs) or "
         "transformers' generate; auto: Sparrow's on CUDA.",
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="torch's CPU threads while MusicGen generates on the CPU; 0: one for a "
+        "narrow model (the tiny ones), every usable core otherwise.",
+    )
     demucs_model: str = "htdemucs"
     demucs_repo: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -249,3 +249,71 @@ def test_tiny_demucs_separates_into_four_stems(tiny_models: TinyModels) -> None:
     _, stems = separator.separate_tensor(mix, 44_100)
     assert sorted(stems) == sorted(DEMUCS_SOURCES)
     assert all(tuple(stem.shape) == (2, 2 * 44_100) for stem in stems.values())
+
+
+def test_the_loop_self_check_passes_where_the_loop_is_exact(tiny_models: TinyModels) -> None:
+    """The check a CUDA load runs, run here on the CPU: Sparrow's loop keeps the job."""
+    for folder in (tiny_models.musicgen, tiny_models.musicgen_stereo):
+        engine = MusicGenEngine(str(folder), device="cpu", decoder="sparrow", check_loop=True)
+        engine.load()
+        assert engine.info().extra == {"decoder": "sparrow", "decoder_check": "passed"}
+
+
+def test_a_loop_that_disagrees_falls_back_to_generate(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sparrow.engines.decoding import MusicGenDecoder
+
+    real = MusicGenDecoder.generate
+
+    def off_by_one(self: MusicGenDecoder, *args: Any, **kwargs: Any) -> torch.Tensor:
+        codes = real(self, *args, **kwargs).clone()
+        codes[0, 1, 5] = (codes[0, 1, 5] + 1) % 2048
+        return codes
+
+    monkeypatch.setattr(MusicGenDecoder, "generate", off_by_one)
+    engine = MusicGenEngine(
+        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
+    )
+    engine.load()
+    info = engine.info().extra
+    assert info["decoder"] == "transformers"
+    assert info["decoder_check"].startswith("not used: its greedy tokens differ")
+    assert "codebook 1, code 5" in info["decoder_check"]
+    assert any("decoding loop is not used" in r.getMessage() for r in caplog.records)
+    # It still generates, through transformers' generate.
+    (audio,) = engine.generate(ask(noise(0.5), 0.3, 1), ignore)
+    assert audio.shape == (frames_for(0.3, SR), 1)
+
+    def broken(self: MusicGenDecoder, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("CUDA graph capture failed")
+
+    monkeypatch.setattr(MusicGenDecoder, "generate", broken)
+    engine = MusicGenEngine(
+        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
+    )
+    engine.load()
+    assert engine.info().extra["decoder_check"] == (
+        "not used: it failed on this device (RuntimeError: CUDA graph capture failed)"
+    )
+
+
+@pytest.mark.parametrize(("requested", "expected"), [(0, 1), (2, 2)])
+def test_generation_on_the_cpu_runs_with_the_chosen_threads(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, requested: int, expected: int
+) -> None:
+    """A narrow model decodes on one thread unless told otherwise (SPARROW_TORCH_THREADS);
+    the count is the caller's again afterwards."""
+    from sparrow.engines.torch_device import cpu_threads_for
+
+    assert cpu_threads_for(0, 1024) >= 1 and cpu_threads_for(3, 32) == 3
+    engine = MusicGenEngine(str(tiny_models.musicgen), device="cpu", threads=requested)
+    seen: list[int] = []
+
+    def watching(fraction: float) -> None:
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    engine.generate(ask(noise(0.5), 0.2, 1), watching)
+    assert seen and set(seen) == {expected}
+    assert torch.get_num_threads() == before

@@ -310,6 +310,12 @@ class EngineOut(BaseModel):
     decoder: str | None = Field(
         description="MusicGen's decoding loop: `sparrow` or `transformers` (null otherwise)."
     )
+    decoder_check: str | None = Field(
+        default=None,
+        description="On CUDA, the check at load that Sparrow's loop gives transformers' greedy "
+        "tokens: `passed`, or `not used: <why>` (the engine then decodes with `generate`); "
+        "null where it did not run.",
+    )
 
     @classmethod
     def of(cls, info: EngineInfo) -> EngineOut:
@@ -320,6 +326,7 @@ class EngineOut(BaseModel):
             dtype=info.dtype,
             loaded=info.loaded,
             decoder=info.extra.get("decoder"),
+            decoder_check=info.extra.get("decoder_check"),
         )
 
 

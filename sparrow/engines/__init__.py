@@ -38,7 +38,10 @@ def build_engine(settings: Settings) -> GenerationEngine:
             f"The musicgen engine needs torch and transformers (pip install 'sparrow[ml]'): {exc}.",
         )
     return MusicGenEngine(
-        settings.musicgen_model, device=settings.device, decoder=settings.musicgen_decoder
+        settings.musicgen_model,
+        device=settings.device,
+        decoder=settings.musicgen_decoder,
+        threads=settings.torch_threads,
     )
 
 

@@ -421,3 +421,15 @@ class MusicGenDecoder:
         return torch.stack(
             [rows[:, k, start : start + count] for k, start in enumerate(starts)], dim=1
         ).clone()
+
+
+def prompt_codes(codec: Any, values: torch.Tensor, padding_mask: Any = None) -> torch.Tensor:
+    """Encodec's codes of prompt audio (batch, channels, samples) as the decoder reads them,
+    (batch, codebooks, codes): each channel through the mono codec, and in stereo the
+    channels' codebooks interleaved (left, right, left, …), as transformers lays them out."""
+    with torch.inference_mode():
+        per_channel = [
+            codec.encode(values[:, c : c + 1], padding_mask).audio_codes[0]
+            for c in range(values.shape[1])
+        ]
+    return torch.stack(per_channel, dim=2).flatten(1, 2)

@@ -24,8 +24,10 @@ or as the third of four siblings; each sibling's audio is also decoded on its ow
 
 Decoding loop. On CUDA the steps run in Sparrow's own loop
 (``sparrow.engines.decoding``: static KV cache, sampling on the device, CUDA
-graphs); elsewhere, or with ``decoder="transformers"``, in transformers'
-``generate``. Both give the same tokens when decoding greedily; seeded sampling
+graphs), once a self-check at load has found it gives ``generate``'s greedy
+tokens on that device (``sparrow.engines.self_check``; otherwise ``generate`` is
+used and ``info()`` says why); elsewhere, or with ``decoder="transformers"``, in
+transformers' ``generate``. Both give the same tokens when decoding greedily; seeded sampling
 differs between them (Sparrow's loop draws by inverse CDF from each sibling's
 pre-drawn uniforms), so a seed reproduces its audio on the same loop and device.
 Stereo checkpoints (``audio_channels`` 2: each channel coded by the mono Encodec,
@@ -48,6 +50,7 @@ decoding steps over all windows.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +70,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from sparrow.engines import self_check
 from sparrow.engines.base import (
     Audio,
     Continuation,
@@ -75,9 +79,16 @@ from sparrow.engines.base import (
     Progress,
     frames_for,
 )
-from sparrow.engines.decoding import Draws, MusicGenDecoder
-from sparrow.engines.torch_device import resolve_device, torch_failures
+from sparrow.engines.decoding import Draws, MusicGenDecoder, prompt_codes
+from sparrow.engines.torch_device import (
+    cpu_threads,
+    cpu_threads_for,
+    resolve_device,
+    torch_failures,
+)
 from sparrow.errors import EngineUnavailable, GenerationFailed
+
+log = logging.getLogger(__name__)
 
 STRIDE = 0.6  # share of a window that is new audio when more remains after it
 JOIN_S = 0.02  # crossfade between windows of one node
@@ -115,6 +126,7 @@ class _Loaded:
     codebooks: int
     window: int  # codes per window, prompt included
     decoder: MusicGenDecoder | None  # Sparrow's loop, or None for transformers' generate
+    cpu_threads: int | None  # torch's threads while generating; None: not on the CPU
 
 
 DECODERS = ("auto", "sparrow", "transformers")
@@ -128,7 +140,19 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
     or ``auto``: Sparrow's on CUDA, transformers' elsewhere.
     """
 
-    def __init__(self, model: str, device: str = "auto", decoder: str = "auto") -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        decoder: str = "auto",
+        *,
+        check_loop: bool | None = None,
+        threads: int = 0,
+    ) -> None:
+        """``check_loop``: compare Sparrow's loop with ``generate`` when the model loads
+        (``sparrow.engines.self_check``); None: on CUDA, where no test has run it.
+        ``threads``: torch's CPU threads while generating on the CPU; 0: chosen by the
+        model's width (``cpu_threads_for``)."""
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}")
         self.model = model
@@ -136,6 +160,9 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         self.decoder = decoder
         if decoder == "auto":
             self.decoder = "sparrow" if self.device.startswith("cuda") else "transformers"
+        self.check_loop = self.device.startswith("cuda") if check_loop is None else check_loop
+        self.loop_check: str | None = None  # "passed", or why the loop is not used
+        self.threads = threads
         super().__init__()
 
     @classmethod
@@ -159,9 +186,10 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         loaded = self._loaded
         dtype = str(loaded.model.decoder.dtype).removeprefix("torch.") if loaded else None
         loop = self.decoder if loaded is None or loaded.decoder else "transformers"
-        return EngineInfo(
-            "musicgen", self.model, self.device, loaded is not None, dtype, {"decoder": loop}
-        )
+        extra: dict[str, Any] = {"decoder": loop}
+        if self.loop_check is not None:
+            extra["decoder_check"] = self.loop_check
+        return EngineInfo("musicgen", self.model, self.device, loaded is not None, dtype, extra)
 
     def _load(self) -> _Loaded:
         where = f"MusicGen model {self.model!r}"
@@ -211,6 +239,14 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         if self.decoder == "sparrow":
             # Positions: the BOS, then a whole window of codes and the delay pattern.
             own_loop = MusicGenDecoder(model, max_length=(greedy.max_length or 1503) + 1)
+            if self.check_loop:
+                problem = self_check.failure(model, processor, own_loop)
+                self.loop_check = "passed" if problem is None else f"not used: {problem}"
+                if problem is not None:
+                    log.warning(
+                        "Sparrow's decoding loop is not used on %s: %s", self.device, problem
+                    )
+                    own_loop = None
         return _Loaded(
             model=model,
             processor=processor,
@@ -222,6 +258,11 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             codebooks=codebooks,
             window=(greedy.max_length or 1503) - (codebooks - 1),
             decoder=own_loop,
+            cpu_threads=(
+                cpu_threads_for(self.threads, int(decoder.hidden_size))
+                if self.device == "cpu"
+                else None
+            ),
         )
 
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
@@ -246,9 +287,12 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         whole = len(request.context) - len(request.context) % m.hop
         tails = [request.context[len(request.context) - whole :]] * request.count
         made: list[list[Audio]] = [[] for _ in request.seeds]
-        with torch_failures(
-            "MusicGen failed while generating",
-            out_of_memory="MusicGen ran out of GPU memory; try fewer siblings.",
+        with (
+            cpu_threads(m.cpu_threads),
+            torch_failures(
+                "MusicGen failed while generating",
+                out_of_memory="MusicGen ran out of GPU memory; try fewer siblings.",
+            ),
         ):
             # Sparrow's loop draws its uniforms on the CPU, whatever the device.
             where = "cpu" if m.decoder else m.model.device
@@ -311,14 +355,7 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         codec: Any = m.model.audio_encoder
         prompt = None
         if "input_values" in inputs:
-            values, mask = inputs["input_values"], inputs.get("padding_mask")
-            with torch.inference_mode():
-                # Stereo: each channel through the mono codec, codebooks interleaved.
-                per_channel = [
-                    codec.encode(values[:, c : c + 1], mask).audio_codes[0]
-                    for c in range(m.channels)
-                ]
-            prompt = torch.stack(per_channel, dim=2).flatten(1, 2)
+            prompt = prompt_codes(codec, inputs["input_values"], inputs.get("padding_mask"))
         drawn = request.sampling
         codes = decoder.generate(
             inputs["input_ids"],
