@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench import servers
-from bench.seed import create_chain, wav_bytes
+from bench.seed import analysed, create_chain, wav_bytes
 from bench.table import Options, Row
 from bench.timing import rotations
 
@@ -48,6 +48,7 @@ FULL = Sizes(rounds=25, requests=80)
 def seed_routes(client: httpx.Client, folder: Path) -> dict[str, str]:
     """Create ``CHAINS`` chains; the paths to compare, by a label for the table."""
     created = [create_chain(client, wav_bytes(folder, 1.0, seed=i)) for i in range(CHAINS)]
+    analysed(client, [c["root"]["id"] for c in created])
     root_id = created[-1]["root"]["id"]
     return {
         f"GET /api/chains ({CHAINS} chains)": "/api/chains",

@@ -30,6 +30,17 @@ def create_chain(client: httpx.Client, audio: bytes, name: str = "clip.wav") -> 
     return created
 
 
+def analysed(client: httpx.Client, node_ids: list[str]) -> None:
+    """Wait until every node's analysis is recorded: the server's analyser is idle again,
+    so a measurement that follows does not share the CPU with it."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for node_id in node_ids:
+        while client.get(f"/api/nodes/{node_id}").json()["analysis"] is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node_id} was not analysed in {READY_TIMEOUT_S:g} s")
+            time.sleep(0.05)
+
+
 def ready_branch(client: httpx.Client, parent_id: str, duration_s: float = 0.5) -> str:
     """Branch one continuation under ``parent_id`` and wait until it is ready; its id."""
     response = client.post(

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from bench import servers
-from bench.seed import create_chain, ready_branch, wav_bytes
+from bench.seed import analysed, create_chain, ready_branch, wav_bytes
 from bench.table import Options, Row
 
 AUDIENCES = (1, 100, 500)
@@ -180,6 +180,7 @@ def prepare(url: str, folder: Path) -> list[Audience]:
             created = create_chain(client, wav_bytes(folder, 1.0, seed=i))
             branch = ready_branch(client, created["root"]["id"])
             audiences.append(Audience(created["chain"]["id"], branch, size))
+            analysed(client, [created["root"]["id"], branch])
     return audiences
 
 

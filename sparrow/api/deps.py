@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the way routes reach the services the lifespan built, and the caller."""
+"""FastAPI dependencies: the way routes reach the services the lifespan built, and the caller.
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in its
+thread pool, one thread hop per dependency per request, for work that is one
+attribute read.
+"""
 
 from __future__ import annotations
 
@@ -67,63 +72,63 @@ async def get_stream_caller(
 StreamCallerDep = Annotated[Caller, Depends(get_stream_caller)]
 
 
-def get_chains(request: Request) -> ChainService:
+async def get_chains(request: Request) -> ChainService:
     return get_services(request).chains
 
 
 Chains = Annotated[ChainService, Depends(get_chains)]
 
 
-def get_generation(request: Request) -> GenerationService:
+async def get_generation(request: Request) -> GenerationService:
     return get_services(request).generation
 
 
 Generation = Annotated[GenerationService, Depends(get_generation)]
 
 
-def get_stems(request: Request) -> StemsService:
+async def get_stems(request: Request) -> StemsService:
     return get_services(request).stems
 
 
 StemsDep = Annotated[StemsService, Depends(get_stems)]
 
 
-def get_exports(request: Request) -> ExportService:
+async def get_exports(request: Request) -> ExportService:
     return get_services(request).exports
 
 
 Exports = Annotated[ExportService, Depends(get_exports)]
 
 
-def get_events(request: Request) -> EventsService:
+async def get_events(request: Request) -> EventsService:
     return get_services(request).events
 
 
 Events = Annotated[EventsService, Depends(get_events)]
 
 
-def get_system(request: Request) -> SystemService:
+async def get_system(request: Request) -> SystemService:
     return get_services(request).system
 
 
 System = Annotated[SystemService, Depends(get_system)]
 
 
-def get_health(request: Request) -> HealthService:
+async def get_health(request: Request) -> HealthService:
     return get_services(request).health
 
 
 HealthDep = Annotated[HealthService, Depends(get_health)]
 
 
-def get_keys(request: Request) -> KeyService:
+async def get_keys(request: Request) -> KeyService:
     return get_services(request).keys
 
 
 Keys = Annotated[KeyService, Depends(get_keys)]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return get_services(request).settings
 
 

@@ -139,7 +139,7 @@ class Zoom:
     split_channels: bool
 
 
-def zoom(
+async def zoom(
     pixels_per_second: Annotated[int | None, Query(ge=1, le=192_000)] = None,
     samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
     split_channels: bool = False,
