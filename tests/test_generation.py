@@ -301,7 +301,7 @@ async def test_an_engine_that_cannot_load_fails_the_job_not_the_worker(
 async def test_gpu_reports_engine_and_queue(client: httpx.AsyncClient, app: FastAPI) -> None:
     gpu = (await client.get("/api/gpu")).json()
     mock = {"engine": "mock", "model": "mock", "device": "cpu", "dtype": None, "loaded": True}
-    mock["decoder"] = None
+    mock |= {"decoder": None, "decoder_check": None}
     assert gpu == {
         "generation": mock,
         "stems": {**mock, "model": gpu["stems"]["model"]},
