@@ -21,7 +21,10 @@ Rows (``--only`` names):
   ``postgresql`` server binaries; see ``bench.cluster``);
 - ``analysis``: a 30 s node's analysis (ebur128 + librosa) and a continuation's
   loudness matching against FFmpeg reading the same audio (audio s/s; asserts the
-  analysis takes under a second).
+  analysis takes under a second);
+- ``concurrency``: 8 single-sibling branch requests on 8 chains sent at once against
+  one alone, on the tiny MusicGen in a real ``sparrow serve`` (s until all are ready;
+  needs the ml extra).
 
 ``--quick`` is CI-sized (under 2 minutes on 2 cores; it leaves out spine depth
 100,000); the full run takes about 5 minutes there. The machine is printed first,
@@ -48,6 +51,7 @@ GROUPS = {
     "decode": "bench.musicgen_decode",
     "cluster": "bench.cluster",
     "analysis": "bench.analysis",
+    "concurrency": "bench.concurrency",
 }
 
 
