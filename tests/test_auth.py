@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -51,10 +52,16 @@ async def test_keys_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path: P
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             ok = await client.get("/api/chains", headers={"Authorization": f"Bearer {key}"})
             assert ok.status_code == 200
-            assert sparrow_cli(data, "keys", "set-tier", key_id, "free").returncode == 0
+            # In a thread: the app's loop keeps running (a write it has begun can commit)
+            # while the other process waits for the database.
+            tiered = await anyio.to_thread.run_sync(
+                sparrow_cli, data, "keys", "set-tier", key_id, "free"
+            )
+            assert tiered.returncode == 0, tiered.stderr
             caller = await services(app).keys.caller(key)
             assert caller.tier is Tier.FREE
-            assert sparrow_cli(data, "keys", "revoke", key_id).returncode == 0
+            revoked = await anyio.to_thread.run_sync(sparrow_cli, data, "keys", "revoke", key_id)
+            assert revoked.returncode == 0, revoked.stderr
             gone = await client.get("/api/chains", headers={"Authorization": f"Bearer {key}"})
             assert gone.status_code == 401
     missing = sparrow_cli(data, "keys", "revoke", "no-such-key")
