@@ -10,7 +10,13 @@ from fastapi import APIRouter, Request, Response
 from sparrow.api.deps import CallerDep, Exports
 from sparrow.api.errors import responses
 from sparrow.api.files import serve_file
-from sparrow.api.nodes import PEAKS_ROUTE, WAV_RESPONSES, ZoomDep, peaks_response
+from sparrow.api.nodes import (
+    PEAKS_ROUTE,
+    WAV_RESPONSES,
+    PixelsPerSecond,
+    SamplesPerPixel,
+    peaks_response,
+)
 from sparrow.api.schemas import ExportIn
 from sparrow.audio.join import MEDIA_TYPES
 from sparrow.domain.chains import samples_per_pixel_for
@@ -92,7 +98,13 @@ async def spine_audio(
 
 @router.get("/chains/{chain_id}/spine/peaks", **PEAKS_ROUTE)
 async def spine_peaks(
-    chain_id: str, request: Request, exports: Exports, caller: CallerDep, zoom: ZoomDep
+    chain_id: str,
+    request: Request,
+    exports: Exports,
+    caller: CallerDep,
+    pixels_per_second: PixelsPerSecond = None,
+    samples_per_pixel: SamplesPerPixel = None,
+    split_channels: bool = False,
 ) -> Response:
     """The peaks of ``GET …/spine/audio``, in the node peaks' format and parameters."""
     audio = await exports.spine_audio(caller, chain_id)
@@ -101,13 +113,11 @@ async def spine_peaks(
             audio.layout.sample_rate,
             audio.layout.frames,
             audio.layout.channels,
-            pixels_per_second=zoom.pixels_per_second,
-            samples_per_pixel=zoom.samples_per_pixel,
-            split_channels=zoom.split_channels,
+            pixels_per_second=pixels_per_second,
+            samples_per_pixel=samples_per_pixel,
+            split_channels=split_channels,
         )
     except BaseException:
         audio.export.file.close()
         raise
-    return await peaks_response(
-        request, audio.export.file, audio.export.key, spp, zoom.split_channels
-    )
+    return await peaks_response(request, audio.export.file, audio.export.key, spp, split_channels)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from sparrow.api.deps import CallerDep, Chains, Generation
 from sparrow.api.errors import responses
@@ -130,24 +129,8 @@ async def node_audio(node_id: str, request: Request, chains: Chains, caller: Cal
     )
 
 
-@dataclass(frozen=True)
-class Zoom:
-    """The zoom of a peaks request, as its query gives it."""
-
-    pixels_per_second: int | None
-    samples_per_pixel: int | None
-    split_channels: bool
-
-
-async def zoom(
-    pixels_per_second: Annotated[int | None, Query(ge=1, le=192_000)] = None,
-    samples_per_pixel: Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)] = None,
-    split_channels: bool = False,
-) -> Zoom:
-    return Zoom(pixels_per_second, samples_per_pixel, split_channels)
-
-
-ZoomDep = Annotated[Zoom, Depends(zoom)]
+PixelsPerSecond = Annotated[int | None, Query(ge=1, le=192_000)]
+SamplesPerPixel = Annotated[int | None, Query(ge=2, le=MAX_SAMPLES_PER_PIXEL)]
 
 PEAKS_ROUTE: dict[str, Any] = {
     "summary": "Waveform peaks (BBC audiowaveform JSON v2, 8-bit)",
@@ -182,13 +165,19 @@ async def peaks_response(
 
 @router.get("/nodes/{node_id}/peaks", **PEAKS_ROUTE)
 async def node_peaks(
-    node_id: str, request: Request, chains: Chains, caller: CallerDep, zoom: ZoomDep
+    node_id: str,
+    request: Request,
+    chains: Chains,
+    caller: CallerDep,
+    pixels_per_second: PixelsPerSecond = None,
+    samples_per_pixel: SamplesPerPixel = None,
+    split_channels: bool = False,
 ) -> Response:
     node, opened, spp = await chains.peaks_source(
         caller,
         node_id,
-        pixels_per_second=zoom.pixels_per_second,
-        samples_per_pixel=zoom.samples_per_pixel,
-        split_channels=zoom.split_channels,
+        pixels_per_second=pixels_per_second,
+        samples_per_pixel=samples_per_pixel,
+        split_channels=split_channels,
     )
-    return await peaks_response(request, opened, node.audio_sha256 or "", spp, zoom.split_channels)
+    return await peaks_response(request, opened, node.audio_sha256 or "", spp, split_channels)
