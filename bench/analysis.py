@@ -29,18 +29,12 @@ from pathlib import Path
 from bench.table import Options, Row
 from bench.timing import interleaved
 from sparrow.audio import loudness, render_music, write_wav
-from sparrow.audio.analysis import analyse_file, warm
+from sparrow.audio.analysis import warm
 from sparrow.audio.ffmpeg import run_ffmpeg
-from sparrow.domain.analysis import analysis_of
+from sparrow.domain.analysis import analyse_audio
 
 RATE = 32_000
 BUDGET_S = 1.0  # for a 30 s node
-
-
-async def analyse(path: Path) -> dict[str, object]:
-    level = await loudness.measure(path)
-    musical = await asyncio.to_thread(analyse_file, path)
-    return analysis_of(level, musical.tempo_bpm, musical.key)
 
 
 async def read(path: Path) -> None:
@@ -65,7 +59,7 @@ async def measure(seconds: float, repeat: int) -> dict[str, float]:
             await loudness.match(samples, RATE, -16.0, folder=folder)
 
         times = await interleaved(
-            {"analysis": lambda: analyse(path), "match": match, "read": lambda: read(path)},
+            {"analysis": lambda: analyse_audio(path), "match": match, "read": lambda: read(path)},
             repeat,
         )
         return {**times, "warm": warm_s, "seconds": seconds}

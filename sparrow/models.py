@@ -81,7 +81,12 @@ def new_id() -> str:
 
 def utc_now() -> str:
     """The current time as an ISO 8601 UTC string with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(datetime.now(UTC))
+
+
+def iso_utc(moment: datetime) -> str:
+    """A UTC moment as the ISO 8601 string with milliseconds that rows record."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

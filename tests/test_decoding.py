@@ -21,7 +21,7 @@ pytest.importorskip("demucs", reason=ML_REASON)
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
 
-from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder
+from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder, prompt_codes
 from sparrow.engines.tiny import make_tiny_musicgen
 
 SR = 32_000
@@ -65,9 +65,7 @@ class Tiny:
     ) -> torch.Tensor:
         prompt = None
         if "input_values" in inputs:
-            prompt = self.codec.encode(
-                inputs["input_values"], inputs.get("padding_mask")
-            ).audio_codes[0]
+            prompt = prompt_codes(self.codec, inputs["input_values"], inputs.get("padding_mask"))
         return self.decoder.generate(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -197,20 +195,8 @@ def test_stereo_greedy_tokens_equal_transformers(
     stereo.model.generate(**inputs, do_sample=False, guidance_scale=guidance, max_new_tokens=new)
     left, right = stereo.seen  # transformers decodes each channel on its own
     expected = interleaved(left, right)
-    prompt = None
     if audio is not None:
-        values, mask = inputs["input_values"], inputs.get("padding_mask")
-        assert values.shape[1] == 2
-        prompt = interleaved(
-            *(stereo.codec.encode(values[:, c : c + 1], mask).audio_codes[0] for c in (0, 1))
-        )
-    got = stereo.decoder.generate(
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        prompt,
-        max_new_tokens=new,
-        guidance_scale=guidance,
-        sampling=None,
-    )
+        assert inputs["input_values"].shape[1] == 2
+    got = stereo.ours(inputs, new, guidance)
     assert got.shape == expected.shape == (len(texts), 8, expected.shape[-1])
     assert torch.equal(got, expected)

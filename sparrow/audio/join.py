@@ -112,11 +112,11 @@ class JoinPlan:
         return self.total_frames / self.sample_rate
 
 
-Played = Path | Segment
+Source = Path | Segment
 """A WAV that plays whole (a path), or its first frames (a ``Segment``)."""
 
 
-def plan_join(paths: Sequence[Played], *, format: ExportFormat, crossfade_ms: float) -> JoinPlan:
+def plan_join(paths: Sequence[Source], *, format: ExportFormat, crossfade_ms: float) -> JoinPlan:
     """The plan for joining the WAVs at ``paths`` (headers only, no samples read).
 
     Raises ``InvalidInput`` for no segments, more than ``MAX_SEGMENTS``, a
@@ -170,7 +170,7 @@ def plan_join(paths: Sequence[Played], *, format: ExportFormat, crossfade_ms: fl
 
 
 async def join_segments(
-    paths: Sequence[Played],
+    paths: Sequence[Source],
     dst: Path,
     *,
     format: ExportFormat,
@@ -302,11 +302,11 @@ def output_problem(path: Path, plan: JoinPlan, format: ExportFormat) -> str | No
     return None
 
 
-def _path(played: Played) -> Path:
+def _path(played: Source) -> Path:
     return played if isinstance(played, Path) else played.path
 
 
-def _cut(played: Played, layout: WavLayout, index: int) -> int | None:
+def _cut(played: Source, layout: WavLayout, index: int) -> int | None:
     """The frames of a segment's file that play, if not all of them."""
     if isinstance(played, Path) or played.frames >= layout.frames:
         return None
@@ -335,7 +335,7 @@ def _mp3_rate(top: int) -> int:
 
 
 def _args(
-    paths: Sequence[Played],
+    paths: Sequence[Source],
     plan: JoinPlan,
     format: ExportFormat,
     tmp: Path,

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,7 +34,7 @@ from sparrow.errors import SparrowError
 from sparrow.events import NodeAnalysed
 from sparrow.jobs import persistently
 from sparrow.media import MediaStore
-from sparrow.models import Node
+from sparrow.models import Node, iso_utc
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 
@@ -58,6 +59,16 @@ def analysis_of(
         "loudness_lufs": None if level.silent else finite(level.integrated_lufs),
         "true_peak_dbtp": finite(level.true_peak_dbtp),
     }
+
+
+async def analyse_audio(
+    path: Path, *, ffmpeg: str | None = None, timeout_s: float = loudness.TIMEOUT_S
+) -> dict[str, Any]:
+    """The analysis of the WAV at ``path``: FFmpeg's ebur128, then librosa in a thread."""
+    level = await loudness.measure(path, ffmpeg=ffmpeg, timeout_s=timeout_s)
+    # Abandoned on shutdown: the thread only reads.
+    musical = await anyio.to_thread.run_sync(analyse_file, path, abandon_on_cancel=True)
+    return analysis_of(level, musical.tempo_bpm, musical.key)
 
 
 class Analyser:
@@ -88,12 +99,9 @@ class Analyser:
     async def analyse(self, node: Node) -> dict[str, Any]:
         """The analysis of a ready node's audio."""
         path = await self.media.checked_node_audio(node)
-        level = await loudness.measure(
+        return await analyse_audio(
             path, ffmpeg=self.settings.ffmpeg, timeout_s=self.settings.decode_timeout_s
         )
-        # Abandoned on shutdown: the thread only reads.
-        musical = await anyio.to_thread.run_sync(analyse_file, path, abandon_on_cancel=True)
-        return analysis_of(level, musical.tempo_bpm, musical.key)
 
     async def _run(self) -> None:
         # The kernels compile once, before the first node waits for them (seconds).
@@ -115,12 +123,12 @@ class Analyser:
     async def _next(self) -> bool:
         """Analyse one waiting node; False if none is waiting."""
         now = datetime.now(UTC)
-        stale = _iso(now - timedelta(seconds=CLAIM_S))
+        stale = iso_utc(now - timedelta(seconds=CLAIM_S))
         node_id = await self.store.next_unanalysed(stale)
         if node_id is None:
             return False
         async with self.store.write() as w:
-            node = await w.claim_analysis(node_id, _iso(now), stale)
+            node = await w.claim_analysis(node_id, iso_utc(now), stale)
         if node is None:
             return True  # another analyser took it, or it went meanwhile
         started = time.monotonic()
@@ -140,7 +148,3 @@ class Analyser:
         self.analysed += 1
         log.debug("analysed node %s in %.2f s: %s", node.id, self.last_s, analysis)
         return True
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
