@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import psycopg
@@ -43,7 +43,7 @@ from sparrow.domain.system import RunningJob, WorkerView
 from sparrow.engines import EngineInfo
 from sparrow.errors import StorageUnavailable
 from sparrow.events import ChainDeleted, EventHub
-from sparrow.jobs import Execution, JobControl, Runner, persistently
+from sparrow.jobs import Execution, JobControl, Runner, forget_running, persistently
 from sparrow.models import Job, JobKind, NodeError, new_id
 from sparrow.settings import Settings
 from sparrow.store import ChainStore, ChainWriter
@@ -81,7 +81,7 @@ class PostgresQueue:
     def __init__(self, db: PostgresDatabase) -> None:
         self.db = db
         self.app = App(connector=PsycopgConnector())
-        self.running: JobControl | None = None
+        self.running: dict[str, JobControl] = {}
         self.mean_job_s = 10.0
         self._notifying: set[asyncio.Task[None]] = set()
 
@@ -107,8 +107,7 @@ class PostgresQueue:
     def forget(self, node_ids: Collection[str]) -> None:
         if not node_ids:
             return
-        if self.running is not None:
-            self.running.forget(node_ids)  # this process's own job: at once
+        forget_running(self.running, node_ids)  # this process's own jobs: at once
         task = asyncio.create_task(self._notify_forget())
         self._notifying.add(task)
         task.add_done_callback(self._notifying.discard)
@@ -291,10 +290,11 @@ class ClusterView:
         rows = await self.registry.live(self.stall_s)
         running = []
         for row in rows:
-            if row.job_id is None or (job := await self.reads.get(row.job_id)) is None:
-                continue
-            wanted = frozenset(await self.reads.wanted_ids(job.id))
-            running.append(RunningJob(job, wanted, row.progress or 0.0))
+            for job_id, progress in row.jobs:
+                if (job := await self.reads.get(job_id)) is None:
+                    continue
+                wanted = frozenset(await self.reads.wanted_ids(job.id))
+                running.append(RunningJob(job, wanted, progress))
         return [_view(row) for row in rows], running
 
 
@@ -306,7 +306,7 @@ def _view(row: WorkerRow) -> WorkerView:
         engine=row.engine,
         model=row.model,
         loaded=row.loaded,
-        running=row.job_id is not None,
+        running=bool(row.jobs),
     )
 
 
@@ -345,6 +345,7 @@ class Cluster:
             stall_s=self.settings.worker_stall_s,
             attempts=self.settings.job_attempts,
             engine_info=engine_info,
+            concurrency=self.settings.max_batch,
         )
 
 
@@ -363,7 +364,10 @@ class ClusterWorker:
         stall_s: float,
         attempts: int,
         engine_info: Callable[[], EngineInfo],
+        concurrency: int = 1,
     ) -> None:
+        """``concurrency``: jobs run at once (SPARROW_MAX_BATCH), their generation rows in
+        one batch."""
         self.db = db
         self.store = store
         self.queue = queue
@@ -371,6 +375,7 @@ class ClusterWorker:
         self.stall_s = stall_s
         self.attempts = attempts
         self.engine_info = engine_info
+        self.concurrency = concurrency
         self.id = new_id()
         self.host = socket.gethostname()
         self.workers = WorkerStore(db)
@@ -392,7 +397,7 @@ class ClusterWorker:
         return self.stall_s / 6
 
     @property
-    def running(self) -> JobControl | None:
+    def running(self) -> Mapping[str, JobControl]:
         return self.queue.running
 
     @property
@@ -419,7 +424,7 @@ class ClusterWorker:
                 await self.queue.app.run_worker_async(
                     queues=[QUEUE],
                     name=f"sparrow-{self.id[:8]}",
-                    concurrency=1,
+                    concurrency=self.concurrency,
                     install_signal_handlers=False,
                     update_heartbeat_interval=self.heartbeat_s,
                     stalled_worker_timeout=self.stall_s,
@@ -490,8 +495,9 @@ class ClusterWorker:
         """Tell the registry this worker is alive, and what it runs (``starting``: the job
         it is about to run)."""
         info = self.engine_info()
-        running = self.queue.running
-        job_id = starting.id if starting is not None else running.job.id if running else None
+        jobs = [(c.job.id, c.progress) for c in list(self.queue.running.values())]
+        if starting is not None and starting.id not in self.queue.running:
+            jobs.append((starting.id, 0.0))
         await self.workers.beat(
             WorkerRow(
                 id=self.id,
@@ -500,8 +506,7 @@ class ClusterWorker:
                 engine=info.engine,
                 model=info.model,
                 loaded=info.loaded,
-                job_id=job_id,
-                progress=running.progress if running is not None else 0.0 if job_id else None,
+                jobs=tuple(jobs),
             )
         )
 
@@ -524,15 +529,15 @@ class ClusterWorker:
                 async with asyncio.timeout(WANTED_POLL_S):
                     await self._forgotten.wait()
             self._forgotten.clear()
-            control = self.queue.running
-            if control is None or not control.node_ids:
-                continue
-            try:
-                wanted = await self.reads.wanted_ids(control.job.id)
-            except Exception as exc:
-                log.debug("cannot re-read the running job's nodes: %s", exc)
-                continue
-            control.forget(control.node_ids - wanted)
+            for control in list(self.queue.running.values()):
+                if not control.node_ids:
+                    continue
+                try:
+                    wanted = await self.reads.wanted_ids(control.job.id)
+                except Exception as exc:
+                    log.debug("cannot re-read the running job's nodes: %s", exc)
+                    continue
+                control.forget(control.node_ids - wanted)
 
     async def _sweep_loop(self) -> None:
         while True:

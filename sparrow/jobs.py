@@ -4,17 +4,20 @@ the device.
 Jobs are rows in SQLite (``sparrow.store.jobs``). The services reach the queue
 through ``JobQueue`` alone (``wake``, ``forget``, ``running``); ``LocalQueue``
 is the one of a single process, driven by the ``Worker``, which is given a
-runner per job kind when it is built. The worker claims the oldest queued job,
-hands it to the runner for its kind, and deletes the row when the runner
-returns; the outcome lives on the job's nodes. It sleeps until ``wake()`` when
-the queue is empty. A runner that raises fails its own job only: the worker
-logs it and takes the next one.
+runner per job kind when it is built. The worker claims queued jobs — the oldest
+of the owner with the fewest jobs running, so one key's many requests do not
+hold everyone else's back — and runs up to ``concurrency`` of them at once
+(``SPARROW_MAX_BATCH``): their generation rows decode as one batch in the
+engine's ``Batcher``. It deletes a job's row when its runner returns; the
+outcome lives on the job's nodes. It sleeps until ``wake()`` when the queue is
+empty or it runs all it may. A runner that raises fails its own job only: the
+worker logs it and carries on.
 
 Cancellation is cooperative: ``forget(node_ids)`` drops nodes from the running
-job (they were cancelled or deleted); once none of its nodes is wanted, its
-``cancel`` flag is set, and the engine's progress callback stops the batch at
-the next decoding step. On shutdown the running job is stopped the same way,
-marked as interrupted.
+jobs (they were cancelled or deleted); a row whose node is no longer wanted
+leaves the batch at the next decoding step, and once none of a job's nodes is
+wanted, its ``cancel`` flag is set. On shutdown the running jobs are stopped the
+same way, marked as interrupted.
 
 At start-up, before the worker runs, ``recover`` asks each runner to end what a
 job running when the process died had left unfinished (nodes or stems left
@@ -36,7 +39,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -148,8 +151,8 @@ class JobQueue(Protocol):
         ...
 
     @property
-    def running(self) -> JobControl | None:
-        """The job running now, if any."""
+    def running(self) -> Mapping[str, JobControl]:
+        """The jobs running in this process now, by id."""
         ...
 
 
@@ -164,24 +167,30 @@ class JobWorker(Protocol):
     async def stop(self, grace_s: float = 5.0) -> None: ...
 
     @property
-    def running(self) -> JobControl | None: ...
+    def running(self) -> Mapping[str, JobControl]: ...
 
     @property
     def alive(self) -> bool: ...
 
 
 class WorkerSide(Protocol):
-    """A queue as the process that runs its jobs holds it: it knows the running job."""
+    """A queue as the process that runs its jobs holds it: it knows the running jobs."""
 
-    running: JobControl | None
+    running: dict[str, JobControl]
     mean_job_s: float
+
+
+def forget_running(running: Mapping[str, JobControl], node_ids: Collection[str]) -> None:
+    """Tell every running job these nodes are no longer wanted."""
+    for control in list(running.values()):
+        control.forget(node_ids)
 
 
 class LocalQueue:
     """The ``JobQueue`` of one process: the in-process ``Worker`` drives it."""
 
     def __init__(self) -> None:
-        self.running: JobControl | None = None
+        self.running: dict[str, JobControl] = {}
         self.woken = asyncio.Event()
         self.mean_job_s = 10.0  # moving average, for Retry-After estimates
 
@@ -192,8 +201,7 @@ class LocalQueue:
         self.woken.set()
 
     def forget(self, node_ids: Collection[str]) -> None:
-        if self.running is not None:
-            self.running.forget(node_ids)
+        forget_running(self.running, node_ids)
 
 
 class Execution:
@@ -210,7 +218,7 @@ class Execution:
     async def run(self, job: Job, *, hand_back: bool = False) -> bool:
         """Run the job; returns whether it was handed back (``hand_back``: a stop leaves the
         job's work as it is, for the queue to run again) instead of ended."""
-        control = self.queue.running = JobControl(job, hand_back=hand_back)
+        control = self.queue.running[job.id] = JobControl(job, hand_back=hand_back)
         error = UNFINISHED
         try:
             await self.runners[job.kind].run(job, control)
@@ -220,7 +228,7 @@ class Execution:
             if isinstance(exc, SparrowError):
                 error = NodeError(exc.code, exc.detail)
         finally:
-            self.queue.running = None
+            self.queue.running.pop(job.id, None)
             elapsed = time.monotonic() - control.started
             self.queue.mean_job_s = 0.8 * self.queue.mean_job_s + 0.2 * elapsed
         if control.shutting_down and control.hand_back:
@@ -229,9 +237,8 @@ class Execution:
         return False
 
     def stop(self) -> None:
-        """Stop the running job at its next step (a shutdown)."""
-        running = self.queue.running
-        if running is not None:
+        """Stop the running jobs at their next step (a shutdown)."""
+        for running in list(self.queue.running.values()):
             running.shutting_down = True
             running.cancel.set()
 
@@ -249,14 +256,21 @@ class Execution:
 
 
 class Worker:
-    """Runs the jobs of a ``LocalQueue``, one at a time, with the runner of each kind."""
+    """Runs the jobs of a ``LocalQueue``, up to ``concurrency`` at once, with the runner of
+    each kind."""
 
     def __init__(
-        self, store: ChainStore, queue: LocalQueue, runners: dict[JobKind, Runner]
+        self,
+        store: ChainStore,
+        queue: LocalQueue,
+        runners: dict[JobKind, Runner],
+        *,
+        concurrency: int = 1,
     ) -> None:
         self.store = store
         self.queue = queue
         self.runners = runners
+        self.concurrency = concurrency
         self.execution = Execution(store, queue, runners)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -274,8 +288,8 @@ class Worker:
         self._task = asyncio.create_task(self._run(), name="sparrow-worker")
 
     @property
-    def running(self) -> JobControl | None:
-        """The job this worker runs now, if any."""
+    def running(self) -> Mapping[str, JobControl]:
+        """The jobs this worker runs now, by id."""
         return self.queue.running
 
     @property
@@ -283,7 +297,7 @@ class Worker:
         return self._task is not None and not self._task.done()
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop the running job at its next step, let it record that, and end the loop.
+        """Stop the running jobs at their next step, let them record that, and end the loop.
 
         A job that cannot stop in ``grace_s`` (a model still loading) is abandoned:
         its nodes stay ``generating`` until the next start-up's recovery.
@@ -300,20 +314,35 @@ class Worker:
         self._task = None
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            self.queue.woken.clear()
-            try:
-                async with self.store.write() as w:
-                    job = await w.claim_next_job()
-            except Exception:
-                log.exception("cannot read the job queue; retrying")
-                await asyncio.sleep(1)
-                continue
-            if job is None:
-                await self.queue.woken.wait()
-                continue
-            if self._stopping.is_set():  # claimed while stopping: it waits for the next start
-                async with self.store.write() as w:
-                    await w.requeue_job(job.id, counted=False)
-                break
-            await self.execution.run(job)
+        jobs: set[asyncio.Task[bool]] = set()
+        try:
+            while not self._stopping.is_set():
+                self.queue.woken.clear()
+                if len(jobs) >= self.concurrency:
+                    await self.queue.woken.wait()  # a job ended, or a stop
+                    continue
+                try:
+                    async with self.store.write() as w:
+                        job = await w.claim_next_job()
+                except Exception:
+                    log.exception("cannot read the job queue; retrying")
+                    await asyncio.sleep(1)
+                    continue
+                if job is None:
+                    await self.queue.woken.wait()
+                    continue
+                if self._stopping.is_set():  # claimed while stopping: it waits for the next start
+                    async with self.store.write() as w:
+                        await w.requeue_job(job.id, counted=False)
+                    break
+                task = asyncio.create_task(self.execution.run(job), name=f"sparrow-job-{job.id}")
+                jobs.add(task)
+
+                def ended(task: asyncio.Task[bool]) -> None:
+                    jobs.discard(task)
+                    self.queue.wake()  # room for the next job
+
+                task.add_done_callback(ended)
+        finally:
+            if jobs:  # stopping: the running jobs end at their next step
+                await asyncio.gather(*jobs, return_exceptions=True)

@@ -32,6 +32,7 @@ from sparrow.domain.stems import StemsService
 from sparrow.domain.system import SystemService
 from sparrow.domain.uploads import UploadSlots
 from sparrow.engines import Engine, build_engine, build_stem_engine
+from sparrow.engines.batching import Batcher
 from sparrow.events import EventHub
 from sparrow.jobs import JobQueue, JobWorker, LocalQueue, Runner, Worker
 from sparrow.media import MediaStore
@@ -79,6 +80,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     cluster: Cluster | None = None
     worker: JobWorker | None = None
     analyser: Analyser | None = None
+    batcher: Batcher | None = None
     preloading: set[asyncio.Task[None]] = set()
     try:
         await db.open()
@@ -105,7 +107,10 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         limits = QueueLimits(settings, retry_after_s=lambda: queue.mean_job_s)
         uploads = UploadSlots(settings.max_concurrent_uploads)
         chains = ChainService(store, media, settings, jobs=queue, uploads=uploads)
-        generation = GenerationService(store, media, engine, settings, limits=limits, jobs=queue)
+        batcher = Batcher(engine, settings.max_batch)
+        generation = GenerationService(
+            store, media, engine, settings, limits=limits, jobs=queue, batcher=batcher
+        )
         stems = StemsService(
             store, media, stem_engine, settings, keys=keys, limits=limits, jobs=queue
         )
@@ -115,7 +120,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
                 worker = cluster.worker(store, runners, engine.info)
             else:
                 assert local is not None
-                worker = Worker(store, local, runners)
+                worker = Worker(store, local, runners, concurrency=settings.max_batch)
             await worker.recover()
             analyser = Analyser(store, media, settings)
         # Shared by other processes, the data dir may hold files a moment ahead of their rows.
@@ -149,6 +154,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
                 queue,
                 JobReads(db),
                 worker=worker,
+                batcher=batcher,
                 cluster=cluster.view if cluster is not None else None,
             ),
             health=HealthService(
@@ -165,6 +171,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             await analyser.stop()
         if worker is not None:
             await worker.stop()
+        if batcher is not None:
+            await anyio.to_thread.run_sync(batcher.close)
         if cluster is not None:
             await cluster.close()
         hub.close()  # after the worker: its last events still reach open streams

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     musicgen_model: str = "facebook/musicgen-small"
     musicgen_decoder: Literal["auto", "sparrow", "transformers"] = Field(
         default="auto",
-        description="MusicGen decoding loop: Sparrow's (static cache, CUDA graphs) or "
-        "transformers' generate; auto: Sparrow's on CUDA.",
+        description="MusicGen decoding loop: Sparrow's (static cache, CUDA graphs, rows "
+        "joining between steps) or transformers' generate; auto: Sparrow's.",
     )
     torch_threads: int = Field(
         default=0,
@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         le=1024,
         description="torch's CPU threads while MusicGen generates on the CPU; 0: one for a "
         "narrow model (the tiny ones), every usable core otherwise.",
+    )
+    max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Generation rows (siblings of any requests) decoded as one batch; 1: one "
+        "row at a time.",
     )
     demucs_model: str = "htdemucs"
     demucs_repo: Path | None = None

@@ -75,7 +75,8 @@ def crash_while_generating(
     """Branch twice from ``parent_id`` (from a new chain when None) and kill -9 the
     server once the first job's progress passed ``kill_at``."""
     with (
-        mock_server(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        # One job at a time: the second waits in the queue while the first runs.
+        mock_server(data_dir, log, SLOW_STEP_MS, SPARROW_MAX_BATCH="1") as (proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         if parent_id is None:
@@ -101,7 +102,8 @@ def crash_while_generating(
     assert [nodes[n]["status"] for n in job_a] == ["generating", "generating"]
     assert [nodes[n]["status"] for n in job_b] == ["queued", "queued"]
     assert [r["node_ids"] for r in gpu["running"]] == [sorted(job_a)]
-    assert gpu["running"][0]["progress"] > kill_at
+    # One row at a time: the job's progress is its two siblings' mean, the second at 0.
+    assert gpu["running"][0]["progress"] > kill_at / 2
     assert gpu["queue_depth"] == 1
     return Crash(chain_id, job_a, job_b, int(seen[-1].id or 0))
 
@@ -197,7 +199,8 @@ def test_file_of_an_interrupted_node_is_not_kept(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     media = MediaStore(data_dir)
     with (
-        mock_server(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        # One job at a time: the second waits in the queue while the first runs.
+        mock_server(data_dir, log, SLOW_STEP_MS, SPARROW_MAX_BATCH="1") as (proc, base),
         httpx.Client(base_url=base, timeout=30) as client,
     ):
         created = client.post("/api/chains", files={"file": ("sample.flac", SAMPLE.read_bytes())})

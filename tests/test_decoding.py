@@ -21,7 +21,7 @@ pytest.importorskip("demucs", reason=ML_REASON)
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
 
-from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder, prompt_codes
+from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder, Row, prompt_codes
 from sparrow.engines.tiny import make_tiny_musicgen
 
 SR = 32_000
@@ -200,3 +200,80 @@ def test_stereo_greedy_tokens_equal_transformers(
     got = stereo.ours(inputs, new, guidance)
     assert got.shape == expected.shape == (len(texts), 8, expected.shape[-1])
     assert torch.equal(got, expected)
+
+
+def a_row(tiny: Tiny, text: str, seconds: float, new: int, seed: int | None, **params: Any) -> Row:
+    """One row: a text, a prompt of ``seconds`` of audio, ``new`` tokens, greedy (None) or
+    sampled from ``seed``."""
+    inputs = tiny.inputs([text], clip(seconds, seed or 0) if seconds else None)
+    prompt = None
+    if "input_values" in inputs:
+        prompt = prompt_codes(tiny.codec, inputs["input_values"], inputs.get("padding_mask"))[0]
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return Row(inputs["input_ids"][0], prompt, new, generator=generator, **params)
+
+
+def alone(tiny: Tiny, row: Row) -> torch.Tensor:
+    decoding = tiny.decoder.add(row)
+    while tiny.decoder.live:
+        tiny.decoder.step()
+    assert decoding.codes is not None
+    return decoding.codes
+
+
+def rows_for(tiny: Tiny) -> list[Row]:
+    """Rows that differ in every way a row can: text, prompt, length, guidance, sampling."""
+    return [
+        a_row(tiny, "drums", 1.0, 40, 11),
+        a_row(tiny, "a slow ambient drone with strings and a choir", 0.0, 25, 12, top_k=50),
+        a_row(tiny, "", 2.0, 60, None),  # greedy
+        a_row(tiny, "lofi", 0.5, 35, 13, temperature=0.7, top_p=0.9, guidance_scale=1.0),
+        a_row(tiny, "rock", 4.0, 90, 14),  # 200 prompt codes: past the first bucket
+    ]
+
+
+def test_rows_joining_mid_batch_decode_as_they_would_alone(tiny: Tiny) -> None:
+    """Rows join at step boundaries, a cancelled one leaves, finished ones leave at once:
+    every row's codes are the ones it gets alone, and the loop's buffers grow as needed."""
+    expected = [alone(tiny, row) for row in rows_for(tiny)]
+    rows = rows_for(tiny)  # fresh generators: the same draws again
+    decoder = tiny.decoder
+    first = decoder.add(rows[0])
+    for _ in range(5):
+        decoder.step()
+    second, third = decoder.add(rows[1]), decoder.add(rows[2])
+    dropped = decoder.add(a_row(tiny, "dropped", 1.0, 50, 99))
+    finished: list[Any] = []
+    for _ in range(3):
+        finished += decoder.step()
+    decoder.remove(dropped)  # a cancel: the others carry on
+    fourth = decoder.add(rows[3])
+    fifth = decoder.add(rows[4])
+    assert len(decoder.live) == 5
+    while decoder.live:
+        done = decoder.step()
+        assert all(d.done and d not in decoder.live for d in done)
+        finished += done
+    assert {id(d) for d in finished} == {id(d) for d in (first, second, third, fourth, fifth)}
+    assert not dropped.done
+    for got, want in zip((first, second, third, fourth, fifth), expected, strict=True):
+        assert got.codes is not None and torch.equal(got.codes, want)
+    # A row that finished early left its slot at once: the second row (25 tokens) was
+    # done before the first (40, started 5 steps earlier... and 8 steps before it).
+    assert finished.index(second) < finished.index(first)
+
+
+def test_greedy_rows_beside_others_keep_transformers_tokens(tiny: Tiny) -> None:
+    inputs = tiny.inputs(["lofi beat"], clip(1.0))
+    expected = tiny.reference(inputs, 40, 3.0)
+    decoder = tiny.decoder
+    busy = decoder.add(a_row(tiny, "noise", 2.0, 80, 5))
+    for _ in range(7):
+        decoder.step()
+    row = a_row(tiny, "lofi beat", 0.0, 40, None)
+    prompt = prompt_codes(tiny.codec, inputs["input_values"], inputs.get("padding_mask"))[0]
+    greedy = decoder.add(Row(row.input_ids, prompt, 40))
+    while not greedy.done:
+        decoder.step()
+    decoder.remove(busy)
+    assert greedy.codes is not None and torch.equal(greedy.codes, expected[0])

@@ -306,7 +306,8 @@ def reached(
 def test_concurrent_deletes_during_stems_and_generation_leave_no_folder_and_a_ready_server(
     tmp_path: Path, at: float
 ) -> None:
-    with serve(tmp_path, STEP_MS) as served:
+    # One job at a time (SPARROW_MAX_BATCH=1): each round finds its own job running.
+    with serve(tmp_path, STEP_MS, SPARROW_MAX_BATCH="1") as served:
         client, media = served.client, served.media
         stems_chain, stems_root = upload_sample(client)
         gen_chain, gen_root = upload_sample(client)

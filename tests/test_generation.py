@@ -139,8 +139,11 @@ async def test_branch_needs_a_ready_parent(client: httpx.AsyncClient, app: FastA
 
 @pytest.fixture
 def slow_settings(tmp_path: Path) -> Settings:
-    # 50 ms per 20 ms frame: a 10 s branch takes 25 s, long enough to act on it.
-    return Settings(data_dir=tmp_path / "data", engine="mock", mock_step_ms=50, queue_limit=2)
+    # 50 ms per 20 ms frame: a 10 s branch takes 25 s, long enough to act on it. One job
+    # at a time (SPARROW_MAX_BATCH=1), so that later ones wait in the queue.
+    return Settings(
+        data_dir=tmp_path / "data", engine="mock", mock_step_ms=50, queue_limit=2, max_batch=1
+    )
 
 
 @pytest.fixture
@@ -178,7 +181,7 @@ async def test_cancel_stops_the_running_batch_within_a_step(slow: Any) -> None:
     started = time.monotonic()
     second = await client.post(f"/api/nodes/{ids[1]}/cancel")
     assert second.json()["status"] == "cancelled"
-    while worker_of(app).running is not None:
+    while worker_of(app).running:
         assert time.monotonic() - started < 1.0, "the batch did not stop within a step"
         await asyncio.sleep(0.005)
     # Idempotent, and the nodes never get audio.
@@ -202,9 +205,7 @@ async def test_cancel_a_queued_node_and_refuse_to_cancel_a_ready_one(slow: Any) 
     await wait_for_status(client, [running["id"]], "cancelled")
     # The cancelled queued job is skipped: nothing runs any more.
     deadline = time.monotonic() + 5
-    while (
-        worker_of(app).running is not None or ((await client.get("/api/gpu")).json()["queue_depth"])
-    ):
+    while worker_of(app).running or ((await client.get("/api/gpu")).json()["queue_depth"]):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
 
@@ -231,7 +232,7 @@ async def test_discarding_a_generating_node_stops_its_job(slow: Any) -> None:
     response = await client.post(f"/api/nodes/{node['id']}/discard")
     assert response.json() == {"deleted": [node["id"]]}
     deadline = time.monotonic() + 1
-    while worker_of(app).running is not None:
+    while worker_of(app).running:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
     files = list(services(app).media.chain_dir(root["chain_id"]).iterdir())
@@ -245,7 +246,7 @@ async def test_deleting_the_chain_stops_its_job(slow: Any) -> None:
     await wait_running(client)
     assert (await client.delete(f"/api/chains/{root['chain_id']}")).status_code == 204
     deadline = time.monotonic() + 1
-    while worker_of(app).running is not None:
+    while worker_of(app).running:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
     assert not services(app).media.chain_dir(root["chain_id"]).exists()
@@ -391,17 +392,24 @@ async def test_shutdown_does_not_wait_for_a_model_that_is_still_loading(
 
 async def test_a_prompt_per_sibling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``prompts``: one node per prompt, each node's prompt its own, and the engine gets one
-    batch with each sibling's text beside its seed."""
+    row per sibling with its text beside its seed."""
     from sparrow import services as services_module
-    from sparrow.engines.base import Continuation, Progress
-    from sparrow.engines.mock import MockEngine
+    from sparrow.engines.base import Row
+    from sparrow.engines.mock import MockBatch, MockEngine
 
-    asked: list[Continuation] = []
+    asked: list[Row] = []
 
     class Recording(MockEngine):
-        def generate(self, request: Continuation, progress: Progress) -> list[Any]:
-            asked.append(request)
-            return super().generate(request, progress)
+        def batch(self) -> MockBatch:
+            batch = super().batch()
+            add = batch.add
+
+            def recording(row: Row) -> None:
+                asked.append(row)
+                add(row)
+
+            batch.add = recording  # type: ignore[method-assign]
+            return batch
 
     monkeypatch.setattr(services_module, "build_engine", lambda settings: Recording(0))
     app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
@@ -418,8 +426,8 @@ async def test_a_prompt_per_sibling(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             again = await branch(client, root["id"], prompts=["x", "y"], count=2, duration_s=0.5)
             assert [n["prompt"] for n in again] == ["x", "y"]
             await wait_for_status(client, [n["id"] for n in again], "ready")
-    first = asked[0]
-    assert (first.prompts, first.seeds) == (tuple(prompts), (7, 8, 9))
+    expected = list(zip(prompts, [7, 8, 9], strict=True))
+    assert [(row.prompt, row.seed) for row in asked[:3]] == expected
 
 
 @pytest.mark.parametrize(

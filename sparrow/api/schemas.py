@@ -301,6 +301,22 @@ class RunningJobOut(BaseModel):
     started_at: str | None
 
 
+class BatchRowOut(BaseModel):
+    job_id: str
+    node_id: str
+    progress: float = Field(description="Of this row, 0..1.")
+    decoding: bool = Field(description="In the batch now; false: waiting for room in it.")
+
+
+class BatchOut(BaseModel):
+    max_rows: int = Field(description="SPARROW_MAX_BATCH: rows decoded as one batch at most.")
+    rows: list[BatchRowOut] = Field(
+        description="This process's generation rows, one per node: those decoding, then those "
+        "waiting to join, the caller's only with auth on. With PostgreSQL, an API replica "
+        "decodes nothing; each worker's jobs are in `running`."
+    )
+
+
 class EngineOut(BaseModel):
     engine: str = Field(description="Generation: `musicgen` or `mock`; stems: `demucs` or `mock`.")
     model: str
@@ -350,6 +366,7 @@ class GpuOut(BaseModel):
         description="The running jobs (with PostgreSQL, every worker's; progress as of its "
         "last heartbeat) that are the caller's: with auth on, other keys' jobs are not shown."
     )
+    batch: BatchOut
     workers: list[WorkerOut] = Field(
         description="Every live worker: this server's own, or with PostgreSQL every "
         "`sparrow worker` of the cluster (and a server's with SPARROW_WORKER=on)."

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from sparrow.api.deps import CallerDep, System
 from sparrow.api.errors import responses
-from sparrow.api.schemas import EngineOut, GpuOut, RunningJobOut, WorkerOut
+from sparrow.api.schemas import BatchOut, BatchRowOut, EngineOut, GpuOut, RunningJobOut, WorkerOut
 
 router = APIRouter(tags=["system"])
 
@@ -16,7 +16,8 @@ router = APIRouter(tags=["system"])
     summary="The engines, their device and the job queue",
     description="Both engines (generation and stems) with their device, model and whether "
     "the model is loaded; GPU memory (null on CPU); jobs waiting (cluster-wide); the "
-    "running job with its progress when it is the caller's; every live worker.",
+    "running jobs with their progress when they are the caller's; the batch of generation "
+    "rows (one per node) decoding together; every live worker.",
     responses=responses(401),
 )
 async def gpu(caller: CallerDep, system: System) -> GpuOut:
@@ -38,5 +39,17 @@ async def gpu(caller: CallerDep, system: System) -> GpuOut:
             )
             for running in view.running
         ],
+        batch=BatchOut(
+            max_rows=view.max_rows,
+            rows=[
+                BatchRowOut(
+                    job_id=row.job_id,
+                    node_id=row.node_id,
+                    progress=round(row.progress, 4),
+                    decoding=row.decoding,
+                )
+                for row in view.rows
+            ],
+        ),
         workers=[WorkerOut(**vars(worker)) for worker in view.workers],
     )

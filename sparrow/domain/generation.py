@@ -2,9 +2,12 @@
 
 ``branch`` validates a request once into rows (nodes ``queued``, one job) in one
 transaction, with the events that announce them; the worker later calls
-``run`` with that job. ``run`` moves the nodes to ``generating``, conditions
-the engine on the end of the path root→parent, writes each sibling's audio
-atomically, and only then marks the node ``ready``. Every outcome is a status
+``run`` with that job. ``run`` moves the nodes to ``generating``, reads the end
+of the path root→parent they continue, and submits each sibling as one row to
+the ``Batcher``, where it decodes beside the rows of any other jobs running
+(SPEC §5). Each row's audio is matched to the context's loudness and written
+atomically as soon as that row is done, and only then is its node marked
+``ready``; a row cancelled or failed ends its own node only. Every outcome is a status
 change guarded by the lifecycle, so a node cancelled or discarded meanwhile
 stays as the user left it.
 """
@@ -14,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import numpy as np
@@ -25,7 +29,8 @@ from sparrow.audio.tail import read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
 from sparrow.domain.queue import QueueLimits
-from sparrow.engines import Audio, Cancelled, Continuation, GenerationEngine
+from sparrow.engines import Audio, Cancelled, GenerationEngine, Row
+from sparrow.engines.batching import Batcher
 from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl, JobQueue, persistently, storage_error
@@ -51,6 +56,22 @@ log = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1
 MIN_BRANCH_S = 0.5
+
+T = TypeVar("T")
+
+
+class _Once(Generic[T]):
+    """A value computed on its first use, once, for every caller (a caller cancelled
+    meanwhile does not cancel it for the others)."""
+
+    def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
+        self._make = make
+        self._task: asyncio.Future[T] | None = None
+
+    async def __call__(self) -> T:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._make())
+        return await asyncio.shield(self._task)
 
 
 @dataclass(frozen=True)
@@ -83,13 +104,17 @@ class GenerationService:
         *,
         limits: QueueLimits,
         jobs: JobQueue,
+        batcher: Batcher | None = None,
     ) -> None:
+        """``batcher``: where this process's rows decode (one per engine; made here if not
+        given)."""
         self.store = store
         self.media = media
         self.engine = engine
         self.settings = settings
         self.limits = limits
         self.jobs = jobs
+        self.batcher = batcher or Batcher(engine, settings.max_batch)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -225,85 +250,115 @@ class GenerationService:
             control.node_ids.update(n.id for n in started)
         if not started:
             return
+        control.piece_progress.update((n.id, 0.0) for n in started)
         try:
-            outputs = await self._generate(job, started, control)
-        except Cancelled:
-            if control.shutting_down and control.hand_back:
-                return  # the nodes stay generating: the queue runs the job again elsewhere
-            if control.shutting_down:
-                await self._end(started, NodeStatus.ERROR, INTERRUPTED)
-            else:  # cancelled by the user, who has already seen each node's new status
-                await self._end(started, NodeStatus.CANCELLED, None)
-            return
-        except SparrowError as exc:
-            await self._end(started, NodeStatus.ERROR, NodeError(exc.code, exc.detail))
-            return
+            sampling = Sampling.from_json(started[0].params or {})
+            await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
+            context = await self._context(started[0], sampling.context_s)
         except Exception as exc:
-            log.exception("generation job %s failed", job.id)
-            error = NodeError("generation_failed", f"Generation failed ({type(exc).__name__}).")
-            await self._end(started, NodeStatus.ERROR, error)
+            await self._failed(job, started, exc)
             return
-        for node, audio in zip(started, outputs, strict=True):
-            if node.id in control.node_ids:
-                await self._publish_audio(node, audio)
-
-    async def _generate(self, job: Job, nodes: list[Node], control: JobControl) -> list[Audio]:
-        first = nodes[0]
-        sampling = Sampling.from_json(first.params or {})
-        await anyio.to_thread.run_sync(self.engine.load, abandon_on_cancel=True)
-        context = await self._context(first, sampling.context_s)
-        request = Continuation(
-            context=context,
-            prompts=tuple(n.prompt or "" for n in nodes),
-            seeds=tuple(int((n.params or {})["seed"]) for n in nodes),
-            sampling=sampling,
+        loudness_target = _Once(lambda: self._loudness_target(context))
+        await asyncio.gather(
+            *(
+                self._run_row(job, control, node, context, sampling, loudness_target)
+                for node in started
+            )
         )
+
+    async def _run_row(
+        self,
+        job: Job,
+        control: JobControl,
+        node: Node,
+        context: Audio,
+        sampling: Sampling,
+        loudness_target: _Once[float | None],
+    ) -> None:
+        """One node as one row of the batcher: decoded beside any other rows, then brought
+        to its context's loudness and published at once."""
+
+        def wanted() -> bool:
+            return node.id in control.node_ids and not control.cancel.is_set()
+
         reporter = ProgressReporter(
             control,
             asyncio.get_running_loop(),
-            lambda fraction, eta_s: self.progress(nodes, control, fraction, eta_s),
+            lambda fraction, eta_s: self.progress([node], control, fraction, eta_s),
+            wanted=wanted,
+            piece=node.id,
         )
+        row = Row(context, node.prompt or "", int((node.params or {})["seed"]), sampling)
         try:
-            # Abandoned only when the worker itself is cancelled (a shutdown past its grace).
-            outputs = await anyio.to_thread.run_sync(
-                self.engine.generate, request, reporter, abandon_on_cancel=True
-            )
-        finally:
-            await reporter.flush()
-        if not (first.params or {}).get("match_loudness"):  # nodes from before it: off
-            return outputs
-        return await self._match_loudness(context, outputs)
+            try:
+                # Abandoned only when the worker itself is cancelled (a shutdown past its grace).
+                audio = await asyncio.wrap_future(
+                    self.batcher.submit(
+                        row,
+                        reporter,
+                        wanted=wanted,
+                        owner=job.owner,
+                        job_id=job.id,
+                        node_id=node.id,
+                    )
+                )
+            finally:
+                await reporter.flush()
+            if (node.params or {}).get("match_loudness"):  # nodes from before it: off
+                target = await loudness_target()
+                if target is not None:
+                    audio = await self._match_loudness(audio, target)
+        except Cancelled:
+            if control.shutting_down and control.hand_back:
+                return  # the node stays generating: the queue runs the job again elsewhere
+            if control.shutting_down:
+                await self._end([node], NodeStatus.ERROR, INTERRUPTED)
+            else:  # cancelled by the user, who has already seen the node's new status
+                await self._end([node], NodeStatus.CANCELLED, None)
+            return
+        except Exception as exc:
+            await self._failed(job, [node], exc)
+            return
+        if node.id in control.node_ids:
+            await self._publish_audio(node, audio)
 
-    async def _match_loudness(self, context: Audio, outputs: list[Audio]) -> list[Audio]:
-        """Each output at the loudness of the context it continues, true peak at most
-        -1 dBTP (a silent context or output is left as it is)."""
-        rate, folder = self.engine.sample_rate, self.media.tmp_dir
-        timeout_s, ffmpeg = self.settings.decode_timeout_s, self.settings.ffmpeg
+    async def _failed(self, job: Job, nodes: list[Node], exc: Exception) -> None:
+        """End the nodes with the error that stopped them."""
+        if isinstance(exc, SparrowError):
+            await self._end(nodes, NodeStatus.ERROR, NodeError(exc.code, exc.detail))
+            return
+        log.error("generation job %s failed", job.id, exc_info=exc)
+        error = NodeError("generation_failed", f"Generation failed ({type(exc).__name__}).")
+        await self._end(nodes, NodeStatus.ERROR, error)
+
+    async def _loudness_target(self, context: Audio) -> float | None:
+        """The loudness of the context (LUFS) the outputs are matched to; None when there is
+        nothing to match (no context, or a silent one)."""
         if len(context) == 0:
-            return outputs
-        await anyio.to_thread.run_sync(self.media.require_room, "the generated audio")
+            return None
+        rate, folder = self.engine.sample_rate, self.media.tmp_dir
         target = await loudness.measure_samples(
-            context, rate, folder=folder, ffmpeg=ffmpeg, timeout_s=timeout_s
+            context,
+            rate,
+            folder=folder,
+            ffmpeg=self.settings.ffmpeg,
+            timeout_s=self.settings.decode_timeout_s,
         )
-        if target.silent:
-            return outputs
-        matched = []
-        for audio in outputs:
-            level, got = await loudness.match(
-                audio,
-                rate,
-                target.integrated_lufs,
-                folder=folder,
-                ffmpeg=ffmpeg,
-                timeout_s=timeout_s,
-            )
-            log.debug(
-                "loudness %.1f LUFS for a context at %.1f",
-                got.integrated_lufs,
-                target.integrated_lufs,
-            )
-            matched.append(level)
-        return matched
+        return None if target.silent else target.integrated_lufs
+
+    async def _match_loudness(self, audio: Audio, target_lufs: float) -> Audio:
+        """The output at ``target_lufs``, true peak at most -1 dBTP."""
+        await anyio.to_thread.run_sync(self.media.require_room, "the generated audio")
+        level, got = await loudness.match(
+            audio,
+            self.engine.sample_rate,
+            target_lufs,
+            folder=self.media.tmp_dir,
+            ffmpeg=self.settings.ffmpeg,
+            timeout_s=self.settings.decode_timeout_s,
+        )
+        log.debug("loudness %.1f LUFS for a context at %.1f", got.integrated_lufs, target_lufs)
+        return level
 
     async def _context(self, node: Node, seconds: float) -> Audio:
         """The last ``seconds`` of the path root→parent as ``node`` continues it: the parent

@@ -38,9 +38,13 @@ class ProgressReporter:
         *,
         wanted: Callable[[], bool] = lambda: True,
         span: tuple[float, float] = (0.0, 1.0),
+        piece: str | None = None,
     ) -> None:
-        """``span``: the part of the whole job this piece covers, for the job's progress."""
+        """``span``: the part of the whole job this piece covers, for the job's progress;
+        ``piece``: a node whose work runs beside the job's others (a generation row): the
+        job's progress is then the mean of its pieces'."""
         self.control = control
+        self.piece = piece
         self.loop = loop
         self.announce = announce
         self.wanted = wanted
@@ -53,8 +57,13 @@ class ProgressReporter:
     def __call__(self, fraction: float) -> None:
         if self.control.cancel.is_set() or not self.wanted():
             raise Cancelled
-        low, high = self.span
-        self.control.progress = low + (high - low) * fraction
+        if self.piece is not None:
+            pieces = self.control.piece_progress
+            pieces[self.piece] = fraction
+            self.control.progress = sum(pieces.values()) / len(pieces)
+        else:
+            low, high = self.span
+            self.control.progress = low + (high - low) * fraction
         now = time.monotonic()
         due = fraction >= 1.0 or fraction - self.sent_fraction >= PROGRESS_STEP
         if not due and now - self.sent_at < PROGRESS_INTERVAL_S:

@@ -98,6 +98,8 @@ class StemsService:
         self.keys = keys
         self.limits = limits
         self.jobs = jobs
+        # Jobs run side by side (SPARROW_MAX_BATCH); their separations take turns.
+        self._separating = asyncio.Lock()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -191,12 +193,12 @@ class StemsService:
     ) -> StemsView:
         """``elsewhere``: progress by node of separations another process runs (a cluster's
         worker), as their last progress events said."""
-        control = self.jobs.running
         progress = None
         if stems is not None and stems.status is StemsStatus.READY:
             progress = 1.0
         elif stems is not None and stems.status is StemsStatus.SEPARATING:
-            if control is not None and control.job.id == stems.job_id:
+            control = self.jobs.running.get(stems.job_id or "")
+            if control is not None:
                 progress = control.piece_progress.get(node.id, 0.0)
             elif elsewhere is not None:
                 progress = elsewhere.get(node.id, 0.0)
@@ -204,13 +206,12 @@ class StemsService:
 
     async def _elsewhere(self, chain_id: str, stems: list[Stems | None]) -> dict[str, float] | None:
         """The progress of separations this process does not run, read from the log."""
-        control = self.jobs.running
         remote = [
             s
             for s in stems
             if s is not None
             and s.status is StemsStatus.SEPARATING
-            and (control is None or control.job.id != s.job_id)
+            and (s.job_id or "") not in self.jobs.running
         ]
         if not remote:
             return None
@@ -308,9 +309,10 @@ class StemsService:
             span=span,
         )
         try:
-            stems = await anyio.to_thread.run_sync(
-                self.engine.separate, audio, reporter, abandon_on_cancel=True
-            )
+            async with self._separating:  # one separation at a time on the device
+                stems = await anyio.to_thread.run_sync(
+                    self.engine.separate, audio, reporter, abandon_on_cancel=True
+                )
         except Cancelled:
             if control.cancel.is_set():
                 raise  # the whole job stops

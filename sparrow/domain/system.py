@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sparrow.engines import EngineInfo, GenerationEngine, StemEngine
+from sparrow.engines.batching import Batcher, RowView
 from sparrow.jobs import JobControl, JobQueue, JobWorker
 from sparrow.models import Caller, Job
 from sparrow.store.jobs import JobReads
@@ -59,6 +60,9 @@ class SystemView:
     running: list[RunningJob]
     """The running jobs the caller may see (its owner's, or any with auth off)."""
     workers: list[WorkerView]
+    max_rows: int
+    rows: list[RowView]
+    """This process's generation rows the caller may see, decoding then waiting."""
 
 
 class SystemService:
@@ -70,6 +74,7 @@ class SystemService:
         reads: JobReads,
         *,
         worker: JobWorker | None,
+        batcher: Batcher,
         cluster: Cluster | None = None,
     ) -> None:
         """``cluster``: every live worker of the cluster and what runs there (PostgreSQL);
@@ -79,6 +84,7 @@ class SystemService:
         self.jobs = jobs
         self.reads = reads
         self.worker = worker
+        self.batcher = batcher
         self.cluster = cluster
         self.host = socket.gethostname()
 
@@ -86,8 +92,7 @@ class SystemService:
         """The workers, and the jobs they run: the cluster's, or this process's own."""
         if self.cluster is not None:
             return await self.cluster.state()
-        control = self.jobs.running
-        running = [RunningJob.of(control)] if control is not None else []
+        running = [RunningJob.of(control) for control in list(self.jobs.running.values())]
         if self.worker is None:
             return [], running
         info = self.engine.info()
@@ -98,7 +103,7 @@ class SystemService:
             engine=info.engine,
             model=info.model,
             loaded=info.loaded,
-            running=self.worker.running is not None,
+            running=bool(self.worker.running),
         )
         return [local], running
 
@@ -115,6 +120,8 @@ class SystemService:
             queue_depth=await self.reads.queue_depth(),
             running=[r for r in running if caller.owner in (None, r.job.owner)],
             workers=workers,
+            max_rows=self.batcher.max_rows,
+            rows=[r for r in self.batcher.rows() if caller.owner in (None, r.owner)],
         )
 
 

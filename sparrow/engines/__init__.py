@@ -5,12 +5,14 @@ from __future__ import annotations
 from sparrow.engines.base import (
     STEM_NAMES,
     Audio,
+    Batch,
     Cancelled,
     Continuation,
     Engine,
     EngineInfo,
     GenerationEngine,
     Progress,
+    Row,
     StemEngine,
     frames_for,
 )
@@ -90,6 +92,9 @@ class UnavailableEngine:
     def load(self) -> None:
         raise EngineUnavailable(self.reason)
 
+    def batch(self) -> Batch:
+        raise EngineUnavailable(self.reason)
+
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
         raise EngineUnavailable(self.reason)
 
@@ -100,12 +105,14 @@ class UnavailableEngine:
 __all__ = [
     "STEM_NAMES",
     "Audio",
+    "Batch",
     "Cancelled",
     "Continuation",
     "Engine",
     "EngineInfo",
     "GenerationEngine",
     "Progress",
+    "Row",
     "StemEngine",
     "UnavailableEngine",
     "build_engine",

@@ -9,8 +9,18 @@ untouched, so a cancel stops the work within one step.
 
     load()        load the model once (idempotent); EngineUnavailable if it cannot
     info()        what ``/api/gpu`` shows; cheap, never loads
+    batch()       an empty ``Batch``: rows (siblings of any requests) decoded together
     generate()    one batch of siblings → one float32 array per seed
     separate()    one mix → one float32 array per stem, as long as the mix
+
+A generation engine decodes **rows**: one sibling each, with its own context,
+prompt, seed and sampling. ``batch()`` holds the rows in flight; the worker's
+``sparrow.engines.batching.Batcher`` adds rows of many requests to it, steps it,
+and takes out the finished ones (SPEC §5, batching across requests). A batch whose
+rows may join between steps (``joins_midway``: Sparrow's loop, the mock) serves
+continuous batching; one that decodes its rows from start to end in one call
+(transformers' ``generate``) takes rows only while it is empty, those that ``fit``
+together. ``generate()`` is one request decoded alone through the same batch.
 
 Failures are translated here, at the boundary: a model that cannot be loaded is
 ``EngineUnavailable``; anything that goes wrong while generating or separating
@@ -102,8 +112,57 @@ class Engine(Protocol):
     def load(self) -> None: ...
 
 
+@dataclass(eq=False)
+class Row:
+    """One sibling to generate: the context it continues (as in ``Continuation``), its
+    text, seed and sampling. ``fraction`` is how much of it is decoded; the batch keeps
+    it up to date."""
+
+    context: Audio
+    prompt: str
+    seed: int
+    sampling: Sampling = field(default_factory=Sampling)
+    fraction: float = 0.0
+
+    @property
+    def frames(self) -> int:
+        return len(self.context)
+
+
+class Batch(Protocol):
+    """An engine's rows in flight (see the module docstring)."""
+
+    joins_midway: bool  # rows may join between steps; else only while it is empty
+
+    def __len__(self) -> int: ...
+
+    def fits(self, row: Row) -> bool:
+        """Whether ``row`` can join the rows in flight now."""
+        ...
+
+    def add(self, row: Row) -> None:
+        """Take ``row`` in (it decodes from the next step); raising refuses that row only."""
+        ...
+
+    def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
+        """Decode; returns the rows finished (they have left), each with its audio: exactly
+        ``frames_for(row.sampling.duration_s, sample_rate)`` new frames. ``on_step`` runs
+        after each decoding step, with every row's ``fraction`` up to date, and may
+        ``remove`` rows or raise ``Cancelled`` to stop the whole batch. Raising anything
+        else fails every row in flight."""
+        ...
+
+    def remove(self, row: Row) -> None:
+        """Stop decoding ``row`` (cancelled); it never comes out of ``step``."""
+        ...
+
+
 class GenerationEngine(Engine, Protocol):
     """Continues a context (``sample_rate``, ``channels``) with new audio of that format."""
+
+    def batch(self) -> Batch:
+        """An empty batch; loads the model (``EngineUnavailable`` if it cannot)."""
+        ...
 
     def generate(self, request: Continuation, progress: Progress) -> list[Audio]: ...
 

@@ -1,32 +1,45 @@
-"""Sparrow's own MusicGen decoding loop: a static KV cache, sampling on the device, CUDA graphs.
+"""Sparrow's own MusicGen decoding loop: rows that join and leave, a static KV cache,
+sampling on the device, CUDA graphs.
 
 transformers' ``generate`` runs every step eagerly with a cache that grows by
-concatenation, so at batch 1 on a GPU a step costs Python and kernel launches,
-not memory bandwidth. This loop runs the same modules with the same weights
-(``MusicgenForConditionalGeneration``: text encoder, decoder layers, LM heads)
-but keeps every buffer at a fixed address:
+concatenation, and decodes one batch from start to end. This loop runs the same
+modules with the same weights (``MusicgenForConditionalGeneration``: text encoder,
+decoder layers, LM heads) as a batch of **rows**, each one sibling's window, that
+share every decoding step but nothing else (continuous batching):
 
-- the self-attention keys/values live in a cache allocated once for the whole
-  window (``max_length`` positions) and are written in place at the step's
+- a row joins between steps (``add``): its text is encoded, its BOS and audio prompt
+  are prefilled alone into its own slot, and from the next step it decodes beside
+  the others; it leaves when its last token is chosen (``step`` returns it) or when
+  it is dropped (``remove``), and the last row moves into its slot, so the rows in
+  flight always fill slots ``0..n-1`` and a step computes only them;
+- each row keeps its own position, prompt length, length, guidance scale and
+  sampling settings (temperature, top-k, top-p or greedy), all held in per-slot
+  tensors, so a step needs no host sync;
+- the self-attention keys/values live in a cache allocated for the whole window
+  (``max_length`` positions) per slot and are written in place at each row's
   position; attention reads only a prefix of it, rounded up to ``BUCKET``
-  positions, so the cost grows with the audio made so far, not the window;
-- the cross-attention keys/values of the text are computed once per call, the
-  text padded to a power of two (masked), so that one shape serves many prompts;
-- classifier-free guidance runs as one batch (conditional rows, then the
-  unconditional ones with a zero text, as transformers does);
+  positions past the furthest row, with each row masked to its own past;
+- the cross-attention keys/values of each row's text are computed once when it
+  joins, padded to a shared power of two (masked);
+- classifier-free guidance runs as two rows per slot (the conditional one, then
+  the unconditional one with a zero text, as transformers does);
 - the codebook delay pattern comes from transformers' own
   ``build_delay_pattern_mask`` and is applied on the device at every step;
-- temperature, top-k and top-p run on the device with per-row parameters held
-  in tensors, and each sibling draws from uniforms made beforehand from its own
-  seeded generator (inverse-CDF sampling), so a step needs no host sync and a
-  seed gives the same draws whatever the batch;
-- on CUDA one decoding step (sample, apply the pattern, run the decoder for the
-  new token) is captured as a CUDA graph per (batch, text length, attention
-  bucket) and replayed; elsewhere the same step function runs eagerly.
+- a sampled row draws by inverse CDF from uniforms made beforehand from its own
+  seeded generator, so a seed gives the same draws alone or beside any rows;
+- on CUDA one decoding step (choose, apply the pattern, run the decoder for the
+  new tokens) is captured as a CUDA graph per (rows, attention bucket) and
+  replayed; elsewhere the same step runs eagerly.
 
-``generate`` returns the codes transformers would hand to Encodec: for each
-codebook the prompt's codes, then the new ones. With ``sampling=None`` it
-decodes greedily, token for token what ``generate(do_sample=False)`` gives.
+Slots grow by doubling when more rows are in flight than fit (and the text
+buffers when a longer text joins); growing copies the rows in flight and drops
+the captured graphs. A row's computation never depends on its neighbours' values,
+so its tokens are the same alone or beside others on the same device.
+
+``generate`` decodes one batch of rows to the end and returns the codes
+transformers would hand to Encodec: for each codebook the prompt's codes, then the
+new ones. A greedy row gives token for token what ``generate(do_sample=False)``
+gives.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ _TEXT_MIN = 16  # text lengths are padded to a power of two at least this long
 
 @dataclass(frozen=True)
 class Draws:
-    """How tokens are drawn: the siblings' shared settings, and one generator per sibling."""
+    """How a batch's tokens are drawn: shared settings, and one generator per row."""
 
     generators: Sequence[torch.Generator]  # CPU generators, one per batch row
     temperature: float = 1.0
@@ -56,33 +69,96 @@ class Draws:
     top_p: float = 0.0  # 0: off
 
 
-@dataclass(eq=False)
-class _State:
-    """Every buffer one (batch, guidance, text length) shape needs, at fixed addresses."""
+@dataclass(frozen=True)
+class Row:
+    """What one row decodes: a sibling's text, audio prompt, length and sampling."""
 
-    rows: int  # batch rows through the decoder (2 × batch with guidance)
-    seq: torch.Tensor  # (batch·K, max_length) tokens, delay pattern applied
-    pattern: torch.Tensor  # (batch·K, max_length) forced tokens, -1 where a token is sampled
-    self_k: list[torch.Tensor]  # per layer (rows, heads, max_length, head_dim)
+    input_ids: torch.Tensor  # (tokens,) the text's ids, without padding
+    prompt_codes: torch.Tensor | None  # (codebooks, codes) audio prompt, or None
+    max_new_tokens: int
+    guidance_scale: float = 3.0
+    generator: torch.Generator | None = None  # a CPU generator; None: greedy
+    temperature: float = 1.0
+    top_k: int = 250  # 0: off
+    top_p: float = 0.0  # 0: off
+
+
+@dataclass(eq=False)
+class Decoding:
+    """A row in flight: where it is, and (once ``done``) its codes."""
+
+    row: Row
+    prefix: int  # positions prefilled: the BOS and the prompt, delay pattern applied
+    length: int  # positions in all: the row is done when ``pos`` reaches it
+    pos: int  # the position of the next token
+    slot: int = -1
+    codes: torch.Tensor | None = None  # (codebooks, prompt + new codes), once done
+
+    @property
+    def steps(self) -> int:
+        return self.length - self.prefix
+
+    @property
+    def steps_done(self) -> int:
+        return self.pos - self.prefix
+
+    @property
+    def done(self) -> bool:
+        return self.codes is not None
+
+
+@dataclass(eq=False)
+class _Slots:
+    """Every buffer of ``capacity`` rows, at fixed addresses; each has the slot first."""
+
+    capacity: int
+    text: int  # text positions of the cross-attention (padded)
+    seq: torch.Tensor  # (slots, K, max_length) tokens, delay pattern applied
+    pattern: torch.Tensor  # (slots, K, max_length) forced tokens, -1 where a token is sampled
+    self_k: list[torch.Tensor]  # per layer (slots, 2, heads, max_length, head_dim)
     self_v: list[torch.Tensor]
-    cross_k: list[torch.Tensor]  # per layer (rows, heads, text, head_dim)
+    cross_k: list[torch.Tensor]  # per layer (slots, 2, heads, text, head_dim)
     cross_v: list[torch.Tensor]
-    cross_mask: torch.Tensor  # (rows, 1, 1, text) additive
-    scores: torch.Tensor  # (batch·K, vocab) float32: the guided logits for the next token
-    pos: torch.Tensor  # () long: the position the next token goes to
-    guidance: torch.Tensor  # () float32
-    temperature: torch.Tensor  # (batch·K, 1) float32
-    top_k: torch.Tensor  # (batch·K, 1) long: tokens kept (vocab when off)
-    top_p: torch.Tensor  # (batch·K, 1) float32 (1 when off)
-    uniforms: torch.Tensor  # (max_length, batch·K) float32: each row's draw at each position
-    graphs: dict[tuple[int, bool], Any] = field(default_factory=dict)
+    cross_mask: torch.Tensor  # (slots, 2, 1, 1, text) additive
+    scores: torch.Tensor  # (slots, K, vocab) float32: the guided logits for the next token
+    pos: torch.Tensor  # (slots,) long: the position each row's next token goes to
+    guidance: torch.Tensor  # (slots, 1, 1) float32
+    greedy: torch.Tensor  # (slots, 1, 1) bool
+    temperature: torch.Tensor  # (slots, 1, 1) float32
+    top_k: torch.Tensor  # (slots, 1, 1) long: tokens kept (vocab when off)
+    top_p: torch.Tensor  # (slots, 1, 1) float32 (1 when off)
+    uniforms: torch.Tensor  # (slots, max_length, K) float32: each row's draw at each position
+    graphs: dict[tuple[int, int], Any] = field(default_factory=dict)
+
+    def per_slot(self) -> list[torch.Tensor]:
+        """Every tensor that holds one entry per slot."""
+        return [
+            self.seq,
+            self.pattern,
+            *self.self_k,
+            *self.self_v,
+            *self.cross_k,
+            *self.cross_v,
+            self.cross_mask,
+            self.scores,
+            self.pos,
+            self.guidance,
+            self.greedy,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.uniforms,
+        ]
 
 
 class MusicGenDecoder:
-    """Decodes with a ``MusicgenForConditionalGeneration``'s modules; see the module docstring."""
+    """Decodes with a ``MusicgenForConditionalGeneration``'s modules; see the module docstring.
+
+    Not thread-safe: one thread adds, steps and removes rows.
+    """
 
     def __init__(self, model: Any, *, max_length: int, graphs: bool | None = None) -> None:
-        """``max_length``: positions of the longest call (prompt, BOS and delay included)."""
+        """``max_length``: positions of the longest row (prompt, BOS and delay included)."""
         self.model = model
         self.lm = model.decoder  # MusicgenForCausalLM: the LM heads
         self.core = model.decoder.model.decoder  # MusicgenDecoder: embeddings and layers
@@ -101,11 +177,74 @@ class MusicGenDecoder:
         self.device = self.core.layer_norm.weight.device
         self.dtype = self.core.layer_norm.weight.dtype
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        self._state: _State | None = None
-        self._state_key: tuple[int, int, int] | None = None
+        self.live: list[Decoding] = []  # the rows in flight, by slot
+        self._slots: _Slots | None = None
         self._pool: Any = None
+        self._in_flight: list[Any] = []
 
-    # -- the call ----------------------------------------------------------------------
+    # -- rows in, steps, rows out --------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, row: Row) -> Decoding:
+        """Start decoding ``row`` beside the rows in flight (from the next ``step``)."""
+        prompt = 0 if row.prompt_codes is None else row.prompt_codes.shape[-1]
+        length = 1 + prompt + row.max_new_tokens
+        if length > self.max_length:
+            raise ValueError(f"{length} positions do not fit the cache of {self.max_length}")
+        if row.generator is not None and not row.temperature > 0:
+            raise ValueError("temperature must be positive")
+        states = self._encode_text(row.input_ids)
+        slots = self._room(len(self.live) + 1, states.shape[0])
+        slot = len(self.live)
+        prefix = self._lay_out(slots, slot, row.prompt_codes, length)
+        self._fill_cross(slots, slot, states)
+        self._set_sampling(slots, slot, row, prefix, length)
+        # Prefill, alone: the BOS and the prompt in one pass; its last logits give the first
+        # token. Its own slot only, so the rows in flight are untouched.
+        ids = slots.seq[slot, :, :prefix]
+        start = torch.zeros(1, dtype=torch.long, device=self.device)
+        slots.scores[slot : slot + 1].copy_(self._forward(slots, slot, 1, ids, start, prefix))
+        slots.pos[slot] = prefix
+        decoding = Decoding(row, prefix, length, prefix, slot)
+        self.live.append(decoding)
+        return decoding
+
+    @torch.inference_mode()
+    def step(self) -> list[Decoding]:
+        """One decoding step for every row in flight; returns the rows it finished (they
+        have left, with their ``codes``)."""
+        n = len(self.live)
+        if n == 0:
+            return []
+        slots = self._slots
+        assert slots is not None
+        furthest = max(d.pos for d in self.live)
+        span = min(self.max_length, BUCKET * math.ceil((furthest + 1) / BUCKET))
+        self._run_step(slots, n, span)
+        if self.use_graphs:
+            # At most two steps queued on the GPU: progress and cancel stay within a step
+            # of the truth while the GPU never waits for the host.
+            self._in_flight.append(torch.cuda.Event())  # type: ignore[no-untyped-call]
+            self._in_flight[-1].record()
+            if len(self._in_flight) > 2:
+                self._in_flight.pop(0).synchronize()
+        for d in self.live:
+            d.pos += 1
+        finished = [d for d in self.live if d.pos >= d.length]
+        for d in finished:
+            d.codes = self._codes_of(slots, d)
+            self._leave(d)
+        return finished
+
+    def remove(self, decoding: Decoding) -> None:
+        """Drop a row in flight (cancelled); a row already done is left as it is."""
+        if decoding in self.live:
+            self._leave(decoding)
+
+    def clear(self) -> None:
+        """Drop every row in flight (after a failed step: their state is unknown)."""
+        self.live.clear()
+        self._in_flight.clear()
 
     @torch.inference_mode()
     def generate(
@@ -119,7 +258,8 @@ class MusicGenDecoder:
         sampling: Draws | None,
         on_step: Callable[[], None] = lambda: None,
     ) -> torch.Tensor:
-        """Codes (batch, codebooks, prompt + max_new_tokens - (delays - 1)).
+        """One batch of rows decoded to the end, alone in the loop: the codes
+        (batch, codebooks, prompt + max_new_tokens - (delays - 1)).
 
         ``input_ids``/``attention_mask``: the tokenized text, one row per sibling;
         ``prompt_codes``: (batch, codebooks, prompt) audio codes (stereo: the channels'
@@ -127,271 +267,282 @@ class MusicGenDecoder:
         ``on_step`` runs after each step and may raise to stop.
         """
         batch = input_ids.shape[0]
-        prompt = 0 if prompt_codes is None else prompt_codes.shape[-1]
-        length = 1 + prompt + max_new_tokens
-        if length > self.max_length:
-            raise ValueError(f"{length} positions do not fit the cache of {self.max_length}")
-        encoder_states, text_mask = self._encode_text(input_ids, attention_mask)
-        guided = guidance_scale > 1
-        state = self._state_for(batch, guided, encoder_states.shape[1])
-        prefix = self._prepare(state, batch, prompt_codes, length)
-        self._fill_cross(state, encoder_states, text_mask, guided)
-        self._set_sampling(state, batch, sampling, guidance_scale, prefix, length)
-        # Prefill: the BOS and the prompt in one pass; its last logits give the first token.
-        state.scores.copy_(self._forward(state, state.seq[:, :prefix], 0, prefix))
-        state.pos.fill_(prefix)
-        greedy = sampling is None
-        in_flight: list[Any] = []
-        for pos in range(prefix, length):
-            if pos == length - 1:
-                self._choose(state, greedy)  # the last token needs no forward pass
-            else:
-                self._run_step(state, pos, greedy)
-            if self.use_graphs:
-                # At most two steps queued on the GPU: progress and cancel stay within a
-                # step of the truth while the GPU never waits for the host.
-                in_flight.append(torch.cuda.Event())  # type: ignore[no-untyped-call]
-                in_flight[-1].record()
-                if len(in_flight) > 2:
-                    in_flight.pop(0).synchronize()
-            on_step()
-        return self._codes(state, batch, prompt + max_new_tokens - (self.delays - 1))
+        if sampling is not None and len(sampling.generators) != batch:
+            raise ValueError(f"{len(sampling.generators)} generators for a batch of {batch}")
+        if self.live:
+            raise RuntimeError("generate() needs the loop to itself; rows are in flight")
+        rows = [
+            Row(
+                input_ids=input_ids[i][attention_mask[i].bool()],
+                prompt_codes=None if prompt_codes is None else prompt_codes[i],
+                max_new_tokens=max_new_tokens,
+                guidance_scale=guidance_scale,
+                generator=None if sampling is None else sampling.generators[i],
+                temperature=1.0 if sampling is None else sampling.temperature,
+                top_k=0 if sampling is None else sampling.top_k,
+                top_p=0.0 if sampling is None else sampling.top_p,
+            )
+            for i in range(batch)
+        ]
+        try:
+            decodings = [self.add(row) for row in rows]
+            while self.live:
+                self.step()
+                on_step()
+        finally:
+            self.clear()
+        return torch.stack([d.codes for d in decodings if d.codes is not None])
 
-    # -- set-up, per call ------------------------------------------------------------------
+    # -- a row's set-up ------------------------------------------------------------------
 
-    def _encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's states of one row's text (tokens, hidden), alone."""
         model = self.model
-        states = model.text_encoder(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).last_hidden_state
+        ids = input_ids.reshape(1, -1).to(self.device)
+        mask = torch.ones_like(ids)
+        states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         if (
             model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
             and model.decoder.config.cross_attention_hidden_size is None
         ):
             states = model.enc_to_dec_proj(states)
-        mask = attention_mask.to(self.device)
-        return states * mask[..., None].to(states.dtype), mask
+        result: torch.Tensor = states[0]
+        return result
 
-    def _state_for(self, batch: int, guided: bool, text: int) -> _State:
-        """The buffers for this shape: kept across calls (and so are their CUDA graphs)."""
+    def _room(self, rows: int, text: int) -> _Slots:
+        """Buffers for ``rows`` rows and a text of ``text`` tokens: the current ones, or
+        larger ones holding the rows in flight (their graphs are captured again)."""
+        old = self._slots
         text = max(_TEXT_MIN, 1 << (text - 1).bit_length())
-        key = (batch, int(guided), text)
-        if self._state is not None and self._state_key == key:
-            return self._state
-        self._state = None  # one shape at a time: free the old buffers first
-        rows, seqs = batch * (2 if guided else 1), batch * self.codebooks
+        if old is not None and rows <= old.capacity and text <= old.text:
+            return old
+        capacity = max(rows, old.capacity if old else 1)
+        capacity = 1 << (capacity - 1).bit_length()
+        text = max(text, old.text if old else 0)
+        new = self._allocate(capacity, text)
+        if old is not None:  # the rows in flight, each buffer into the start of its new one
+            n = len(self.live)
+            for a, b in zip(new.per_slot(), old.per_slot(), strict=True):
+                a[(slice(0, n), *(slice(0, size) for size in b.shape[1:]))].copy_(b[:n])
+        self._slots = new
+        return new
+
+    def _allocate(self, capacity: int, text: int) -> _Slots:
         layers = len(self.core.layers)
-        d, f = self.device, self.dtype
+        d, f, k, length = self.device, self.dtype, self.codebooks, self.max_length
 
         def cache(positions: int) -> list[torch.Tensor]:
-            shape = (rows, self.heads, positions, self.head_dim)
+            shape = (capacity, 2, self.heads, positions, self.head_dim)
             return [torch.zeros(shape, device=d, dtype=f) for _ in range(layers)]
 
-        self._state = _State(
-            rows=rows,
-            seq=torch.full((seqs, self.max_length), self.pad, device=d, dtype=torch.long),
-            pattern=torch.full((seqs, self.max_length), self.pad, device=d, dtype=torch.long),
-            self_k=cache(self.max_length),
-            self_v=cache(self.max_length),
+        def per_row(fill: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full((capacity, 1, 1), fill, device=d, dtype=dtype)
+
+        return _Slots(
+            capacity=capacity,
+            text=text,
+            seq=torch.full((capacity, k, length), self.pad, device=d, dtype=torch.long),
+            pattern=torch.full((capacity, k, length), self.pad, device=d, dtype=torch.long),
+            self_k=cache(length),
+            self_v=cache(length),
             cross_k=cache(text),
             cross_v=cache(text),
-            cross_mask=torch.zeros((rows, 1, 1, text), device=d, dtype=f),
-            scores=torch.zeros((seqs, self.vocab), device=d, dtype=torch.float32),
-            pos=torch.zeros((), device=d, dtype=torch.long),
-            guidance=torch.ones((), device=d, dtype=torch.float32),
-            temperature=torch.ones((seqs, 1), device=d, dtype=torch.float32),
-            top_k=torch.full((seqs, 1), self.vocab, device=d, dtype=torch.long),
-            top_p=torch.ones((seqs, 1), device=d, dtype=torch.float32),
-            uniforms=torch.zeros((self.max_length, seqs), device=d, dtype=torch.float32),
+            cross_mask=torch.full((capacity, 2, 1, 1, text), torch.finfo(f).min, device=d, dtype=f),
+            scores=torch.zeros((capacity, k, self.vocab), device=d, dtype=torch.float32),
+            pos=torch.zeros(capacity, device=d, dtype=torch.long),
+            guidance=per_row(1.0, torch.float32),
+            greedy=per_row(True, torch.bool),
+            temperature=per_row(1.0, torch.float32),
+            top_k=per_row(self.vocab, torch.long),
+            top_p=per_row(1.0, torch.float32),
+            uniforms=torch.zeros((capacity, length, k), device=d, dtype=torch.float32),
         )
-        self._state_key = key
-        return self._state
 
-    def _prepare(
-        self, state: _State, batch: int, prompt_codes: torch.Tensor | None, length: int
+    def _lay_out(
+        self, slots: _Slots, slot: int, prompt_codes: torch.Tensor | None, length: int
     ) -> int:
         """Lay out BOS + prompt with the delay pattern; returns the prefix length to prefill."""
-        start = torch.full((batch * self.codebooks, 1), self.bos, dtype=torch.long)
-        ids = start
+        ids = torch.full((self.codebooks, 1), self.bos, dtype=torch.long)
         if prompt_codes is not None and prompt_codes.shape[-1]:
-            codes = prompt_codes.reshape(batch * self.codebooks, -1).to("cpu", torch.long)
-            ids = torch.cat([start, codes], dim=-1)
+            codes = prompt_codes.reshape(self.codebooks, -1).to("cpu", torch.long)
+            ids = torch.cat([ids, codes], dim=-1)
         prefix_ids, pattern = self.lm.build_delay_pattern_mask(ids, self.pad, max_length=length)
-        state.pattern.fill_(self.pad)
-        state.pattern[:, :length].copy_(pattern)
+        slots.pattern[slot].fill_(self.pad)
+        slots.pattern[slot, :, :length].copy_(pattern)
         prefix = int(prefix_ids.shape[-1])
-        state.seq.fill_(self.pad)
-        state.seq[:, :prefix].copy_(
+        slots.seq[slot].fill_(self.pad)
+        slots.seq[slot, :, :prefix].copy_(
             torch.where(pattern[:, :prefix] == -1, prefix_ids, pattern[:, :prefix])
         )
         return prefix
 
-    def _fill_cross(
-        self, state: _State, encoder_states: torch.Tensor, text_mask: torch.Tensor, guided: bool
-    ) -> None:
-        if guided:  # the unconditional half: a zero text, wholly masked
-            encoder_states = torch.cat([encoder_states, torch.zeros_like(encoder_states)])
-            text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
-        states = encoder_states.to(self.dtype)
-        tokens = states.shape[1]
-        for layer, k, v in zip(self.core.layers, state.cross_k, state.cross_v, strict=True):
+    def _fill_cross(self, slots: _Slots, slot: int, states: torch.Tensor) -> None:
+        """The row's text keys/values; its unconditional row has a zero text, wholly masked."""
+        tokens = states.shape[0]
+        both = torch.stack([states, torch.zeros_like(states)]).to(self.dtype)  # (2, tokens, h)
+        for layer, k, v in zip(self.core.layers, slots.cross_k, slots.cross_v, strict=True):
             attn = layer.encoder_attn
-            k.zero_()
-            v.zero_()
-            k[:, :, :tokens].copy_(self._heads_of(attn.k_proj(states)))
-            v[:, :, :tokens].copy_(self._heads_of(attn.v_proj(states)))
-        allowed = torch.zeros(
-            state.cross_mask.shape[0], state.cross_mask.shape[-1], dtype=torch.bool
-        )
-        allowed[:, :tokens] = text_mask.to("cpu", torch.bool)
+            k[slot].zero_()
+            v[slot].zero_()
+            k[slot, :, :, :tokens].copy_(self._heads_of(attn.k_proj(both)))
+            v[slot, :, :, :tokens].copy_(self._heads_of(attn.v_proj(both)))
         blocked = torch.finfo(self.dtype).min
-        state.cross_mask.copy_(torch.where(allowed, 0.0, blocked)[:, None, None, :].to(self.dtype))
+        mask = slots.cross_mask[slot]  # (2, 1, 1, text)
+        mask.fill_(blocked)
+        mask[0, ..., :tokens] = 0.0
 
-    def _set_sampling(
-        self,
-        state: _State,
-        batch: int,
-        sampling: Draws | None,
-        guidance_scale: float,
-        prefix: int,
-        length: int,
-    ) -> None:
-        state.guidance.fill_(guidance_scale)
-        if sampling is None:
+    def _set_sampling(self, slots: _Slots, slot: int, row: Row, prefix: int, length: int) -> None:
+        slots.guidance[slot] = row.guidance_scale
+        slots.greedy[slot] = row.generator is None
+        slots.uniforms[slot].zero_()
+        if row.generator is None:
             return
-        if not sampling.temperature > 0:
-            raise ValueError("temperature must be positive")
-        if len(sampling.generators) != batch:
-            raise ValueError(f"{len(sampling.generators)} generators for a batch of {batch}")
-        k = sampling.top_k if 0 < sampling.top_k < self.vocab else self.vocab
-        p = sampling.top_p if 0 < sampling.top_p < 1 else 1.0
-        state.temperature.fill_(sampling.temperature)
-        state.top_k.fill_(k)
-        state.top_p.fill_(p)
-        # Each sibling's draws, made on the CPU from its own generator, in step order:
-        # the same seed gives the same draws alone or in any batch, on any device.
-        draws = torch.stack(
-            [
-                torch.rand((length - prefix, self.codebooks), generator=g)
-                for g in sampling.generators
-            ],
-            dim=1,
-        ).reshape(length - prefix, batch * self.codebooks)
-        state.uniforms.zero_()
-        state.uniforms[prefix:length].copy_(draws)
+        k = row.top_k if 0 < row.top_k < self.vocab else self.vocab
+        p = row.top_p if 0 < row.top_p < 1 else 1.0
+        slots.temperature[slot] = row.temperature
+        slots.top_k[slot] = k
+        slots.top_p[slot] = p
+        # The row's draws, made on the CPU from its own generator, in step order: the same
+        # seed gives the same draws alone or beside any rows, on any device.
+        draws = torch.rand((length - prefix, self.codebooks), generator=row.generator)
+        slots.uniforms[slot, prefix:length].copy_(draws)
+
+    def _leave(self, decoding: Decoding) -> None:
+        """Free a row's slot: the last row in flight moves into it."""
+        slot = decoding.slot
+        self.live.remove(decoding)
+        decoding.slot = -1
+        if slot == len(self.live):
+            return  # it was the last
+        last = self.live.pop()
+        slots = self._slots
+        assert slots is not None
+        with torch.inference_mode():
+            for t in slots.per_slot():
+                t[slot].copy_(t[last.slot])
+        last.slot = slot
+        self.live.insert(slot, last)
 
     # -- one step ----------------------------------------------------------------------
 
-    def _run_step(self, state: _State, pos: int, greedy: bool) -> None:
-        """Choose the token at ``pos`` and compute the logits for ``pos + 1``."""
-        span = min(self.max_length, BUCKET * math.ceil((pos + 1) / BUCKET))
+    def _run_step(self, slots: _Slots, n: int, span: int) -> None:
+        """Choose every row's token at its position and compute the logits for the next."""
         if not self.use_graphs:
-            self._step(state, span, greedy)
+            self._step(slots, n, span)
             return
-        graph = state.graphs.get((span, greedy))
+        graph = slots.graphs.get((n, span))
         if graph is None:
             try:
-                graph = state.graphs[(span, greedy)] = self._capture(state, span, greedy)
+                graph = slots.graphs[(n, span)] = self._capture(slots, n, span)
             except RuntimeError:
                 # A capture that fails changed nothing (the state is restored before it):
                 # the same step runs eagerly from now on — slower, with the same result.
                 log.exception("CUDA graph capture failed; decoding continues without graphs")
                 self.use_graphs = False
-                self._step(state, span, greedy)
+                self._step(slots, n, span)
                 return
         graph.replay()
 
-    def _step(self, state: _State, span: int, greedy: bool) -> None:
-        """The captured work: no host sync, no new shapes; ``state.pos`` advances by one."""
-        token = self._choose(state, greedy)
-        batch = state.seq.shape[0] // self.codebooks
-        ids = token.view(batch * self.codebooks, 1)
-        state.scores.copy_(self._forward(state, ids, state.pos, span))
-        state.pos.add_(1)
+    def _step(self, slots: _Slots, n: int, span: int) -> None:
+        """The captured work: no host sync, no new shapes; each row's ``pos`` advances by one."""
+        token = self._choose(slots, n)  # (n, K)
+        pos = slots.pos[:n]
+        slots.scores[:n].copy_(self._forward(slots, 0, n, token[..., None], pos, span))
+        pos.add_(1)
 
-    def _choose(self, state: _State, greedy: bool) -> torch.Tensor:
-        """The token at ``state.pos`` for every (sibling, codebook) row, written into ``seq``."""
-        scores = state.scores
-        token = scores.argmax(dim=-1) if greedy else self._sample(state, scores)
-        forced = state.pattern.index_select(1, state.pos.view(1)).squeeze(1)
+    def _choose(self, slots: _Slots, n: int) -> torch.Tensor:
+        """Each row's token at its position (n, K), written into ``seq``."""
+        scores = slots.scores[:n]
+        where = slots.pos[:n].view(n, 1, 1).expand(n, self.codebooks, 1)
+        best = scores.argmax(dim=-1)
+        drawn = self._sample(slots, n, scores, where)
+        token = torch.where(slots.greedy[:n, 0], best, drawn)
+        forced = slots.pattern[:n].gather(2, where).squeeze(2)
         token = torch.where(forced == -1, token, forced)
-        state.seq.index_copy_(1, state.pos.view(1), token[:, None])
+        slots.seq[:n].scatter_(2, where, token[..., None])
         return token
 
-    def _sample(self, state: _State, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores / state.temperature
+    def _sample(
+        self, slots: _Slots, n: int, scores: torch.Tensor, where: torch.Tensor
+    ) -> torch.Tensor:
+        logits = scores / slots.temperature[:n]
         ordered, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(self.vocab, device=logits.device)
-        ordered = ordered.masked_fill(rank >= state.top_k, -math.inf)
+        ordered = ordered.masked_fill(rank >= slots.top_k[:n], -math.inf)
         probs = ordered.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
-        probs = probs.masked_fill(before > state.top_p, 0.0)  # keeps at least the best
+        probs = probs.masked_fill(before > slots.top_p[:n], 0.0)  # keeps at least the best
         cdf = probs.cumsum(dim=-1)
-        draw = state.uniforms.index_select(0, state.pos.view(1)).view(-1, 1) * cdf[:, -1:]
-        index = torch.searchsorted(cdf, draw).clamp_(max=self.vocab - 1)
+        uniform = slots.uniforms[:n].gather(1, where.transpose(1, 2)).transpose(1, 2)
+        index = torch.searchsorted(cdf, uniform * cdf[..., -1:]).clamp_(max=self.vocab - 1)
         return order.gather(-1, index).squeeze(-1)
 
-    def _capture(self, state: _State, span: int, greedy: bool) -> Any:
-        """A CUDA graph of ``_step`` at this bucket, captured without changing the state."""
+    def _capture(self, slots: _Slots, n: int, span: int) -> Any:
+        """A CUDA graph of ``_step`` for ``n`` rows at this bucket, captured without
+        changing the state."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        saved_pos, saved_scores = state.pos.clone(), state.scores.clone()
+        saved_pos, saved_scores = slots.pos.clone(), slots.scores.clone()
         stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):  # warm-up: what it writes is rewritten by the replay
-                self._step(state, span, greedy)
+                self._step(slots, n, span)
         finally:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            state.pos.copy_(saved_pos)
-            state.scores.copy_(saved_scores)
+            slots.pos.copy_(saved_pos)
+            slots.scores.copy_(saved_scores)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(state, span, greedy)
+            self._step(slots, n, span)
         return graph
 
     # -- the decoder over the static cache --------------------------------------------------
 
     def _forward(
-        self, state: _State, ids: torch.Tensor, start: int | torch.Tensor, span: int
+        self,
+        slots: _Slots,
+        first: int,
+        n: int,
+        ids: torch.Tensor,
+        start: torch.Tensor,
+        span: int,
     ) -> torch.Tensor:
-        """Guided float32 logits of the last position of ``ids`` ((batch·K, n) tokens from
-        position ``start``), writing their keys/values into the cache; attention reads
-        the cache's first ``span`` positions."""
-        n = ids.shape[-1]
-        batch = ids.shape[0] // self.codebooks
-        grouped = ids.reshape(batch, self.codebooks, n)
-        if state.rows != batch:  # guidance: the same tokens for the unconditional rows
-            grouped = grouped.repeat(2, 1, 1)
+        """Guided float32 logits (n, K, vocab) of the last position of ``ids`` ((n, K, t)
+        tokens of slots ``first..first+n-1``, from each row's position ``start`` (n,)),
+        writing their keys/values into the cache; attention reads the cache's first
+        ``span`` positions, each row up to its own position."""
+        t = ids.shape[-1]
+        rows = 2 * n  # each slot's conditional row, then its unconditional one
+        grouped = ids.reshape(n, self.codebooks, t).repeat_interleave(2, dim=0)
         core = self.core
         x = sum(core.embed_tokens[k](grouped[:, k]) for k in range(self.codebooks))
-        positions = torch.arange(n, device=self.device) + start
-        x = x + core.embed_positions.weights.index_select(0, positions).to(x.dtype)
+        positions = start.repeat_interleave(2)[:, None] + torch.arange(t, device=self.device)
+        embedded = core.embed_positions.weights.index_select(0, positions.reshape(-1))
+        x = x + embedded.view(rows, t, -1).to(x.dtype)
         keys = torch.arange(span, device=self.device)
-        causal = keys[None, :] <= positions[:, None]  # (n, span)
+        causal = (keys <= positions[..., None])[:, None]  # (rows, 1, t, span)
+        row_index = torch.arange(rows, device=self.device)[:, None].expand(rows, t)
+        chosen = slice(first, first + n)
         for i, layer in enumerate(core.layers):
+            self_k = slots.self_k[i][chosen].view(rows, self.heads, self.max_length, -1)
+            self_v = slots.self_v[i][chosen].view(rows, self.heads, self.max_length, -1)
             h = layer.self_attn_layer_norm(x)
             attn = layer.self_attn
             q = self._heads_of(attn.q_proj(h))
-            state.self_k[i].index_copy_(2, positions, self._heads_of(attn.k_proj(h)))
-            state.self_v[i].index_copy_(2, positions, self._heads_of(attn.v_proj(h)))
+            self_k[row_index, :, positions] = self._split(attn.k_proj(h))
+            self_v[row_index, :, positions] = self._split(attn.v_proj(h))
             out = F.scaled_dot_product_attention(
-                q,
-                state.self_k[i][:, :, :span],
-                state.self_v[i][:, :, :span],
-                attn_mask=causal,
-                scale=attn.scaling,
+                q, self_k[:, :, :span], self_v[:, :, :span], attn_mask=causal, scale=attn.scaling
             )
             x = x + attn.out_proj(self._merge(out))
             h = layer.encoder_attn_layer_norm(x)
             cross = layer.encoder_attn
             out = F.scaled_dot_product_attention(
                 self._heads_of(cross.q_proj(h)),
-                state.cross_k[i],
-                state.cross_v[i],
-                attn_mask=state.cross_mask,
+                slots.cross_k[i][chosen].view(rows, self.heads, slots.text, -1),
+                slots.cross_v[i][chosen].view(rows, self.heads, slots.text, -1),
+                attn_mask=slots.cross_mask[chosen].view(rows, 1, 1, slots.text),
                 scale=cross.scaling,
             )
             x = x + cross.out_proj(self._merge(out))
@@ -399,27 +550,30 @@ class MusicGenDecoder:
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
         last = core.layer_norm(x[:, -1])
         logits = torch.stack([head(last) for head in self.lm.lm_heads], dim=1).float()
-        logits = logits.reshape(state.rows * self.codebooks, self.vocab)
-        if state.rows == batch:
-            return logits
-        cond, uncond = torch.split(logits, batch * self.codebooks)
-        guided: torch.Tensor = uncond + (cond - uncond) * state.guidance
+        cond, uncond = logits[0::2], logits[1::2]  # (n, K, vocab) each
+        scale = slots.guidance[chosen]
+        guided: torch.Tensor = torch.where(scale > 1, uncond + (cond - uncond) * scale, cond)
         return guided
 
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, t, hidden) → (rows, t, heads, head_dim)."""
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim)
+
     def _heads_of(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, n, hidden) → (rows, heads, n, head_dim)."""
-        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+        """(rows, t, hidden) → (rows, heads, t, head_dim)."""
+        return self._split(x).transpose(1, 2)
 
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, heads, n, head_dim) → (rows, n, hidden)."""
+        """(rows, heads, t, head_dim) → (rows, t, hidden)."""
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
 
-    def _codes(self, state: _State, batch: int, count: int) -> torch.Tensor:
-        """Undo the delay: row k's codes start at position k // channels + 1."""
-        rows = state.seq.view(batch, self.codebooks, self.max_length)
-        starts = [k // self.channels + 1 for k in range(self.codebooks)]
+    def _codes_of(self, slots: _Slots, d: Decoding) -> torch.Tensor:
+        """Undo the delay: codebook k's codes start at position k // channels + 1."""
+        prompt = 0 if d.row.prompt_codes is None else d.row.prompt_codes.shape[-1]
+        count = prompt + d.row.max_new_tokens - (self.delays - 1)
+        rows = slots.seq[d.slot]
         return torch.stack(
-            [rows[:, k, start : start + count] for k, start in enumerate(starts)], dim=1
+            [rows[k, k // self.channels + 1 :][:count] for k in range(self.codebooks)]
         ).clone()
 
 

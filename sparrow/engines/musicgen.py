@@ -73,13 +73,17 @@ from transformers import (
 from sparrow.engines import self_check
 from sparrow.engines.base import (
     Audio,
+    Batch,
     Continuation,
     EngineInfo,
     LoadsOnce,
     Progress,
+    Row,
     frames_for,
 )
-from sparrow.engines.decoding import Draws, MusicGenDecoder, prompt_codes
+from sparrow.engines.batching import decode_alone
+from sparrow.engines.decoding import Decoding, MusicGenDecoder, prompt_codes
+from sparrow.engines.decoding import Row as DecoderRow
 from sparrow.engines.torch_device import (
     cpu_threads,
     cpu_threads_for,
@@ -87,6 +91,7 @@ from sparrow.engines.torch_device import (
     torch_failures,
 )
 from sparrow.errors import EngineUnavailable, GenerationFailed
+from sparrow.models import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +163,8 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
         self.model = model
         self.device = resolve_device(device)
         self.decoder = decoder
-        if decoder == "auto":
-            self.decoder = "sparrow" if self.device.startswith("cuda") else "transformers"
+        if decoder == "auto":  # the loop that batches across requests, on every device
+            self.decoder = "sparrow"
         self.check_loop = self.device.startswith("cuda") if check_loop is None else check_loop
         self.loop_check: str | None = None  # "passed", or why the loop is not used
         self.threads = threads
@@ -265,74 +270,255 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             ),
         )
 
-    def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
+    def batch(self) -> Batch:
         m = self._ready()
-        samples = frames_for(request.duration_s, m.sample_rate)
-        if request.context.ndim != 2 or request.context.shape[1] != m.channels:
+        if m.decoder is not None:
+            return _LoopBatch(m, m.decoder)
+        return _GenerateBatch(m)
+
+    def generate(self, request: Continuation, progress: Progress) -> list[Audio]:
+        return decode_alone(self.batch(), request, progress)
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One row's work: its windows, and what it has made so far."""
+
+    row: Row
+    windows: list[Window]
+    samples: int  # frames of new audio it asks for
+    tail: Audio  # the context, then the audio made so far, whole codes only
+    generator: torch.Generator
+    made: list[Audio]
+    steps: int  # decoding steps over all windows
+    window: int = 0  # the window being decoded
+    steps_before: int = 0  # the steps of the windows before it
+
+    @classmethod
+    def of(cls, m: _Loaded, row: Row) -> _Plan:
+        context = row.context
+        if context.ndim != 2 or context.shape[1] != m.channels:
             raise GenerationFailed(
-                f"The context has shape {request.context.shape}; the model takes {m.channels} "
+                f"The context has shape {context.shape}; the model takes {m.channels} "
                 "channel(s) as (frames, channels)."
             )
-        windows = plan_windows(len(request.context) // m.hop, math.ceil(samples / m.hop), m.window)
-        if not windows:
-            return [np.zeros((0, m.channels), np.float32) for _ in request.seeds]
-        steps_total = sum(w.new + m.codebooks - 1 for w in windows)
+        samples = frames_for(row.sampling.duration_s, m.sample_rate)
+        windows = plan_windows(len(context) // m.hop, math.ceil(samples / m.hop), m.window)
+        whole = len(context) - len(context) % m.hop
+        # Sparrow's loop draws its uniforms on the CPU, whatever the device.
+        where = "cpu" if m.decoder else m.model.device
+        return cls(
+            row=row,
+            windows=windows,
+            samples=samples,
+            tail=context[len(context) - whole :],
+            generator=torch.Generator(where).manual_seed(row.seed),
+            made=[],
+            steps=sum(w.new + m.codebooks - 1 for w in windows),
+        )
+
+    @property
+    def current(self) -> Window:
+        return self.windows[self.window]
+
+    def prompt_audio(self, m: _Loaded) -> Audio:
+        return self.tail[len(self.tail) - self.current.prompt * m.hop :]
+
+    def took(self, m: _Loaded, audio: Audio) -> bool:
+        """Keep the new audio of the window just decoded (``audio``: its prompt re-decoded,
+        then the new audio); returns whether windows remain."""
+        w = self.current
+        start = w.prompt * m.hop
+        new = audio[start : start + w.new * m.hop]
+        if self.made and start:
+            _crossfade_into(self.made[-1], audio[:start], int(JOIN_S * m.sample_rate))
+        self.made.append(new)
+        self.tail = np.concatenate([self.tail, new])[-m.window * m.hop :]
+        self.steps_before += w.new + m.codebooks - 1
+        self.window += 1
+        return self.window < len(self.windows)
+
+    def audio(self, channels: int) -> Audio:
+        if not self.made:
+            return np.zeros((0, channels), np.float32)
+        return np.concatenate(self.made)[: self.samples].astype(np.float32, copy=False)
+
+
+def _failures() -> Any:
+    return torch_failures(
+        "MusicGen failed while generating",
+        out_of_memory="MusicGen ran out of GPU memory; try fewer siblings.",
+    )
+
+
+class _LoopBatch:
+    """Rows through Sparrow's loop: each joins at a step boundary, decodes its windows one
+    after another in its slot, and leaves when its last window is decoded."""
+
+    joins_midway = True
+
+    def __init__(self, m: _Loaded, decoder: MusicGenDecoder) -> None:
+        self.m = m
+        self.decoder = decoder
+        decoder.clear()  # one batch at a time: a new one starts empty
+        self.plans: dict[int, _Plan] = {}  # by id of the decoder's Decoding
+        self.empty: list[_Plan] = []  # rows that ask for no codes at all
+
+    def __len__(self) -> int:
+        return len(self.plans) + len(self.empty)
+
+    def fits(self, row: Row) -> bool:
+        return True
+
+    def add(self, row: Row) -> None:
+        plan = _Plan.of(self.m, row)
+        if not plan.windows:
+            self.empty.append(plan)
+            return
+        with cpu_threads(self.m.cpu_threads), _failures():
+            self._start(plan)
+
+    def remove(self, row: Row) -> None:
+        for key, plan in list(self.plans.items()):
+            if plan.row is row:
+                decoding = next(d for d in self.decoder.live if id(d) == key)
+                self.decoder.remove(decoding)
+                del self.plans[key]
+        self.empty = [p for p in self.empty if p.row is not row]
+
+    def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
+        m = self.m
+        out = [(p.row, p.audio(m.channels)) for p in self.empty]
+        self.empty = []
+        with cpu_threads(m.cpu_threads), _failures():
+            finished = self.decoder.step()
+            for d in [*self.decoder.live, *finished]:
+                plan = self.plans[id(d)]
+                plan.row.fraction = min(1.0, (plan.steps_before + d.steps_done) / plan.steps)
+            done = [(d, self.plans.pop(id(d))) for d in finished]
+            on_step()
+            for d, plan in done:
+                if plan.took(m, self._audio(d)):
+                    self._start(plan)  # its next window, in the same step boundary
+                else:
+                    out.append((plan.row, plan.audio(m.channels)))
+        return out
+
+    def _start(self, plan: _Plan) -> None:
+        """Start the plan's current window: its text and prompt codes into the loop."""
+        m, w = self.m, plan.current
+        kwargs: dict[str, Any] = {"text": [plan.row.prompt]}
+        if w.prompt:
+            audio = plan.prompt_audio(m)
+            kwargs["audio"] = [audio[:, 0] if m.channels == 1 else audio.T]
+            kwargs["sampling_rate"] = m.sample_rate
+        inputs = m.processor(**kwargs, return_tensors="pt").to(m.model.device)
+        codes = None
+        if "input_values" in inputs:
+            values, mask = inputs["input_values"], inputs.get("padding_mask")
+            codes = prompt_codes(m.model.audio_encoder, values, mask)[0]
+        drawn = plan.row.sampling
+        decoding = self.decoder.add(
+            DecoderRow(
+                input_ids=inputs["input_ids"][0],
+                prompt_codes=codes,
+                max_new_tokens=w.new + m.codebooks - 1,
+                guidance_scale=drawn.cfg_coef,
+                generator=plan.generator,
+                temperature=drawn.temperature,
+                top_k=drawn.top_k,
+                top_p=drawn.top_p,
+            )
+        )
+        self.plans[id(decoding)] = plan
+
+    def _audio(self, decoding: Decoding) -> Audio:
+        """A finished window's codes as audio (samples, channels): each channel on its own."""
+        codes, m = decoding.codes, self.m
+        assert codes is not None
+        codec: Any = m.model.audio_encoder
+        with torch.inference_mode():
+            audio = torch.cat(
+                [
+                    codec.decode(codes[None, None, c :: m.channels], [None]).audio_values
+                    for c in range(m.channels)
+                ],
+                dim=1,
+            )
+        result: Audio = audio[0].float().cpu().numpy().T
+        return result
+
+
+class _GenerateBatch:
+    """Rows through transformers' ``generate``: rows that wait together and fit one call
+    (the same context length, duration and sampling settings; any texts and seeds) are
+    decoded as one batch, from start to end."""
+
+    joins_midway = False
+
+    def __init__(self, m: _Loaded) -> None:
+        self.m = m
+        self.plans: list[_Plan] = []
+        self.removed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.plans) - len(self.removed)
+
+    def fits(self, row: Row) -> bool:
+        if not self.plans:
+            return True
+        first = self.plans[0].row
+        return row.frames == first.frames and row.sampling == first.sampling
+
+    def add(self, row: Row) -> None:
+        self.plans.append(_Plan.of(self.m, row))
+
+    def remove(self, row: Row) -> None:
+        self.removed.update(id(p) for p in self.plans if p.row is row)
+
+    def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
+        m, plans = self.m, self.plans
         steps_done = 0
 
-        def on_step() -> None:
+        def each_step() -> None:
             nonlocal steps_done
             steps_done += 1
-            progress(min(1.0, steps_done / steps_total))
+            for plan in plans:
+                plan.row.fraction = min(1.0, steps_done / plan.steps)
+            on_step()
 
-        whole = len(request.context) - len(request.context) % m.hop
-        tails = [request.context[len(request.context) - whole :]] * request.count
-        made: list[list[Audio]] = [[] for _ in request.seeds]
-        with (
-            cpu_threads(m.cpu_threads),
-            torch_failures(
-                "MusicGen failed while generating",
-                out_of_memory="MusicGen ran out of GPU memory; try fewer siblings.",
-            ),
-        ):
-            # Sparrow's loop draws its uniforms on the CPU, whatever the device.
-            where = "cpu" if m.decoder else m.model.device
-            generators = [torch.Generator(where).manual_seed(seed) for seed in request.seeds]
-            for w in windows:
-                prompts = [tail[len(tail) - w.prompt * m.hop :] for tail in tails]
-                batch = self._window(m, request, prompts, w.new, generators, on_step)
-                start = w.prompt * m.hop
-                for i, audio in enumerate(batch):  # audio: (samples, channels)
-                    new = audio[start : start + w.new * m.hop]
-                    if made[i] and start:
-                        _crossfade_into(made[i][-1], audio[:start], int(JOIN_S * m.sample_rate))
-                    made[i].append(new)
-                    tails[i] = np.concatenate([tails[i], new])[-m.window * m.hop :]
-        return [np.concatenate(parts)[:samples].astype(np.float32, copy=False) for parts in made]
+        try:
+            with cpu_threads(m.cpu_threads), _failures():
+                for _ in plans[0].windows:  # the same windows for every row: they fit
+                    prompts = [p.prompt_audio(m) for p in plans]
+                    made = self._window(prompts, [p.row for p in plans], plans, each_step)
+                    for plan, audio in zip(plans, made, strict=True):
+                        plan.took(m, audio)
+            return [(p.row, p.audio(m.channels)) for p in plans if id(p) not in self.removed]
+        finally:
+            self.plans, self.removed = [], set()
 
     def _window(
         self,
-        m: _Loaded,
-        request: Continuation,
         prompts: list[Audio],
-        new_codes: int,
-        generators: list[torch.Generator],
+        rows: list[Row],
+        plans: list[_Plan],
         on_step: Callable[[], None],
     ) -> list[Audio]:
-        """One generate() call for the batch: each sibling's prompt + new audio, decoded alone."""
-        kwargs: dict[str, Any] = {"text": list(request.prompts), "padding": True}
+        """One generate() call for the rows: each row's prompt + new audio, decoded alone."""
+        m, sampling = self.m, rows[0].sampling
+        new_codes = plans[0].current.new
+        kwargs: dict[str, Any] = {"text": [r.prompt for r in rows], "padding": True}
         if len(prompts[0]):
             kwargs["audio"] = [p[:, 0] if m.channels == 1 else p.T for p in prompts]
             kwargs["sampling_rate"] = m.sample_rate
         inputs = m.processor(**kwargs, return_tensors="pt")
         inputs = inputs.to(m.model.device)
-        if m.decoder is not None:
-            return self._window_own_loop(
-                m, m.decoder, request, inputs, new_codes, generators, on_step
-            )
         config = copy.deepcopy(m.greedy)
         config.max_new_tokens = new_codes + m.codebooks - 1
-        config.guidance_scale = request.sampling.cfg_coef
-        sampler = _SiblingSampler(generators, m.codebooks * m.channels, request)
+        config.guidance_scale = sampling.cfg_coef
+        generators = [p.generator for p in plans]
+        sampler = _SiblingSampler(generators, m.codebooks * m.channels, sampling)
         result = m.model.generate(
             **inputs,
             generation_config=config,
@@ -340,41 +526,6 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
             stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
         )
         return [a.T for a in result.float().cpu().numpy()]
-
-    def _window_own_loop(
-        self,
-        m: _Loaded,
-        decoder: MusicGenDecoder,
-        request: Continuation,
-        inputs: Any,
-        new_codes: int,
-        generators: list[torch.Generator],
-        on_step: Callable[[], None],
-    ) -> list[Audio]:
-        """The same window through Sparrow's decoding loop."""
-        codec: Any = m.model.audio_encoder
-        prompt = None
-        if "input_values" in inputs:
-            prompt = prompt_codes(codec, inputs["input_values"], inputs.get("padding_mask"))
-        drawn = request.sampling
-        codes = decoder.generate(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            prompt,
-            max_new_tokens=new_codes + m.codebooks - 1,
-            guidance_scale=request.sampling.cfg_coef,
-            sampling=Draws(generators, drawn.temperature, drawn.top_k, drawn.top_p),
-            on_step=on_step,
-        )
-        with torch.inference_mode():
-            audio = torch.cat(
-                [
-                    codec.decode(codes[None, :, c :: m.channels], [None] * len(codes)).audio_values
-                    for c in range(m.channels)
-                ],
-                dim=1,
-            )
-        return [a.T for a in audio.float().cpu().numpy()]
 
 
 class _SiblingSampler(LogitsProcessor):
@@ -384,13 +535,12 @@ class _SiblingSampler(LogitsProcessor):
     """
 
     def __init__(
-        self, generators: Sequence[torch.Generator], rows_per_sibling: int, request: Continuation
+        self, generators: Sequence[torch.Generator], rows_per_sibling: int, drawn: Sampling
     ) -> None:
-        if request.sampling.temperature <= 0:
+        if drawn.temperature <= 0:
             raise ValueError("temperature must be positive")
         self.generators = generators
         self.rows = rows_per_sibling
-        drawn = request.sampling
         self.temperature, self.top_k, self.top_p = drawn.temperature, drawn.top_k, drawn.top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

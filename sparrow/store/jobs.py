@@ -84,10 +84,13 @@ class JobWrites:
         return int(rows[0][0])
 
     async def claim_next_job(self) -> Job | None:
-        """Mark the oldest queued job running and return it (one process's queue: SQLite)."""
+        """Mark a queued job running and return it (one process's queue: SQLite): the
+        oldest of the owner with the fewest jobs running, so that jobs run side by side
+        are spread across owners."""
         rows = await self._rows(
-            _CLAIM + "(SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid "
-            f"LIMIT 1) RETURNING {_JOB_COLUMNS}",
+            _CLAIM + "(SELECT id FROM jobs AS q WHERE status = 'queued' ORDER BY "
+            "(SELECT count(*) FROM jobs AS r WHERE r.status = 'running' AND r.owner IS q.owner), "
+            f"created_at, rowid LIMIT 1) RETURNING {_JOB_COLUMNS}",
             (utc_now(),),
         )
         return _job(rows[0]) if rows else None

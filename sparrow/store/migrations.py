@@ -332,4 +332,9 @@ POSTGRES_MIGRATIONS: list[str | Callable[[], str]] = [
     CREATE INDEX nodes_unanalysed ON nodes (created_at)
         WHERE status = 'ready' AND analysis IS NULL;
     """,
+    # 4: a worker runs several jobs at once, their rows in one batch: JSON
+    # [[job_id, progress], …]. job_id and progress keep the first, for older replicas.
+    """
+    ALTER TABLE workers ADD COLUMN jobs TEXT NOT NULL DEFAULT '[]';
+    """,
 ]

@@ -2,13 +2,15 @@
 
 Each ``sparrow worker`` (or ``sparrow serve`` with ``SPARROW_WORKER=on``) keeps a
 row here and touches it every heartbeat: what it is (host, device, engine,
-model), whether its model is loaded and which job it runs. ``GET /api/gpu`` lists
+model), whether its model is loaded and which jobs it runs (several at once: their
+generation rows share one batch). ``GET /api/gpu`` lists
 the rows seen within the stall time; older rows belong to dead workers and are
 removed by the sweep that retries their jobs.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sparrow.store.db import Database
@@ -22,11 +24,10 @@ class WorkerRow:
     engine: str
     model: str
     loaded: bool
-    job_id: str | None
-    progress: float | None = None  # of the running job
+    jobs: tuple[tuple[str, float], ...] = ()  # (job id, progress 0..1) of each running job
 
 
-_COLUMNS = "id, host, device, engine, model, loaded, job_id, progress"
+_COLUMNS = "id, host, device, engine, model, loaded, jobs"
 
 
 class WorkerStore:
@@ -37,9 +38,10 @@ class WorkerStore:
         """Register the worker, or say it is alive and what it does now."""
         async with self.db.transaction() as tx:
             await tx.run(
-                f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO workers ({_COLUMNS}, job_id, progress) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET device = excluded.device, "
-                "loaded = excluded.loaded, job_id = excluded.job_id, "
+                "loaded = excluded.loaded, jobs = excluded.jobs, job_id = excluded.job_id, "
                 "progress = excluded.progress, seen_at = now()",
                 (
                     worker.id,
@@ -48,8 +50,9 @@ class WorkerStore:
                     worker.engine,
                     worker.model,
                     worker.loaded,
-                    worker.job_id,
-                    worker.progress,
+                    json.dumps([list(j) for j in worker.jobs]),
+                    worker.jobs[0][0] if worker.jobs else None,
+                    worker.jobs[0][1] if worker.jobs else None,
                 ),
             )
 
@@ -63,7 +66,18 @@ class WorkerStore:
             "WHERE seen_at > now() - make_interval(secs => ?) ORDER BY started_at, id",
             (stall_s,),
         )
-        return [WorkerRow(*r) for r in rows]
+        return [
+            WorkerRow(
+                id=r[0],
+                host=r[1],
+                device=r[2],
+                engine=r[3],
+                model=r[4],
+                loaded=r[5],
+                jobs=tuple((job_id, float(progress)) for job_id, progress in json.loads(r[6])),
+            )
+            for r in rows
+        ]
 
     async def remove_dead(self, stall_s: float) -> list[str]:
         async with self.db.transaction() as tx:
