@@ -1,19 +1,26 @@
 """Many musicians at once: N single-sibling branch requests on N chains sent together,
-against one request alone, in the same run.
+against one request alone, batched across requests and not, in the same run.
 
     python -m bench --only concurrency
 
-A real ``sparrow serve`` in a child process runs the tiny random-weight MusicGen
-(the real engine code; ``--musicgen-shape`` does not apply) with its in-process
-worker. Each request is a 2 s continuation of a 2 s upload, ``context_s`` 2, on a
-chain of its own. Timed, median of the rounds:
+Real ``sparrow serve`` processes run the tiny random-weight MusicGen (the real
+engine code and Sparrow's decoding loop; ``--musicgen-shape`` does not apply) with
+their in-process worker: one with the default ``SPARROW_MAX_BATCH`` (8), one with
+``SPARROW_MAX_BATCH=1`` (one row at a time, the worker as it was before batching).
+Each request is a 2 s continuation of a 2 s upload, ``context_s`` 2, on a chain of
+its own. Timed, median of the rounds:
 
 - ``alone``: one request, from sending it until its node is ``ready``;
 - ``together``: ``N`` requests sent at once, until the last node is ``ready``.
 
-The ratio together/alone is what the N-th musician waits compared with the first:
-N when the worker runs the jobs one after another, and closer to 1 the more the
-GPU (here the CPU) serves them at once.
+together/alone is what the N-th musician waits compared with the first: N when the
+worker decodes one request after another, closer to 1 the more the GPU (here the
+CPU) serves them at once. Then, on the batching server, **late arrivals**: a long
+batch (4 requests of 12 s) decodes, and once it is a third done 4 more requests
+arrive; each one's wait until its first ``node-progress`` event (a real SSE client
+per chain) is set against the long batch's remaining time. Rows that join at a step
+boundary start within a step or two; rows that waited for the batch would wait all
+of it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ from bench.table import Options, Row
 
 REQUESTS = 8
 DURATION_S = 2.0
+LONG_S = 12.0  # the late arrivals' long batch: this many seconds per request
+LONG_REQUESTS = 4
+LATE_REQUESTS = 4
+LATE_AT = 1 / 3  # the long batch's progress when the late requests are sent
 START_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 300.0
 
@@ -84,65 +95,154 @@ def sparrow_serving(folder: Path, model: Path, **env: str) -> Iterator[str]:
         log.close()
 
 
+def send_branch(client: httpx.Client, root: str, seed: int, duration_s: float) -> str:
+    response = client.post(
+        f"/api/nodes/{root}/branch",
+        json={"duration_s": duration_s, "context_s": 2.0, "seed": seed},
+    )
+    assert response.status_code == 202, response.text
+    node_id: str = response.json()["nodes"][0]["id"]
+    return node_id
+
+
+def wait_ready(client: httpx.Client, nodes: list[str]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for node_id in nodes:
+        while (status := client.get(f"/api/nodes/{node_id}").json()["status"]) != "ready":
+            assert status in ("queued", "generating"), f"a branch ended {status}"
+            assert time.monotonic() < deadline, "the branches did not end in time"
+            time.sleep(0.02)
+
+
 def ready_together(url: str, roots: list[str], seed: int) -> float:
     """Seconds from sending one branch request per root at once until every node is ready."""
     with httpx.Client(base_url=url, timeout=30) as client:
-
-        def send(i: int) -> str:
-            response = client.post(
-                f"/api/nodes/{roots[i]}/branch",
-                json={"duration_s": DURATION_S, "context_s": 2.0, "seed": seed + i},
-            )
-            assert response.status_code == 202, response.text
-            node_id: str = response.json()["nodes"][0]["id"]
-            return node_id
-
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(roots)) as pool:
-            nodes = list(pool.map(send, range(len(roots))))
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for node_id in nodes:
-            while (status := client.get(f"/api/nodes/{node_id}").json()["status"]) != "ready":
-                assert status in ("queued", "generating"), f"a branch ended {status}"
-                assert time.monotonic() < deadline, "the branches did not end in time"
-                time.sleep(0.02)
+            nodes = list(
+                pool.map(
+                    lambda i: send_branch(client, roots[i], seed + i, DURATION_S), range(len(roots))
+                )
+            )
+        wait_ready(client, nodes)
         elapsed = time.perf_counter() - started
         analysed(client, nodes)  # the analyser is idle again before the next round
         return elapsed
 
 
-def measure(sizes: Sizes) -> tuple[float, float]:
-    """(alone, together): median seconds of each."""
+def first_progress(url: str, root: str, seed: int) -> float:
+    """Seconds from sending a branch request on ``root``'s chain until its first
+    ``node-progress`` event reaches a client of the chain's stream."""
+    with httpx.Client(base_url=url, timeout=READY_TIMEOUT_S) as client:
+        chain = client.get(f"/api/nodes/{root}").json()["chain_id"]
+        last = client.get(f"/api/chains/{chain}").json()["chain"]["last_event_id"]
+        headers = {"Last-Event-ID": str(last)}
+        with client.stream("GET", f"/api/chains/{chain}/events", headers=headers) as stream:
+            started = time.perf_counter()
+            send_branch(client, root, seed, DURATION_S)
+            for line in stream.iter_lines():
+                if line == "event: node-progress":
+                    return time.perf_counter() - started
+    raise AssertionError("the stream ended before any progress")
+
+
+def late_arrivals(url: str, roots: list[str]) -> tuple[float, float]:
+    """(the late requests' median wait until their first progress, the long batch's
+    remaining time when they were sent), in seconds."""
+    long_roots, late_roots = roots[:LONG_REQUESTS], roots[LONG_REQUESTS:]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        long_nodes = [send_branch(client, r, 500 + i, LONG_S) for i, r in enumerate(long_roots)]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            rows = client.get("/api/gpu").json()["batch"]["rows"]
+            done = [r["progress"] for r in rows if r["node_id"] in long_nodes and r["decoding"]]
+            if len(done) == LONG_REQUESTS and min(done) >= LATE_AT:
+                break
+            assert time.monotonic() < deadline, "the long batch did not start"
+            time.sleep(0.01)
+        sent = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(LATE_REQUESTS) as pool:
+            waits = list(
+                pool.map(
+                    lambda i: first_progress(url, late_roots[i], 600 + i), range(LATE_REQUESTS)
+                )
+            )
+        wait_ready(client, long_nodes)
+        remaining = time.perf_counter() - sent
+        analysed(client, long_nodes)
+    return statistics.median(waits), remaining
+
+
+@dataclass(frozen=True)
+class Measured:
+    alone: float  # batching server, one request (s)
+    together: float  # batching server, N at once (s)
+    alone_unbatched: float
+    together_unbatched: float
+    late_wait: float  # median wait of a late request until its first progress (s)
+    late_remaining: float  # the long batch's remaining time when they came (s)
+
+
+def timed_rounds(url: str, roots: list[str], sizes: Sizes) -> tuple[float, float]:
+    ready_together(url, roots[:1], seed=0)  # warm: the first job pays for set-up
+    alone, together = [], []
+    for r in range(sizes.rounds):
+        alone.append(ready_together(url, roots[:1], seed=100 * r))
+        together.append(ready_together(url, roots, seed=100 * r + 10))
+    return statistics.median(alone), statistics.median(together)
+
+
+def measure(sizes: Sizes) -> Measured:
     from sparrow.engines.tiny import make_tiny_musicgen
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = make_tiny_musicgen(folder / "musicgen")
         clip = wav_bytes(folder, 2.0)
-        with sparrow_serving(folder, model) as url, httpx.Client(base_url=url) as client:
-            roots = [create_chain(client, clip)["root"]["id"] for _ in range(REQUESTS)]
-            analysed(client, roots)
-            ready_together(url, roots[:1], seed=0)  # warm: the first job pays for set-up
-            alone, together = [], []
-            for r in range(sizes.rounds):
-                alone.append(ready_together(url, roots[:1], seed=100 * r))
-                together.append(ready_together(url, roots, seed=100 * r + 10))
-    return statistics.median(alone), statistics.median(together)
+        results: dict[str, tuple[float, float]] = {}
+        for name, env in (("batched", {}), ("unbatched", {"SPARROW_MAX_BATCH": "1"})):
+            with sparrow_serving(folder, model, **env) as url, httpx.Client(base_url=url) as client:
+                roots = [create_chain(client, clip)["root"]["id"] for _ in range(REQUESTS)]
+                analysed(client, roots)
+                results[name] = timed_rounds(url, roots, sizes)
+                if name == "batched":
+                    late = late_arrivals(url, roots)
+    return Measured(*results["batched"], *results["unbatched"], *late)
 
 
 def table_rows(options: Options) -> list[Row]:
-    alone, together = measure(QUICK if options.quick else FULL)
+    m = measure(QUICK if options.quick else FULL)
+    each = f"tiny model, {DURATION_S:g} s each"
     return [
         Row(
-            f"{REQUESTS} branch requests at once vs 1 alone (tiny model, {DURATION_S:g} s each): "
+            f"{REQUESTS} branch requests at once vs 1 alone ({each}, batched): "
             "time until all are ready",
-            together,
-            alone,
+            m.together,
+            m.alone,
             "s",
-        )
+        ),
+        Row(
+            f"{REQUESTS} branch requests at once vs 1 alone ({each}, SPARROW_MAX_BATCH=1)",
+            m.together_unbatched,
+            m.alone_unbatched,
+            "s",
+        ),
+        Row(
+            f"{REQUESTS} branch requests at once, batched vs SPARROW_MAX_BATCH=1",
+            m.together,
+            m.together_unbatched,
+            "s",
+        ),
+        Row(
+            f"{LATE_REQUESTS} requests arriving while {LONG_REQUESTS}x{LONG_S:g} s decode: wait "
+            "until their first progress event vs the batch's remaining time",
+            m.late_wait,
+            m.late_remaining,
+            "s",
+        ),
     ]
 
 
 if __name__ == "__main__":
-    a, t = measure(FULL)
-    print(f"alone {a:.2f} s, {REQUESTS} together {t:.2f} s: {t / a:.2f}x")
+    for row in table_rows(Options()):
+        print(f"{row.name}: {row.measured:.2f} s vs {row.baseline:.2f} s = {row.ratio:.2f}x")

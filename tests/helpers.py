@@ -156,3 +156,23 @@ def chain_with_root() -> tuple[Chain, Node]:
         updated_at=now,
     )
     return Chain(root.chain_id, "t", root.id, now, now), root
+
+
+def recorded_rows(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The rows (``sparrow.engines.Row``) the engine's batches take from now on, in order."""
+    asked: list[Any] = []
+    make = engine.batch
+
+    def batch() -> Any:
+        made = make()
+        add = made.add
+
+        def recording(row: Any) -> None:
+            asked.append(row)
+            add(row)
+
+        made.add = recording
+        return made
+
+    monkeypatch.setattr(engine, "batch", batch)
+    return asked

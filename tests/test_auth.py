@@ -181,12 +181,18 @@ async def test_ownership_matrix(
         await asyncio.sleep(0.01)
     seen_by_b = (await client.get("/api/gpu", headers=b)).text
     assert json.loads(seen_by_b)["running"] == []
+    assert json.loads(seen_by_b)["batch"]["rows"] == []  # A's rows are A's to see
     assert not any(s in seen_by_b for s in secrets | {long.json()["nodes"][0]["id"]})
 
 
 async def test_queue_limit_per_key(tmp_path: Path) -> None:
-    settings = Settings(
-        data_dir=tmp_path / "d", engine="mock", auth="on", mock_step_ms=5, queue_limit_per_owner=2
+    settings = Settings(  # one job at a time: the others wait, and count
+        data_dir=tmp_path / "d",
+        engine="mock",
+        auth="on",
+        mock_step_ms=5,
+        queue_limit_per_owner=2,
+        max_batch=1,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

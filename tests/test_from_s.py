@@ -19,11 +19,19 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, add_child, both_databases, branch, services, upload, wait_for_status
+from helpers import (
+    SAMPLE,
+    add_child,
+    both_databases,
+    branch,
+    recorded_rows,
+    services,
+    upload,
+    wait_for_status,
+)
 from live import running_server
 
 from sparrow.audio import compute_peaks, read_wav
-from sparrow.engines.base import Continuation, Progress
 from sparrow.models import LOCAL_USER, Node, NodeKind, NodeStatus, played
 from sparrow.settings import Settings
 
@@ -62,15 +70,7 @@ def test_a_path_plays_each_ancestor_up_to_where_its_child_begins() -> None:
 async def test_the_engine_is_given_the_context_ending_exactly_at_from_s(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = services(app).generation.engine
-    asked: list[Continuation] = []
-    generate = engine.generate
-
-    def recording(request: Continuation, progress: Progress) -> list[Any]:
-        asked.append(request)
-        return generate(request, progress)
-
-    monkeypatch.setattr(engine, "generate", recording)
+    asked = recorded_rows(services(app).generation.engine, monkeypatch)
     root = (await upload(client, SAMPLE)).json()["root"]
     parent = await add_child(app, root["id"], seconds=2.0, seed=5)
     parent_audio = read_wav(services(app).media.node_audio(parent.chain_id, parent.id))

@@ -12,7 +12,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import SAMPLE, branch, ml_installed, services, upload, wait_for_status, worker_of
+from helpers import (
+    SAMPLE,
+    branch,
+    ml_installed,
+    recorded_rows,
+    services,
+    upload,
+    wait_for_status,
+    worker_of,
+)
 
 from sparrow.api import create_app
 from sparrow.audio import read_wav_info
@@ -310,6 +319,7 @@ async def test_gpu_reports_engine_and_queue(client: httpx.AsyncClient, app: Fast
         "vram_used_bytes": None,
         "queue_depth": 0,
         "running": [],
+        "batch": {"max_rows": 8, "rows": []},
         "workers": [
             {
                 # This server's own worker; on PostgreSQL it is registered under an id.
@@ -393,27 +403,9 @@ async def test_shutdown_does_not_wait_for_a_model_that_is_still_loading(
 async def test_a_prompt_per_sibling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``prompts``: one node per prompt, each node's prompt its own, and the engine gets one
     row per sibling with its text beside its seed."""
-    from sparrow import services as services_module
-    from sparrow.engines.base import Row
-    from sparrow.engines.mock import MockBatch, MockEngine
-
-    asked: list[Row] = []
-
-    class Recording(MockEngine):
-        def batch(self) -> MockBatch:
-            batch = super().batch()
-            add = batch.add
-
-            def recording(row: Row) -> None:
-                asked.append(row)
-                add(row)
-
-            batch.add = recording  # type: ignore[method-assign]
-            return batch
-
-    monkeypatch.setattr(services_module, "build_engine", lambda settings: Recording(0))
-    app = create_app(Settings(data_dir=tmp_path / "d", engine="mock"))
+    app = create_app(Settings(data_dir=tmp_path / "d", engine="mock", mock_step_ms=0))
     async with app.router.lifespan_context(app):
+        asked = recorded_rows(services(app).generation.engine, monkeypatch)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             root = await new_root(client)
