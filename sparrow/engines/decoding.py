@@ -56,6 +56,9 @@ from torch.nn import functional as F
 log = logging.getLogger(__name__)
 
 BUCKET = 256  # attention reads the cache in multiples of this many positions
+# When every sampled row keeps at most this many tokens (top-k), a step ranks only the
+# best this many (topk) instead of sorting the whole vocabulary: the same distribution.
+TOP_CAP = 256
 _TEXT_MIN = 16  # text lengths are padded to a power of two at least this long
 
 
@@ -128,7 +131,7 @@ class _Slots:
     top_k: torch.Tensor  # (slots, 1, 1) long: tokens kept (vocab when off)
     top_p: torch.Tensor  # (slots, 1, 1) float32 (1 when off)
     uniforms: torch.Tensor  # (slots, max_length, K) float32: each row's draw at each position
-    graphs: dict[tuple[int, int], Any] = field(default_factory=dict)
+    graphs: dict[tuple[int, int, bool], Any] = field(default_factory=dict)
 
     def per_slot(self) -> list[torch.Tensor]:
         """Every tensor that holds one entry per slot."""
@@ -220,7 +223,8 @@ class MusicGenDecoder:
         assert slots is not None
         furthest = max(d.pos for d in self.live)
         span = min(self.max_length, BUCKET * math.ceil((furthest + 1) / BUCKET))
-        self._run_step(slots, n, span)
+        narrow = all(d.row.generator is None or 0 < d.row.top_k <= TOP_CAP for d in self.live)
+        self._run_step(slots, n, span, narrow)
         if self.use_graphs:
             # At most two steps queued on the GPU: progress and cancel stay within a step
             # of the truth while the GPU never waits for the host.
@@ -425,37 +429,38 @@ class MusicGenDecoder:
 
     # -- one step ----------------------------------------------------------------------
 
-    def _run_step(self, slots: _Slots, n: int, span: int) -> None:
+    def _run_step(self, slots: _Slots, n: int, span: int, narrow: bool) -> None:
         """Choose every row's token at its position and compute the logits for the next."""
         if not self.use_graphs:
-            self._step(slots, n, span)
+            self._step(slots, n, span, narrow)
             return
-        graph = slots.graphs.get((n, span))
+        graph = slots.graphs.get((n, span, narrow))
         if graph is None:
             try:
-                graph = slots.graphs[(n, span)] = self._capture(slots, n, span)
+                graph = slots.graphs[(n, span, narrow)] = self._capture(slots, n, span, narrow)
             except RuntimeError:
                 # A capture that fails changed nothing (the state is restored before it):
                 # the same step runs eagerly from now on — slower, with the same result.
                 log.exception("CUDA graph capture failed; decoding continues without graphs")
                 self.use_graphs = False
-                self._step(slots, n, span)
+                self._step(slots, n, span, narrow)
                 return
         graph.replay()
 
-    def _step(self, slots: _Slots, n: int, span: int) -> None:
-        """The captured work: no host sync, no new shapes; each row's ``pos`` advances by one."""
-        token = self._choose(slots, n)  # (n, K)
+    def _step(self, slots: _Slots, n: int, span: int, narrow: bool) -> None:
+        """The captured work: no host sync, no new shapes; each row's ``pos`` advances by one.
+        ``narrow``: no sampled row keeps more than ``TOP_CAP`` tokens."""
+        token = self._choose(slots, n, narrow)  # (n, K)
         pos = slots.pos[:n]
         slots.scores[:n].copy_(self._forward(slots, 0, n, token[..., None], pos, span))
         pos.add_(1)
 
-    def _choose(self, slots: _Slots, n: int) -> torch.Tensor:
+    def _choose(self, slots: _Slots, n: int, narrow: bool) -> torch.Tensor:
         """Each row's token at its position (n, K), written into ``seq``."""
         scores = slots.scores[:n]
         where = slots.pos[:n].view(n, 1, 1).expand(n, self.codebooks, 1)
         best = scores.argmax(dim=-1)
-        drawn = self._sample(slots, n, scores, where)
+        drawn = self._sample(slots, n, scores, where, narrow)
         token = torch.where(slots.greedy[:n, 0], best, drawn)
         forced = slots.pattern[:n].gather(2, where).squeeze(2)
         token = torch.where(forced == -1, token, forced)
@@ -463,21 +468,25 @@ class MusicGenDecoder:
         return token
 
     def _sample(
-        self, slots: _Slots, n: int, scores: torch.Tensor, where: torch.Tensor
+        self, slots: _Slots, n: int, scores: torch.Tensor, where: torch.Tensor, narrow: bool
     ) -> torch.Tensor:
         logits = scores / slots.temperature[:n]
-        ordered, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(self.vocab, device=logits.device)
+        if narrow and self.vocab > TOP_CAP:
+            ordered, order = logits.topk(TOP_CAP, dim=-1)  # sorted, best first
+        else:
+            ordered, order = logits.sort(dim=-1, descending=True)
+        ranked = ordered.shape[-1]
+        rank = torch.arange(ranked, device=logits.device)
         ordered = ordered.masked_fill(rank >= slots.top_k[:n], -math.inf)
         probs = ordered.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
         probs = probs.masked_fill(before > slots.top_p[:n], 0.0)  # keeps at least the best
         cdf = probs.cumsum(dim=-1)
         uniform = slots.uniforms[:n].gather(1, where.transpose(1, 2)).transpose(1, 2)
-        index = torch.searchsorted(cdf, uniform * cdf[..., -1:]).clamp_(max=self.vocab - 1)
+        index = torch.searchsorted(cdf, uniform * cdf[..., -1:]).clamp_(max=ranked - 1)
         return order.gather(-1, index).squeeze(-1)
 
-    def _capture(self, slots: _Slots, n: int, span: int) -> Any:
+    def _capture(self, slots: _Slots, n: int, span: int, narrow: bool) -> Any:
         """A CUDA graph of ``_step`` for ``n`` rows at this bucket, captured without
         changing the state."""
         if self._pool is None:
@@ -487,14 +496,14 @@ class MusicGenDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):  # warm-up: what it writes is rewritten by the replay
-                self._step(slots, n, span)
+                self._step(slots, n, span, narrow)
         finally:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             slots.pos.copy_(saved_pos)
             slots.scores.copy_(saved_scores)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(slots, n, span)
+            self._step(slots, n, span, narrow)
         return graph
 
     # -- the decoder over the static cache --------------------------------------------------
