@@ -14,6 +14,7 @@ stored file that means corruption, a server-side problem, not bad input.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,12 +186,15 @@ def read_wav(path: Path) -> npt.NDArray[np.float32]:
     return ints.astype(np.float32) / np.float32(8388608.0)
 
 
-def write_wav(path: Path, samples: npt.ArrayLike, sample_rate: int, bits: int = 16) -> AudioInfo:
+def write_wav(
+    path: Path, samples: npt.ArrayLike, sample_rate: int, bits: int = 16, *, durable: bool = True
+) -> AudioInfo:
     """Write float samples (frames, channels) as a canonical WAV, atomically.
 
     A 1-D array is taken as mono. Values are clipped to [-1, 1] (NaN becomes
     0) and quantised with rounding: x·32768 for 16-bit, x·8388608 for 24-bit,
-    the inverse of ``read_wav``. The file appears at ``path`` only once complete.
+    the inverse of ``read_wav``. The file appears at ``path`` only once complete;
+    ``durable``: fsynced there too (a scratch copy read once and removed is not).
     """
     audio = np.asarray(samples, dtype=np.float32)
     if audio.ndim == 1:
@@ -217,7 +221,10 @@ def write_wav(path: Path, samples: npt.ArrayLike, sample_rate: int, bits: int = 
             digest.update(b"\x00")
             f.write(b"\x00")
     with removing_on_error(tmp):
-        publish(tmp, path)
+        if durable:
+            publish(tmp, path)
+        else:
+            os.replace(tmp, path)
     return AudioInfo(sample_rate, channels, frames, bits, digest.hexdigest())
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from sparrow.audio import AudioInfo, loudness, write_wav
 from sparrow.audio.tail import read_tail
 from sparrow.domain.chains import found_node, shown
-from sparrow.domain.progress import PROGRESS_WAIT_S, ProgressReporter
+from sparrow.domain.progress import PROGRESS_WAIT_S, Coalesced, ProgressReporter
 from sparrow.domain.queue import QueueLimits
 from sparrow.engines import Audio, Cancelled, GenerationEngine, Row
 from sparrow.engines.batching import Batcher
@@ -58,20 +58,31 @@ MAX_SEED = 2**31 - 1
 MIN_BRANCH_S = 0.5
 
 T = TypeVar("T")
+_RowProgress = tuple[Node, JobControl, float, float | None]  # node, its job, fraction, eta_s
 
 
 class _Once(Generic[T]):
-    """A value computed on its first use, once, for every caller (a caller cancelled
+    """A value computed once, from ``start()`` on, for every caller (a caller cancelled
     meanwhile does not cancel it for the others)."""
 
     def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
         self._make = make
         self._task: asyncio.Future[T] | None = None
 
-    async def __call__(self) -> T:
+    def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._make())
+
+    async def __call__(self) -> T:
+        self.start()
+        assert self._task is not None
         return await asyncio.shield(self._task)
+
+    def close(self) -> None:
+        """Stop it if nobody needs it any more; its failure, if any, was told to its callers."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,8 @@ class GenerationService:
         self.limits = limits
         self.jobs = jobs
         self.batcher = batcher or Batcher(engine, settings.max_batch)
+        # The rows of a batch report at the same step: their events share a transaction.
+        self._progress: Coalesced[str, _RowProgress] = Coalesced(self._write_progress)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -259,12 +272,17 @@ class GenerationService:
             await self._failed(job, started, exc)
             return
         loudness_target = _Once(lambda: self._loudness_target(context))
-        await asyncio.gather(
-            *(
-                self._run_row(job, control, node, context, sampling, loudness_target)
-                for node in started
+        if any((node.params or {}).get("match_loudness") for node in started):
+            loudness_target.start()  # measured while the rows decode
+        try:
+            await asyncio.gather(
+                *(
+                    self._run_row(job, control, node, context, sampling, loudness_target)
+                    for node in started
+                )
             )
-        )
+        finally:
+            loudness_target.close()
 
     async def _run_row(
         self,
@@ -284,7 +302,9 @@ class GenerationService:
         reporter = ProgressReporter(
             control,
             asyncio.get_running_loop(),
-            lambda fraction, eta_s: self.progress([node], control, fraction, eta_s),
+            lambda fraction, eta_s: self._progress.announce(
+                node.id, (node, control, fraction, eta_s)
+            ),
             wanted=wanted,
             piece=node.id,
         )
@@ -336,14 +356,7 @@ class GenerationService:
         nothing to match (no context, or a silent one)."""
         if len(context) == 0:
             return None
-        rate, folder = self.engine.sample_rate, self.media.tmp_dir
-        target = await loudness.measure_samples(
-            context,
-            rate,
-            folder=folder,
-            ffmpeg=self.settings.ffmpeg,
-            timeout_s=self.settings.decode_timeout_s,
-        )
+        target = await anyio.to_thread.run_sync(loudness.estimate, context, self.engine.sample_rate)
         return None if target.silent else target.integrated_lufs
 
     async def _match_loudness(self, audio: Audio, target_lufs: float) -> Audio:
@@ -434,13 +447,12 @@ class GenerationService:
             await w.emit(NodeStatusChanged(node.chain_id, node.id, node.status, node.error))
         return node
 
-    async def progress(
-        self, nodes: list[Node], control: JobControl, fraction: float, eta_s: float | None
-    ) -> None:
-        """Announce the running job's progress for the nodes still wanted."""
+    async def _write_progress(self, rows: list[_RowProgress]) -> None:
+        """Announce the progress of rows (of any jobs) whose nodes are still wanted, in one
+        transaction."""
         try:
             async with self.store.write(wait_s=PROGRESS_WAIT_S) as w:
-                for node in nodes:
+                for node, control, fraction, eta_s in rows:
                     if node.id in control.node_ids:
                         await w.emit(NodeProgress(node.chain_id, node.id, fraction, eta_s))
         except Exception as exc:  # the chain is gone, the disk is busy: progress can wait

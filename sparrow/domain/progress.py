@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sparrow.engines import Cancelled
 from sparrow.jobs import JobControl
@@ -20,6 +20,33 @@ PROGRESS_WAIT_S = 0.25
 
 Announce = Callable[[float, float | None], Coroutine[Any, Any, None]]
 """Records progress (fraction, eta_s) as events; runs on the event loop."""
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Coalesced(Generic[K, V]):
+    """Progress of many pieces written together: ``write`` gets every piece's latest
+    value in one call, however many pieces reported since the last one (the rows of a
+    batch report at the same step boundary). ``announce`` returns once its value is
+    written; a piece that reports again meanwhile keeps only its latest value."""
+
+    def __init__(self, write: Callable[[list[V]], Awaitable[None]]) -> None:
+        self._write = write
+        self._pending: dict[K, V] = {}
+        self._writing: asyncio.Future[None] | None = None
+
+    async def announce(self, key: K, value: V) -> None:
+        self._pending[key] = value
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._writing)
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0)  # the other rows of the step report first
+        while self._pending:
+            values, self._pending = list(self._pending.values()), {}
+            await self._write(values)
 
 
 class ProgressReporter:

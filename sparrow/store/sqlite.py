@@ -54,13 +54,15 @@ class SqliteTx:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
 
+    # One trip to aiosqlite's thread per statement: each trip costs the event loop a
+    # wake-up, which is most of what a small request's read costs (docs/performance.md).
+
     async def rows(self, sql: str, params: Params = ()) -> list[Row]:
-        async with self.conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return list(await self.conn.execute_fetchall(sql, params))
 
     async def run(self, sql: str, params: Params = ()) -> int:
-        async with self.conn.execute(sql, params) as cur:
-            return cur.rowcount
+        cursor = await self.conn.execute(sql, params)  # a statement without rows: done
+        return cursor.rowcount
 
     async def run_many(self, sql: str, params: Iterable[Params]) -> None:
         await self.conn.executemany(sql, params)
@@ -220,8 +222,7 @@ class SqliteDatabase:
         if self._reader is None:
             raise StorageUnavailable("The database is not open.")
         try:
-            async with self._reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.OperationalError as exc:
             raise _unavailable(exc) from exc
 
