@@ -63,7 +63,10 @@ def bare_app(bodies: dict[str, Any]) -> Starlette:
 def sparrow_app(data_dir: Path, *, stamp_events: bool) -> Starlette:
     """Sparrow as the server builds it, on the mock engine, with no delay per step."""
     from sparrow.api import create_app
+    from sparrow.heap import own_heap
     from sparrow.settings import Settings
+
+    own_heap()  # as sparrow serve does
 
     app = create_app(Settings(data_dir=data_dir, engine="mock", mock_step_ms=0))
     if stamp_events:

@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from sparrow.api import create_app
     from sparrow.api.serving import server_config
+    from sparrow.heap import own_heap
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = _settings(**overrides)
@@ -44,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.database_url is not None and (problem := _unreachable(settings)):
         print(f"sparrow: {problem}", file=sys.stderr)
         return 1
+    own_heap()
     uvicorn.Server(
         server_config(create_app(settings), host=settings.host, port=settings.port)
     ).run()
@@ -76,6 +78,7 @@ def _worker(args: argparse.Namespace) -> int:
     import signal
 
     from sparrow.errors import SparrowError
+    from sparrow.heap import own_heap
     from sparrow.services import running_services
 
     settings = _settings(worker="on", preload_model=True)
@@ -90,6 +93,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sparrow.worker")
+    own_heap()
 
     async def run() -> None:
         stop = asyncio.Event()

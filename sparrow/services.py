@@ -34,6 +34,7 @@ from sparrow.domain.uploads import UploadSlots
 from sparrow.engines import Engine, build_engine, build_stem_engine
 from sparrow.engines.batching import Batcher
 from sparrow.events import EventHub
+from sparrow.heap import settle_heap
 from sparrow.jobs import JobQueue, JobWorker, LocalQueue, Runner, Worker
 from sparrow.media import MediaStore
 from sparrow.models import JobKind
@@ -133,6 +134,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             for preloaded in (engine, stem_engine):
                 preloading.add(asyncio.create_task(_preload(preloaded)))
         running = worker
+        settle_heap()
         yield Services(
             settings=settings,
             db=db,

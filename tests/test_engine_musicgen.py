@@ -298,6 +298,33 @@ def test_a_loop_that_disagrees_falls_back_to_generate(
     )
 
 
+def test_the_self_check_says_when_a_row_beside_others_differs(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check also decodes a row beside another that joined first: where the device
+    rounds a batch differently (made so here), the loop still serves, and says so."""
+    from sparrow.engines.decoding import MusicGenDecoder
+
+    real = MusicGenDecoder._codes_of
+
+    def skewed(self: MusicGenDecoder, slots: Any, decoding: Any) -> torch.Tensor:
+        codes = real(self, slots, decoding)
+        if len(self.live) > 1:  # finished while another row was in flight
+            codes[0, 3] = (codes[0, 3] + 1) % 2048
+        return codes
+
+    monkeypatch.setattr(MusicGenDecoder, "_codes_of", skewed)
+    engine = MusicGenEngine(
+        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
+    )
+    engine.load()
+    info = engine.info().extra
+    assert info["decoder"] == "sparrow"
+    assert info["decoder_check"] == (
+        "passed; a row beside others differs from alone (first at codebook 0, code 3, of 79)"
+    )
+
+
 @pytest.mark.parametrize(("requested", "expected"), [(0, 1), (2, 2)])
 def test_generation_on_the_cpu_runs_with_the_chosen_threads(
     tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, requested: int, expected: int

@@ -32,6 +32,7 @@ from sparrow.audio import loudness
 from sparrow.audio.analysis import analyse_file, warm
 from sparrow.errors import SparrowError
 from sparrow.events import NodeAnalysed
+from sparrow.heap import settle_heap
 from sparrow.jobs import persistently
 from sparrow.media import MediaStore
 from sparrow.models import Node, iso_utc
@@ -106,6 +107,7 @@ class Analyser:
     async def _run(self) -> None:
         # The kernels compile once, before the first node waits for them (seconds).
         await anyio.to_thread.run_sync(warm, abandon_on_cancel=True)
+        settle_heap()  # librosa's modules and kernels stay for good
         while not self._stopping.is_set():
             try:
                 done = await self._next()

@@ -252,6 +252,16 @@ class MusicGenEngine(LoadsOnce[_Loaded]):
                         "Sparrow's decoding loop is not used on %s: %s", self.device, problem
                     )
                     own_loop = None
+                elif (
+                    beside := self_check.batch_difference(model, processor, own_loop)
+                ) is not None:
+                    self.loop_check = f"passed; a row beside others differs from alone ({beside})"
+                    log.warning(
+                        "On %s a row decoded beside others differs from the same row alone "
+                        "(%s): a seed's audio depends on the batch it ran in",
+                        self.device,
+                        beside,
+                    )
         return _Loaded(
             model=model,
             processor=processor,

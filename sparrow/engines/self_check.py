@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparrow.engines.decoding import MusicGenDecoder, prompt_codes
+from sparrow.engines.decoding import MusicGenDecoder, Row, prompt_codes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,32 @@ def failure(model: Any, processor: Any, decoder: MusicGenDecoder) -> str | None:
         log.exception("the decoding loop's self-check failed with an error")
         return f"it failed on this device ({type(exc).__name__}: {str(exc)[:160]})"
     return None
+
+
+def batch_difference(model: Any, processor: Any, decoder: MusicGenDecoder) -> str | None:
+    """Whether a row decodes the same beside other rows as alone on this device: None if
+    it does, else where it first differs. The device's kernels may round a batch of rows
+    differently from one (a GPU's may); the loop still serves then, and the engine says so."""
+    inputs = _inputs(model, processor, prompted=True)
+    alone = _ours(model, decoder, inputs)
+    values, mask = inputs["input_values"], inputs.get("padding_mask")
+    prompt = prompt_codes(model.audio_encoder, values, mask)[0]
+    row = Row(inputs["input_ids"][0], prompt, STEPS)
+    other = Row(inputs["input_ids"][0][:1], None, STEPS + 8)  # another text, no prompt
+    try:
+        first = decoder.add(other)
+        for _ in range(5):
+            decoder.step()
+        checked = decoder.add(row)
+        while not checked.done:
+            decoder.step()
+        decoder.remove(first)
+    finally:
+        decoder.clear()
+    assert checked.codes is not None
+    if torch.equal(checked.codes.cpu(), alone[0].cpu()):
+        return None
+    return _first_difference(checked.codes[None].cpu(), alone.cpu())
 
 
 def _inputs(model: Any, processor: Any, prompted: bool) -> Any:
