@@ -79,8 +79,8 @@ def upload(client: httpx.Client, body: bytes, name: str) -> tuple[str, str]:
 def compare(client: httpx.Client, src: Path, scratch: Path, repeat: int) -> tuple[float, float]:
     """(upload, ffmpeg): median wall seconds of each, interleaved.
 
-    The uploaded chains are deleted between rounds, outside the timing, once the
-analyser (librosa, in the server, after the 201) is done with them.
+        The uploaded chains are deleted between rounds, outside the timing, once the
+    analyser (librosa, in the server, after the 201) is done with them.
     """
     body = src.read_bytes()
     samples: dict[str, list[float]] = {"upload": [], "ffmpeg": []}
