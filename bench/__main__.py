@@ -23,8 +23,9 @@ Rows (``--only`` names):
   loudness matching against FFmpeg reading the same audio (audio s/s; asserts the
   analysis takes under a second);
 - ``concurrency``: 8 single-sibling branch requests on 8 chains sent at once against
-  one alone, on the tiny MusicGen in a real ``sparrow serve`` (s until all are ready;
-  needs the ml extra).
+  one alone, on the tiny MusicGen in a real ``sparrow serve``, batched across requests
+  and with ``SPARROW_MAX_BATCH=1``; and 4 requests arriving while a long batch decodes,
+  until their first progress event (s; needs the ml extra).
 
 ``--quick`` is CI-sized (under 2 minutes on 2 cores; it leaves out spine depth
 100,000); the full run takes about 5 minutes there. The machine is printed first,

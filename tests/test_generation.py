@@ -445,3 +445,28 @@ async def test_bad_prompts_are_422_and_create_nothing(
     assert response.json()["error"] == "invalid_input"
     chain = (await client.get(f"/api/chains/{root['chain_id']}")).json()
     assert len(chain["nodes"]) == 1
+
+
+async def test_requests_of_two_chains_decode_in_one_batch(tmp_path: Path) -> None:
+    """Two branch requests on two chains run at once, their rows side by side in the
+    batch, as /api/gpu shows: each node with its own job and progress."""
+    settings = Settings(data_dir=tmp_path / "d", engine="mock", mock_step_ms=20)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first, second = await new_root(client), await new_root(client)
+            [a] = await branch(client, first["id"], duration_s=4)
+            [b] = await branch(client, second["id"], duration_s=4)
+            for _ in range(500):
+                gpu = (await client.get("/api/gpu")).json()
+                rows = [r for r in gpu["batch"]["rows"] if r["decoding"]]
+                if len(rows) == 2 and all(r["progress"] > 0 for r in rows):
+                    break
+                await asyncio.sleep(0.01)
+            assert gpu["batch"]["max_rows"] == 8
+            assert {r["node_id"] for r in rows} == {a["id"], b["id"]}
+            assert len({r["job_id"] for r in rows}) == 2
+            assert len(gpu["running"]) == 2 and gpu["workers"][0]["running"] is True
+            await wait_for_status(client, [a["id"], b["id"]], "ready")
+            assert (await client.get("/api/gpu")).json()["batch"]["rows"] == []

@@ -259,3 +259,33 @@ async def test_postgres_walks_the_tree_by_index_before_it_has_statistics(
     assert [n.id for n in await store.spine(chain.id)] == [root.id] + [n.id for n in nodes]
     assert len(await store.path_to(parent)) == 301
     await db.close()
+
+
+async def test_the_queue_hands_out_the_job_of_the_owner_with_the_fewest_running(
+    tmp_path: Path,
+) -> None:
+    """Jobs that run side by side (SPARROW_MAX_BATCH) are spread across owners: with one of
+    a's jobs running, b's job is claimed before a's older one; then a's, oldest first."""
+    from sparrow.models import Job, JobKind
+
+    db = Database(tmp_path / "s.db")
+    await db.open()
+    store = ChainStore(db, EventHub())
+    chain, root = chain_with_root()
+    jobs = [
+        Job(f"j{i}", chain.id, JobKind.GENERATE, {}, f"2026-01-01T00:00:0{i}Z", owner=owner)
+        for i, owner in enumerate(["a", "a", "a", "b", None])
+    ]
+    async with store.write() as w:
+        await w.create_chain(chain, root)
+        for job in jobs:
+            await w.insert_job(job)
+    claimed = []
+    for _ in jobs:
+        async with store.write() as w:
+            job = await w.claim_next_job()
+        assert job is not None
+        claimed.append(job.id)
+    await db.close()
+    # j0 (a), then b's and the keyless job's before a's second and third.
+    assert claimed == ["j0", "j3", "j4", "j1", "j2"]
