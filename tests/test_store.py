@@ -283,9 +283,9 @@ async def test_the_queue_hands_out_the_job_of_the_owner_with_the_fewest_running(
     claimed = []
     for _ in jobs:
         async with store.write() as w:
-            job = await w.claim_next_job()
-        assert job is not None
-        claimed.append(job.id)
+            next_job = await w.claim_next_job()
+        assert next_job is not None
+        claimed.append(next_job.id)
     await db.close()
     # j0 (a), then b's and the keyless job's before a's second and third.
     assert claimed == ["j0", "j3", "j4", "j1", "j2"]
