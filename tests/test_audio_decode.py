@@ -409,3 +409,29 @@ def test_ffmpeg_dies_with_a_killed_server() -> None:
     finally:
         server.kill()
         server.wait(10)
+
+
+async def test_the_decode_beside_the_probe_gives_the_bytes_of_one_after_it(
+    good: dict[str, GoodUpload], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kinds with a usual plan are decoded while the probe runs; whether the guess held
+    (16-bit stereo FLAC, MP3, Ogg) or not (24-bit FLAC, 5.1 and float WAV), the result is
+    the bytes of a decode started after the probe, and nothing else is left behind."""
+    from sparrow.audio import decode
+
+    names = ["wav_s16_44k_stereo", "mp3", "flac_24", "ogg_vorbis", "wav_5_1", "wav_f32"]
+    guessed = {}
+    for n in names:
+        guessed[n] = await decode_upload(
+            good[n].path, tmp_path / f"{n}.wav", max_duration_s=60, timeout_s=30
+        )
+    monkeypatch.setattr(decode, "_LIKELY", {})
+    for n in names:
+        after = await decode_upload(
+            good[n].path, tmp_path / f"{n}-after.wav", max_duration_s=60, timeout_s=30
+        )
+        assert after.info.sha256 == guessed[n].info.sha256, n
+    assert _names(tmp_path) == sorted(
+        [f"{n}.wav" for n in names] + [f"{n}-after.wav" for n in names]
+    )
+    assert _children() == []

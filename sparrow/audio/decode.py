@@ -60,7 +60,7 @@ from pathlib import Path
 
 from sparrow.audio.atomic import publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
-from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
+from sparrow.audio.ffmpeg import FFmpegResult, FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
 from sparrow.audio.sniff import sniff
 from sparrow.audio.storage import raise_if_storage_failed, scrub_paths, storing
@@ -116,6 +116,11 @@ class _Plan:
     resample: bool
 
 
+# The plan most files of these kinds get (16-bit, one or two channels, a usual rate),
+# with the demuxer FFmpeg names them by: decoded beside the probe (see decode_upload).
+_LIKELY = {kind: _Plan(kind, 16, None, False) for kind in ("flac", "mp3", "wav", "ogg")}
+
+
 async def decode_upload(
     src: Path, dst: Path, *, max_duration_s: float, timeout_s: float, ffmpeg: str | None = None
 ) -> DecodedUpload:
@@ -134,14 +139,29 @@ async def decode_upload(
     kind = sniff(head, complete=size <= len(head))
     require_ffmpeg_not_known_broken(ffmpeg, "The upload cannot be decoded")
     deadline = asyncio.get_running_loop().time() + timeout_s
+    tmp = temp_path_for(dst)
+    # The usual plan for what the bytes look like, decoded beside the probe; kept only if
+    # the probe comes to the same plan (the same arguments, so the same bytes).
+    guess = _LIKELY.get(kind or "")
+    early = None
+    if guess is not None:
+        args = _decode_args(src, tmp, guess, max_duration_s)
+        early = asyncio.ensure_future(run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg))
     try:
-        probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)
-        probe = parse_probe(probe_run.stderr)
-        stream, plan = _plan(probe, kind, probe_run.stderr)
-        tmp = temp_path_for(dst)
         try:
-            args = _decode_args(src, tmp, plan, max_duration_s)
-            run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
+            probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)
+            probe = parse_probe(probe_run.stderr)
+            stream, plan = _plan(probe, kind, probe_run.stderr)
+        except BaseException:
+            await _abandon(early, tmp)
+            raise
+        try:
+            if early is not None and plan == guess:
+                run = await early
+            else:
+                await _abandon(early, tmp)
+                args = _decode_args(src, tmp, plan, max_duration_s)
+                run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
             if run.returncode != 0:
                 raise_if_storage_failed(run.stderr, "the decoded audio")
                 raise _cannot_decode(kind, probe, _short_reason(run.stderr))
@@ -160,6 +180,19 @@ async def decode_upload(
         raise
     assert probe.format is not None
     return DecodedUpload(info=info, source_format=probe.format, source_codec=stream.codec)
+
+
+async def _abandon(early: asyncio.Future[FFmpegResult] | None, tmp: Path) -> None:
+    """Stop a decode started on a guess (its FFmpeg is killed) and remove what it wrote."""
+    if early is None:
+        return
+    early.cancel()
+    try:
+        await asyncio.wait([early])
+    finally:
+        if early.done() and not early.cancelled():
+            early.exception()  # retrieved: a guess that failed is nobody's error
+        _discard(tmp)
 
 
 def _head(src: Path) -> tuple[int, bytes]:
