@@ -222,3 +222,41 @@ def test_file_of_an_interrupted_node_is_not_kept(tmp_path: Path) -> None:
         assert node["status"] == "error" and node["error"]["code"] == "interrupted"
         assert client.get(f"/api/nodes/{node_ids[0]}/audio").status_code == 409
     assert not published.exists()
+
+
+def test_kill_while_two_jobs_decode_in_one_batch_interrupts_both(tmp_path: Path) -> None:
+    """Two chains' jobs decode side by side (SPARROW_MAX_BATCH 8) when the server is
+    killed: after the restart every one of their nodes is ended ``interrupted``, none is
+    left generating, no partial file shows, and a new request on either chain runs."""
+    data_dir, log = tmp_path / "data", tmp_path / "server.log"
+    with (
+        mock_server(data_dir, log, SLOW_STEP_MS) as (proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        roots = [
+            client.post("/api/chains", files={"file": ("s.flac", SAMPLE.read_bytes())}).json()
+            for _ in range(2)
+        ]
+        jobs = [branch(client, r["root"]["id"], seed=10 + i) for i, r in enumerate(roots)]
+        deadline = time.monotonic() + 15
+        while True:
+            rows = client.get("/api/gpu").json()["batch"]["rows"]
+            if sum(r["decoding"] and r["progress"] > 0.1 for r in rows) == 4:
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.02)
+        kill_9(proc)
+    integrity_ok(data_dir)
+    with (
+        mock_server(data_dir, log, FAST_STEP_MS) as (_proc, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        for node_id in [n for job in jobs for n in job]:
+            node = client.get(f"/api/nodes/{node_id}").json()
+            assert node["status"] == "error" and node["error"]["code"] == "interrupted", node
+            check_audio(client, node)
+        again = branch(client, roots[1]["root"]["id"], seed=99)
+        deadline = time.monotonic() + 20
+        while (status := client.get(f"/api/nodes/{again[0]}").json()["status"]) != "ready":
+            assert status in ("queued", "generating") and time.monotonic() < deadline, status
+            time.sleep(0.02)

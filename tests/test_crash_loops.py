@@ -619,7 +619,9 @@ def test_kill_9_in_a_loop_loses_nothing_and_leaves_nothing(tmp_path: Path) -> No
     try:
         for round_, (kind, kill) in enumerate(rounds):
             with (
-                mock_server(data_dir, log, STEP_MS) as (proc, base),
+                # One job at a time: the kill points name the queue's order (the next job,
+                # its writing); jobs side by side are killed in test_crash_generation.
+                mock_server(data_dir, log, STEP_MS, SPARROW_MAX_BATCH="1") as (proc, base),
                 httpx.Client(base_url=base, timeout=DEADLINE_S) as client,
             ):
                 if before is None:
@@ -643,7 +645,7 @@ def test_kill_9_in_a_loop_loses_nothing_and_leaves_nothing(tmp_path: Path) -> No
         round_, kind = len(rounds), "the last restart"
         assert before is not None
         with (
-            mock_server(data_dir, log, STEP_MS) as (_proc, base),
+            mock_server(data_dir, log, STEP_MS, SPARROW_MAX_BATCH="1") as (_proc, base),
             httpx.Client(base_url=base, timeout=DEADLINE_S) as client,
         ):
             check_recovered(client, data_dir, ledger, before, orphans, export)

@@ -49,8 +49,12 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or f"{scope['method']} {scope['path']}" in self.exempt:
             await self.app(scope, receive, send)
             return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared in ("", "0") and "transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body: nothing to count or wait for
+            return
         detail = f"The request body is larger than {self.limit // 1024} KiB."
-        declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
             await _closing(PayloadTooLarge(detail))(scope, receive, send)
             return
