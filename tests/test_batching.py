@@ -254,3 +254,31 @@ def test_an_engine_that_cannot_load_fails_every_row() -> None:
             wait(batcher.submit(row, lambda f: None))
     finally:
         batcher.close()
+
+
+def test_a_row_cancelled_as_its_window_ends_starts_no_other(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A long row decodes window after window in its slot; cancelled at the very step its
+    first window ends, it leaves, and its second window never starts."""
+    pytest.importorskip("torch", reason=ML_REASON)
+    from sparrow.engines.musicgen import MusicGenEngine
+    from sparrow.engines.tiny import make_tiny_musicgen
+
+    folder = make_tiny_musicgen(tmp_path_factory.mktemp("window") / "m", window_s=1.0)
+    engine = MusicGenEngine(str(folder), device="cpu", decoder="sparrow")
+    batch = engine.batch()
+    row = Row(noise(0.0, 0), "two windows", 3, Sampling(duration_s=1.5))
+    batch.add(row)
+    first_window = 50 + 3  # 1 s of codes, then the delay pattern's steps
+    steps = first_window + 25 + 3  # the second: the half second left
+
+    def on_step() -> None:
+        if row.fraction >= first_window / steps:
+            batch.remove(row)
+
+    finished = []
+    for _ in range(first_window):
+        finished += batch.step(on_step)
+    assert finished == [] and len(batch) == 0
+    assert row.fraction == pytest.approx(first_window / steps)

@@ -373,6 +373,7 @@ class _LoopBatch:
         decoder.clear()  # one batch at a time: a new one starts empty
         self.plans: dict[int, _Plan] = {}  # by id of the decoder's Decoding
         self.empty: list[_Plan] = []  # rows that ask for no codes at all
+        self.leaving: list[tuple[Decoding, _Plan]] = []  # windows just done, in a step
 
     def __len__(self) -> int:
         return len(self.plans) + len(self.empty)
@@ -395,6 +396,7 @@ class _LoopBatch:
                 self.decoder.remove(decoding)
                 del self.plans[key]
         self.empty = [p for p in self.empty if p.row is not row]
+        self.leaving = [(d, p) for d, p in self.leaving if p.row is not row]
 
     def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
         m = self.m
@@ -405,8 +407,9 @@ class _LoopBatch:
             for d in [*self.decoder.live, *finished]:
                 plan = self.plans[id(d)]
                 plan.row.fraction = min(1.0, (plan.steps_before + d.steps_done) / plan.steps)
-            done = [(d, self.plans.pop(id(d))) for d in finished]
-            on_step()
+            self.leaving = [(d, self.plans.pop(id(d))) for d in finished]
+            on_step()  # may remove rows, those just done included
+            done, self.leaving = self.leaving, []
             for d, plan in done:
                 if plan.took(m, self._audio(d)):
                     self._start(plan)  # its next window, in the same step boundary
