@@ -105,7 +105,7 @@ def _worker(args: argparse.Namespace) -> int:
             assert worker is not None
             log.info("worker started: taking jobs until SIGTERM")
             await stop.wait()
-            log.info("stopping: the running job, if any, goes back to the queue")
+            log.info("stopping: the running jobs, if any, go back to the queue")
 
     try:
         asyncio.run(run())

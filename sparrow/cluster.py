@@ -18,7 +18,7 @@ id. The domain's runners run the job exactly as the in-process worker does
   queued again, its nodes still ``generating``; after ``SPARROW_JOB_ATTEMPTS``
   its work ends ``interrupted``. No start-up recovery runs here: a process that
   starts never ends another live process's work.
-- **SIGTERM** stops the running job at its next step and hands it back: it is
+- **SIGTERM** stops the running jobs at their next step and hands them back: each is
   queued again at once, its nodes untouched, and the worker exits.
 
 Why procrastinate, not Celery or Ray: the queue lives in the database that holds
@@ -436,7 +436,7 @@ class ClusterWorker:
                 await asyncio.sleep(1.0)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Hand the running job back (it stops at its next step and is queued again at
+        """Hand the running jobs back (each stops at its next step and is queued again at
         once) and stop taking jobs."""
         self._stopping = True
         self.execution.stop()
@@ -445,7 +445,7 @@ class ClusterWorker:
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), timeout=grace_s)
             except TimeoutError:
-                log.error("the running job did not stop within %.0f s; abandoned", grace_s)
+                log.error("the running jobs did not stop within %.0f s; abandoned", grace_s)
             except asyncio.CancelledError:
                 pass
             self._worker = None
@@ -535,7 +535,7 @@ class ClusterWorker:
                 try:
                     wanted = await self.reads.wanted_ids(control.job.id)
                 except Exception as exc:
-                    log.debug("cannot re-read the running job's nodes: %s", exc)
+                    log.debug("cannot re-read a running job's nodes: %s", exc)
                     continue
                 control.forget(control.node_ids - wanted)
 

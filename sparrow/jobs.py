@@ -92,7 +92,7 @@ async def persistently(write: Callable[[], Awaitable[T]], what: str) -> T:
 
 @dataclass(eq=False)
 class JobControl:
-    """What the worker and the API share about the running job."""
+    """What the worker and the API share about a running job."""
 
     job: Job
     node_ids: set[str] = field(default_factory=set)  # nodes still wanted
@@ -310,7 +310,7 @@ class Worker:
         try:
             await asyncio.wait_for(self._task, timeout=grace_s)
         except TimeoutError:
-            log.error("the running job did not stop within %.0f s; abandoned", grace_s)
+            log.error("the running jobs did not stop within %.0f s; abandoned", grace_s)
         self._task = None
 
     async def _run(self) -> None:

@@ -3,7 +3,7 @@
 ``running_services(settings)`` opens the database, builds the media store, the
 engines, the job queue and every domain service, ends the work a crash left
 unfinished, sweeps orphaned files, starts the worker, and hands back
-``Services``; leaving the block stops the worker (the running job at its next
+``Services``; leaving the block stops the worker (the running jobs at their next
 decoding step), ends every event stream and closes the database. The API's
 lifespan, the command line and the tests all build Sparrow through it, so
 there is one wiring, not one per caller.

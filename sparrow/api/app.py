@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds nothing until the server starts: the lifespan
 runs ``sparrow.services.running_services`` (the one wiring of the whole
 program) and hands the services to the routes as typed state
-(``sparrow.api.deps``). On shutdown the worker stops the running job at its
+(``sparrow.api.deps``). On shutdown the worker stops the running jobs at their
 next decoding step and every event stream ends.
 """
 
