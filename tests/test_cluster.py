@@ -419,3 +419,28 @@ def test_every_node_is_analysed_once_by_a_worker_and_announced_on_every_replica(
         time.sleep(1.5)  # room for a second analysis, if both workers took one node
         log = events_of(b, chain_id, analysed)
         assert sum(m.event == "node-analysis" for m in log) == 2
+
+
+def test_one_worker_runs_two_chains_jobs_at_once(postgres: PostgresServer, tmp_path: Path) -> None:
+    """With the PostgreSQL queue a worker takes several jobs at once (SPARROW_MAX_BATCH),
+    their rows in one batch: both show running, from its heartbeat, on a replica."""
+    with (
+        running_cluster(postgres.new_database(), tmp_path, replicas=1, workers=1) as cluster,
+        cluster.client(0) as client,
+    ):
+        nodes = []
+        for seed in (1, 2):
+            _, root = upload_sample(client)
+            (node,) = branch(client, root["id"], seed=seed, duration_s=10)
+            nodes.append(node["id"])
+
+        def both_running() -> bool:
+            running = client.get("/api/gpu").json()["running"]
+            ids = {n for job in running if job["progress"] > 0 for n in job["node_ids"]}
+            return ids == set(nodes)
+
+        wait_until(both_running, timeout_s=15, interval_s=0.05, what="both jobs to run")
+        (worker,) = client.get("/api/gpu").json()["workers"]
+        assert worker["running"] is True
+        for node_id in nodes:
+            assert wait_ready_node(client, node_id)["status"] == "ready"
