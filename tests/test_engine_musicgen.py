@@ -251,11 +251,17 @@ def test_tiny_demucs_separates_into_four_stems(tiny_models: TinyModels) -> None:
     assert all(tuple(stem.shape) == (2, 2 * 44_100) for stem in stems.values())
 
 
+def checked(folder: Path) -> MusicGenEngine:
+    """The engine on Sparrow's loop, loaded with the self-check a CUDA load runs."""
+    engine = MusicGenEngine(str(folder), device="cpu", decoder="sparrow", check_loop=True)
+    engine.load()
+    return engine
+
+
 def test_the_loop_self_check_passes_where_the_loop_is_exact(tiny_models: TinyModels) -> None:
     """The check a CUDA load runs, run here on the CPU: Sparrow's loop keeps the job."""
     for folder in (tiny_models.musicgen, tiny_models.musicgen_stereo):
-        engine = MusicGenEngine(str(folder), device="cpu", decoder="sparrow", check_loop=True)
-        engine.load()
+        engine = checked(folder)
         assert engine.info().extra == {"decoder": "sparrow", "decoder_check": "passed"}
 
 
@@ -272,10 +278,7 @@ def test_a_loop_that_disagrees_falls_back_to_generate(
         return codes
 
     monkeypatch.setattr(MusicGenDecoder, "generate", off_by_one)
-    engine = MusicGenEngine(
-        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
-    )
-    engine.load()
+    engine = checked(tiny_models.musicgen)
     info = engine.info().extra
     assert info["decoder"] == "transformers"
     assert info["decoder_check"].startswith("not used: its greedy tokens differ")
@@ -289,10 +292,7 @@ def test_a_loop_that_disagrees_falls_back_to_generate(
         raise RuntimeError("CUDA graph capture failed")
 
     monkeypatch.setattr(MusicGenDecoder, "generate", broken)
-    engine = MusicGenEngine(
-        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
-    )
-    engine.load()
+    engine = checked(tiny_models.musicgen)
     assert engine.info().extra["decoder_check"] == (
         "not used: it failed on this device (RuntimeError: CUDA graph capture failed)"
     )
@@ -314,10 +314,7 @@ def test_the_self_check_says_when_a_row_beside_others_differs(
         return codes
 
     monkeypatch.setattr(MusicGenDecoder, "_codes_of", skewed)
-    engine = MusicGenEngine(
-        str(tiny_models.musicgen), device="cpu", decoder="sparrow", check_loop=True
-    )
-    engine.load()
+    engine = checked(tiny_models.musicgen)
     info = engine.info().extra
     assert info["decoder"] == "sparrow"
     assert info["decoder_check"] == (

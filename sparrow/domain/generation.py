@@ -115,17 +115,16 @@ class GenerationService:
         *,
         limits: QueueLimits,
         jobs: JobQueue,
-        batcher: Batcher | None = None,
+        batcher: Batcher,
     ) -> None:
-        """``batcher``: where this process's rows decode (one per engine; made here if not
-        given)."""
+        """``batcher``: where this process's rows decode (one per engine)."""
         self.store = store
         self.media = media
         self.engine = engine
         self.settings = settings
         self.limits = limits
         self.jobs = jobs
-        self.batcher = batcher or Batcher(engine, settings.max_batch)
+        self.batcher = batcher
         # The rows of a batch report at the same step: their events share a transaction.
         self._progress: Coalesced[str, _RowProgress] = Coalesced(self._write_progress)
 

@@ -147,11 +147,6 @@ class Batcher:
                 for e in entries
             ]
 
-    def wake(self) -> None:
-        """Something a waiting row depends on changed (a cancel): look again."""
-        with self._lock:
-            self._lock.notify()
-
     def close(self, timeout_s: float = 5.0) -> None:
         """Refuse new rows, end the waiting ones ``Cancelled``, and let the thread finish
         the step it is in (the rows in flight end as their progress callbacks decide)."""

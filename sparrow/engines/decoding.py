@@ -98,10 +98,6 @@ class Decoding:
     codes: torch.Tensor | None = None  # (codebooks, prompt + new codes), once done
 
     @property
-    def steps(self) -> int:
-        return self.length - self.prefix
-
-    @property
     def steps_done(self) -> int:
         return self.pos - self.prefix
 

@@ -420,12 +420,7 @@ class _LoopBatch:
     def _start(self, plan: _Plan) -> None:
         """Start the plan's current window: its text and prompt codes into the loop."""
         m, w = self.m, plan.current
-        kwargs: dict[str, Any] = {"text": [plan.row.prompt]}
-        if w.prompt:
-            audio = plan.prompt_audio(m)
-            kwargs["audio"] = [audio[:, 0] if m.channels == 1 else audio.T]
-            kwargs["sampling_rate"] = m.sample_rate
-        inputs = m.processor(**kwargs, return_tensors="pt").to(m.model.device)
+        inputs = _processed(m, [plan])
         codes = None
         if "input_values" in inputs:
             values, mask = inputs["input_values"], inputs.get("padding_mask")
@@ -503,30 +498,19 @@ class _GenerateBatch:
         try:
             with cpu_threads(m.cpu_threads), _failures():
                 for _ in plans[0].windows:  # the same windows for every row: they fit
-                    prompts = [p.prompt_audio(m) for p in plans]
-                    made = self._window(prompts, [p.row for p in plans], plans, each_step)
+                    made = self._window(plans, each_step)
                     for plan, audio in zip(plans, made, strict=True):
                         plan.took(m, audio)
             return [(p.row, p.audio(m.channels)) for p in plans if id(p) not in self.removed]
         finally:
             self.plans, self.removed = [], set()
 
-    def _window(
-        self,
-        prompts: list[Audio],
-        rows: list[Row],
-        plans: list[_Plan],
-        on_step: Callable[[], None],
-    ) -> list[Audio]:
-        """One generate() call for the rows: each row's prompt + new audio, decoded alone."""
-        m, sampling = self.m, rows[0].sampling
+    def _window(self, plans: list[_Plan], on_step: Callable[[], None]) -> list[Audio]:
+        """One generate() call for the rows' current window: each row's prompt + new audio,
+        decoded alone."""
+        m, sampling = self.m, plans[0].row.sampling
         new_codes = plans[0].current.new
-        kwargs: dict[str, Any] = {"text": [r.prompt for r in rows], "padding": True}
-        if len(prompts[0]):
-            kwargs["audio"] = [p[:, 0] if m.channels == 1 else p.T for p in prompts]
-            kwargs["sampling_rate"] = m.sample_rate
-        inputs = m.processor(**kwargs, return_tensors="pt")
-        inputs = inputs.to(m.model.device)
+        inputs = _processed(m, plans)
         config = copy.deepcopy(m.greedy)
         config.max_new_tokens = new_codes + m.codebooks - 1
         config.guidance_scale = sampling.cfg_coef
@@ -539,6 +523,17 @@ class _GenerateBatch:
             stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
         )
         return [a.T for a in result.float().cpu().numpy()]
+
+
+def _processed(m: _Loaded, plans: list[_Plan]) -> Any:
+    """The processor's inputs for the plans' current window, on the model's device: each
+    row's text, padded, and its audio prompt (none in a window without one)."""
+    prompts = [p.prompt_audio(m) for p in plans]
+    kwargs: dict[str, Any] = {"text": [p.row.prompt for p in plans], "padding": True}
+    if len(prompts[0]):
+        kwargs["audio"] = [a[:, 0] if m.channels == 1 else a.T for a in prompts]
+        kwargs["sampling_rate"] = m.sample_rate
+    return m.processor(**kwargs, return_tensors="pt").to(m.model.device)
 
 
 class _SiblingSampler(LogitsProcessor):
