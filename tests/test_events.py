@@ -111,6 +111,21 @@ def branch(base: str, parent_id: str, **body: Any) -> list[str]:
     return [n["id"] for n in response.json()["nodes"]]
 
 
+def settled_last_event_id(base: str, chain_id: str) -> int:
+    """The chain's last event id once every node is analysed: the analyser's node-analysis
+    events follow a node's ready, and nothing else writes to the log by itself."""
+    deadline = time.monotonic() + 10
+    while not all(
+        n["analysis"] is not None
+        for n in httpx.get(f"{base}/api/chains/{chain_id}").json()["nodes"]
+    ):
+        assert time.monotonic() < deadline, "the nodes were not analysed"
+        time.sleep(0.02)
+    # Read after the analyses: a read that saw them may have seen the chain's row before.
+    last: int = httpx.get(f"{base}/api/chains/{chain_id}").json()["chain"]["last_event_id"]
+    return last
+
+
 def statuses(messages: list[Message], status: str) -> int:
     return sum(1 for m in messages if m.event == "node-status" and m.json["status"] == status)
 
@@ -174,13 +189,13 @@ def test_a_first_connection_resumes_from_the_chains_last_event_id(server: str) -
     while httpx.get(f"{server}/api/nodes/{node_id}").json()["status"] != "ready":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    chain = httpx.get(f"{server}/api/chains/{chain_id}").json()["chain"]
-    assert chain["last_event_id"] > 3
-    with open_stream(server, chain_id, query=f"?last_event_id={chain['last_event_id']}") as stream:
+    last = settled_last_event_id(server, chain_id)
+    assert last > 3
+    with open_stream(server, chain_id, query=f"?last_event_id={last}") as stream:
         httpx.post(f"{server}/api/nodes/{node_id}/commit")
         [message] = stream.collect(lambda m: True)
     assert message.event == "spine-changed"
-    assert int(message.id or 0) == chain["last_event_id"] + 1
+    assert int(message.id or 0) == last + 1
     # Only what changed: the root was committed already.
     assert message.json == {"chain_id": chain_id, "node_ids": [node_id], "committed": [node_id]}
 
@@ -194,7 +209,7 @@ def test_unknown_or_pruned_last_event_id_gets_a_reset(tmp_path: Path, cursor: st
         with open_stream(base, chain_id) as stream:
             branch(base, created["root"]["id"], count=2, duration_s=0.5)
             stream.collect(lambda m: statuses(m, "ready") == 2)
-        last = httpx.get(f"{base}/api/chains/{chain_id}").json()["chain"]["last_event_id"]
+        last = settled_last_event_id(base, chain_id)
         assert last > 5  # event 1 is no longer in the log
         with open_stream(base, chain_id, last_event_id=cursor) as stream:
             [reset] = stream.collect(lambda m: True)
