@@ -19,6 +19,7 @@ from sparrow.api import chains, events, export, health, nodes, stems, system
 from sparrow.api.errors import install_error_handlers
 from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
 from sparrow.api.openapi import install_openapi
+from sparrow.api.studio import install_studio
 from sparrow.services import running_services
 from sparrow.settings import Settings
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(export.router, prefix="/api")
     app.include_router(events.router, prefix="/api")
     app.include_router(system.router, prefix="/api")
+    install_studio(app)
     return app
 
 
