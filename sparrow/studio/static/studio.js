@@ -333,6 +333,18 @@ const STATUS_TEXT = {
   cancelled: "cancelled",
 };
 
+// Cards draw their waveform (one peaks request each) once they come near the screen.
+const onScreen = new IntersectionObserver(
+  (entries) => {
+    for (const entry of entries) {
+      if (!entry.isIntersecting) continue;
+      onScreen.unobserve(entry.target);
+      entry.target.closest(".node")?.view?.drawWave();
+    }
+  },
+  { rootMargin: "400px 0px" },
+);
+
 class NodeView {
   constructor(node) {
     this.node = node;
@@ -392,6 +404,7 @@ class NodeView {
       this.card,
       this.children,
     );
+    this.element.view = this;
     this.update(node);
   }
 
@@ -437,7 +450,11 @@ class NodeView {
     this.buttons.discard.hidden = root || node.committed || running;
     this.buttons.cancel.hidden = !running;
     this.buttons.stems.hidden = !ready;
-    if (ready && !this.wave) this.drawWave();
+    if (ready && !this.wave && !this.waiting) {
+      this.waiting = true; // drawn when it scrolls into view: a long chain costs what is seen
+      this.waveSlot.classList.add("pending");
+      onScreen.observe(this.waveSlot);
+    }
     if (current?.parent === node.id) describeParent();
   }
 
@@ -449,6 +466,8 @@ class NodeView {
   }
 
   drawWave() {
+    if (this.wave) return;
+    this.waveSlot.classList.remove("pending");
     const { id, duration_s: duration } = this.node;
     this.wave = new Waveform(api, this.waveSlot, {
       peaksPath: `/api/nodes/${id}/peaks`,
@@ -498,6 +517,7 @@ class NodeView {
   }
 
   destroy() {
+    onScreen.unobserve(this.waveSlot);
     this.wave?.destroy();
     for (const audio of this.stems.querySelectorAll("audio")) URL.revokeObjectURL(audio.src);
     this.element.remove();
