@@ -69,6 +69,39 @@ async def test_a_failed_commit_leaves_the_writer_usable(tmp_path: Path) -> None:
     await db.close()
 
 
+async def test_quick_reads_stay_on_the_loop_and_long_ones_go_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(tmp_path / "s.db")
+    await db.open()
+    assert db._reader is not None
+    threaded: list[str] = []
+    on_thread = db._reader.execute_fetchall
+
+    async def counted(sql: str, params: object = ()) -> object:
+        threaded.append(sql)
+        return await on_thread(sql, params)
+
+    monkeypatch.setattr(db._reader, "execute_fetchall", counted)
+    assert await db.fetchall("SELECT 1 + ?", (1,)) == [(2,)]
+    assert threaded == []
+    # Far more work than the loop's budget: interrupted there, answered in full here.
+    long = (
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 2000000) "
+        "SELECT count(*), sum(x) FROM n"
+    )
+    assert await db.fetchall(long) == [(2_000_000, 2_000_000 * 2_000_001 // 2)]
+    assert threaded == [long]
+    # A read while a write transaction holds the database: WAL readers never wait.
+    async with db.transaction() as tx:
+        await tx.run("CREATE TABLE scratch (x)")
+        assert await db.fetchall("SELECT count(*) FROM sqlite_master WHERE name = 'scratch'") == [
+            (0,)
+        ]
+    assert len(threaded) == 1
+    await db.close()
+
+
 def test_processes_migrating_a_fresh_database_at_once_all_succeed(tmp_path: Path) -> None:
     """Six real ``sparrow db migrate`` processes started together on one fresh database
     (each read version 0 and ran migration 1 before: "table chains already exists")."""

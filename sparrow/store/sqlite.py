@@ -2,8 +2,12 @@
 
 Writes go through ``transaction()``, which holds an asyncio lock around a
 ``BEGIN IMMEDIATE`` transaction on the writer connection, so writes are
-serialized and never interleave. Reads use a second connection; with WAL they
-see the last committed state and never wait for the writer.
+serialized and never interleave. Reads use their own connections; with WAL they
+see the last committed state and never wait for the writer. A read first runs
+on the event loop's own thread (``_LoopReader``), which saves the two thread
+hops of aiosqlite on the small reads most requests make; one that would keep
+the loop longer than ``LOOP_READ_BUDGET_S`` (a long recursive spine, a lock) is
+stopped and runs on aiosqlite's thread instead, as every read did before.
 
 A full disk must not stop the server from recording what happened (a job
 that failed because the disk is full still has to say so). Beside the
@@ -36,6 +40,41 @@ log = logging.getLogger(__name__)
 
 RESERVE_BYTES = 8 << 20
 RESERVE_RETRY_S = 5.0
+# How long a read may hold the event loop before it is handed to a thread.
+LOOP_READ_BUDGET_S = 0.002
+_PROGRESS_OPS = 500  # SQLite VM steps between two looks at the clock
+
+
+class _LoopReader:
+    """A read-only connection used on the event loop's thread, for reads that are quick.
+
+    A progress handler interrupts a read once it has run ``LOOP_READ_BUDGET_S``, and the
+    connection never waits for a lock (``busy_timeout = 0``): either way ``fetchall``
+    answers None and the caller reads on a thread, where waiting costs the loop nothing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)  # this thread only
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        self.conn.execute("PRAGMA query_only = ON")
+        self._deadline = 0.0
+        self.conn.set_progress_handler(self._over_budget, _PROGRESS_OPS)
+
+    def _over_budget(self) -> bool:
+        return time.perf_counter() > self._deadline
+
+    def fetchall(self, sql: str, params: Params) -> list[Row] | None:
+        """The rows, or None: the read would hold the loop (too long, a lock, the
+        database in trouble, another thread) and belongs on a thread."""
+        self._deadline = time.perf_counter() + LOOP_READ_BUDGET_S
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error:
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
 
 
 async def _connect(path: Path, *, readonly: bool) -> aiosqlite.Connection:
@@ -88,6 +127,7 @@ class SqliteDatabase:
         self._reserve_due: float | None = 0.0  # when to try to allocate it; None: it is there
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._loop_reader: _LoopReader | None = None
         self._write_lock = asyncio.Lock()
         self._busy_ms = round(BUSY_S * 1000)  # the writer's busy_timeout, as last set
 
@@ -114,9 +154,16 @@ class SqliteDatabase:
         await self._writer.execute("PRAGMA synchronous = FULL")
         await self._migrate()
         self._reader = await _connect(self.path, readonly=True)
+        try:
+            self._loop_reader = _LoopReader(self.path)
+        except sqlite3.Error as exc:  # reads still work, on the thread
+            log.warning("SQLite reads on the event loop are off: %s", exc)
         await asyncio.to_thread(self._keep_reserve)
 
     async def close(self) -> None:
+        if self._loop_reader is not None:
+            self._loop_reader.close()
+            self._loop_reader = None
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
@@ -221,6 +268,10 @@ class SqliteDatabase:
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         if self._reader is None:
             raise StorageUnavailable("The database is not open.")
+        if self._loop_reader is not None:
+            rows = self._loop_reader.fetchall(sql, params)
+            if rows is not None:
+                return rows
         try:
             return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.OperationalError as exc:
