@@ -7,9 +7,11 @@ requests and requests to any other host are failures unless the test provoked th
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,8 @@ from live import free_port, server_process, sparrow_cli
 from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect
 from probe import ffprobe
 from studio import Watched, chromium, node, open_studio, upload
+
+from sparrow.audio.loudness import Loudness, measure
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +64,12 @@ def children(page: Page, parent_id: str) -> Locator:
 def open_chain_id(page: Page) -> str:
     expect(page).to_have_url(re.compile(r"#chain=\w+$"))
     return page.url.rsplit("=", 1)[1]
+
+
+def loudness_of(path: Path) -> Loudness:
+    """FFmpeg's EBU R128 measure, on a thread of its own: Playwright's loop runs in this one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, measure(path)).result()
 
 
 def js_number(value: float) -> str:
@@ -153,6 +163,18 @@ def test_the_musicians_journey_end_to_end(
     assert probed["codec_name"] == "flac"
     seconds = probed["decoded_samples"] / int(probed["sample_rate"])
     assert abs(seconds - spine["duration_s"]) < 2 / int(probed["sample_rate"]) + 1e-6
+
+    # And an MP3 at a chosen loudness, with the default crossfade.
+    page.get_by_test_id("export-format").select_option("mp3")
+    page.locator("#export-form input[name=crossfade_ms]").fill("20")
+    page.locator("#export-form input[name=loudness_lufs]").fill("-16")
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_test_id("export-submit").click()
+    louder = tmp_path / f"loud-{download.value.suggested_filename}"
+    download.value.save_as(louder)
+    assert ffprobe(louder)["codec_name"] == "mp3"
+    level = loudness_of(louder)
+    assert abs(level.integrated_lufs + 16) <= 1 and level.true_peak_dbtp <= -0.8, level
 
     # Cancel a long continuation of the committed node while it generates.
     own(first, "branch-from").click()

@@ -98,8 +98,18 @@ async function enter() {
     () => {},
   );
   const wanted = new URLSearchParams(location.hash.slice(1)).get("chain");
-  if (wanted) await openChain(wanted);
+  if (wanted) {
+    await openChain(wanted).catch((error) => {
+      history.replaceState(null, "", location.pathname); // deleted, or another key's
+      showError($("#chains-error"), error);
+    });
+  }
 }
+
+// Chains made elsewhere (another tab, a script) appear when the page is back in focus.
+window.addEventListener("focus", () => {
+  if (!$("#app").hidden) refreshChains().catch((error) => showError($("#chains-error"), error));
+});
 
 // ---------------------------------------------------------------------------------------
 // Upload: the file picker and drag and drop.
