@@ -257,7 +257,7 @@ case "$mode" in
   garbage)
     out=${{last#file:}}
     if [ "$prev" = "-i" ]; then exit 0  # a probe: it writes no file
-    elif [ "$out" = "pipe:1" ]; then head -c 65536 /dev/urandom
+    elif [ "$out" = "pipe:1" ] || [ "$out" = "-" ]; then head -c 65536 /dev/urandom
     else head -c 65536 /dev/urandom > "$out"; fi
     exit 0 ;;
 esac

@@ -270,9 +270,13 @@ async def test_a_missing_segment_is_a_sparrow_error(tmp_path: Path) -> None:
 
 
 def _fake_ffmpeg(folder: Path, body: str) -> str:
-    """A stand-in for FFmpeg: writes to its output file (the last argument), then runs ``body``."""
+    """A stand-in for FFmpeg: writes to its output file (the last argument, when it is a
+    path and not ``pipe:1`` or ``-``), then runs ``body``."""
     script = folder / "fake-ffmpeg"
-    script.write_text(f'#!/bin/sh\nfor out; do :; done\necho partial > "$out"\n{body}\n')
+    script.write_text(
+        '#!/bin/sh\nfor out; do :; done\ncase "$out" in /*) echo partial > "$out" ;; esac\n'
+        f"{body}\n"
+    )
     script.chmod(0o755)
     return str(script)
 
