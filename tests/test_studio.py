@@ -361,9 +361,10 @@ def test_with_auth_on_the_page_asks_for_a_key_and_keeps_it(
         assert watched.count(stream) >= 1, [r for r in watched.requests if "events" in r]
         assert watched.count(rf"GET /api/chains/{chain_id}/events.*") == watched.count(stream)
         own(node(page, root_id), "stems").click()
-        expect(node(page, root_id).locator("[data-testid=stem] audio")).to_have_count(
-            4, timeout=30_000
-        )
+        stem_players = node(page, root_id).locator("[data-testid=stem] audio")
+        expect(stem_players).to_have_count(4, timeout=30_000)
+        for i in range(4):  # each one's audio fetched (with the key) before the reload below
+            expect(stem_players.nth(i)).to_have_attribute("src", re.compile("^blob:"))
 
         # Kept in the browser: a reload goes straight back to the chain.
         page.reload()
