@@ -139,13 +139,31 @@ class SqliteDatabase:
         files, the reserve is released and the opening tried once more."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await self._open()
+            await self._open_taking_turns()
         except sqlite3.OperationalError:
             await self.close()
             if not self.reserve.exists():
                 raise
             await asyncio.to_thread(self._release_reserve)
             await self._open()
+
+    async def _open_taking_turns(self) -> None:
+        """``_open``, tried again while another process holds the database in a way no
+        busy timeout waits for (SQLite answers at once while a connection elsewhere
+        changes the journal mode, or removes the WAL files as it closes): processes
+        started together on a fresh database take turns."""
+        deadline = time.monotonic() + MIGRATION_WAIT_S
+        while True:
+            try:
+                await self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                log.info("the database is busy opening elsewhere; trying again: %s", exc)
+                await self.close()
+                await asyncio.sleep(0.05)
 
     async def _open(self) -> None:
         self._writer = await _connect(self.path, readonly=False)
