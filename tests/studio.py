@@ -33,6 +33,10 @@ CHROMIUM_ARGS = [
 ]
 # Chromium's notes to developers, not errors of the page.
 _VERBOSE = {"verbose", "debug", "info"}
+# What Chromium logs for every answer of 400 or more, handled by the page or not.
+_FAILED_LOAD = re.compile(
+    r"error: Failed to load resource: the server responded with a status of (\d+)"
+)
 
 
 def chromium_missing() -> str | None:
@@ -92,6 +96,13 @@ class Watched:
         assert self.elsewhere == [], "requests to other hosts"
         assert self.failed == [], f"failed requests: {self.failed}"
         assert self.console == [], "console messages"
+
+    def failed_loads(self) -> list[int]:
+        """The statuses of the error answers the console logged, once the console logged
+        nothing else (a test that provokes errors checks exactly these)."""
+        matched = [_FAILED_LOAD.match(line) for line in self.console]
+        assert all(matched), self.console
+        return [int(m[1]) for m in matched if m]
 
     def count(self, pattern: str) -> int:
         return sum(1 for r in self.requests if re.fullmatch(pattern, r))

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from faults import wait_until
 from helpers import SAMPLE
 from live import free_port, server_process, sparrow_cli
 from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect
 from probe import ffprobe
-from studio import Watched, chromium, node, open_studio, upload
+from studio import chromium, node, open_studio, upload
 
 from sparrow.audio.loudness import Loudness, measure
 
@@ -28,9 +28,6 @@ pytestmark = pytest.mark.slow
 
 LAPTOP: ViewportSize = {"width": 1366, "height": 860}
 MOCK = {"SPARROW_ENGINE": "mock", "SPARROW_MOCK_STEP_MS": "10", "SPARROW_MAX_BRANCH_S": "60"}
-FAILED_LOAD = re.compile(
-    r"error: Failed to load resource: the server responded with a status of (\d+)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -248,9 +245,7 @@ def test_the_apis_sentences_are_shown_next_to_what_caused_them(
     expect(page.locator("#branch-form .error")).to_have_text(too_long.json()["detail"])
     expect(page.get_by_test_id("node")).to_have_count(1)
 
-    statuses = [int(m[1]) for m in map(FAILED_LOAD.match, watched.console) if m]
-    assert sorted(statuses) == sorted([expected.status_code, too_long.status_code])
-    assert len(statuses) == len(watched.console), watched.console
+    assert sorted(watched.failed_loads()) == sorted([expected.status_code, too_long.status_code])
     assert watched.failed == [] and watched.elsewhere == []
 
 
@@ -262,17 +257,12 @@ def test_events_reconnect_replay_what_was_missed_and_a_reset_reloads(
     server's `reset` has the page reload the chain."""
     data, port = tmp_path / "data", free_port()
     base = f"http://127.0.0.1:{port}"
-    context = browser.new_context(viewport=LAPTOP)
-    page = context.new_page()
-    watched = Watched(base)
-    page.on("console", watched.on_console)
-    page.on("request", watched.on_request)
-    page.on("requestfailed", watched.on_failed)
     api = httpx.Client(base_url=base, timeout=10)
     request.addfinalizer(api.close)
 
     with server_process(data, port, log=tmp_path / "server.log", **MOCK) as first:
-        page.goto(base + "/")
+        page, watched = open_studio(browser, base, viewport=LAPTOP)
+        context = page.context
         upload(page, SAMPLE)
         chain_id = open_chain_id(page)
         root_id = api.get(f"/api/chains/{chain_id}").json()["chain"]["root_node_id"]
@@ -319,10 +309,11 @@ def test_events_reconnect_replay_what_was_missed_and_a_reset_reloads(
 
 
 def wait_ready(api: httpx.Client, node_id: str) -> None:
-    deadline = time.monotonic() + 30
-    while api.get(f"/api/nodes/{node_id}").json()["status"] != "ready":
-        assert time.monotonic() < deadline, f"{node_id} did not become ready"
-        time.sleep(0.05)
+    wait_until(
+        lambda: api.get(f"/api/nodes/{node_id}").json()["status"] == "ready",
+        timeout_s=30,
+        what=f"{node_id} to be ready",
+    )
 
 
 def test_with_auth_on_the_page_asks_for_a_key_and_keeps_it(
@@ -370,8 +361,7 @@ def test_with_auth_on_the_page_asks_for_a_key_and_keeps_it(
         page.reload()
         expect(page.get_by_test_id("node")).to_have_count(2)
         expect(page.get_by_role("button", name="Forget key")).to_be_visible()
-        statuses = [int(m[1]) for m in map(FAILED_LOAD.match, watched.console) if m]
-        assert statuses == [refused.status_code] and len(watched.console) == 1, watched.console
+        assert watched.failed_loads() == [refused.status_code]
         assert watched.failed == [] and watched.elsewhere == []
 
         # A free key sees its own chains only, and stems are refused with the API's words.

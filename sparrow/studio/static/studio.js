@@ -14,7 +14,6 @@ function el(tag, attributes = {}, ...children) {
   for (const [name, value] of Object.entries(attributes)) {
     if (value === undefined || value === null || value === false) continue;
     if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else if (name === "dataset") Object.assign(node.dataset, value);
     else node.setAttribute(name, value === true ? "" : value);
   }
   node.append(...children.filter((c) => c !== null && c !== undefined));
@@ -191,7 +190,9 @@ async function refreshChains() {
 // ---------------------------------------------------------------------------------------
 // One open chain: its tree, spine, branch form and event stream.
 
-let current = null; // { id, chain, nodes: Map(id -> NodeView), stream, spine, spineWave }
+// The open chain: { id, chain, nodes: Map(id -> NodeView), stream, parent and fromS (the
+// branch form's choice), spineKey and spineWave (the spine as last drawn) }.
+let current = null;
 
 function closeChain() {
   if (!current) return;
@@ -216,6 +217,7 @@ async function openChain(chainId) {
     button.setAttribute("aria-current", String(button.dataset.chainId === chainId));
   }
   drawNodes(detail.nodes);
+  chooseRoot();
   // Events are applied one after another, in id order; one that cannot be applied (its
   // node could not be read, say) is made good by reloading the whole chain.
   const session = current;
@@ -238,8 +240,11 @@ async function openChain(chainId) {
 function drawNodes(nodes) {
   const ordered = [...nodes].sort((a, b) => a.created_at.localeCompare(b.created_at));
   for (const node of ordered) upsertNode(node);
-  const root = ordered.find((n) => n.parent_id === null);
-  if (!current.parent && root) choose(root, null);
+}
+
+function chooseRoot() {
+  const root = current.nodes.get(current.chain.root_node_id);
+  if (root) choose(root.node, null);
 }
 
 function upsertNode(node) {
@@ -257,19 +262,19 @@ function removeNode(nodeId) {
   if (!view) return;
   view.destroy();
   current.nodes.delete(nodeId);
-  if (current.parent === nodeId) {
-    const root = [...current.nodes.values()].find((v) => v.node.parent_id === null);
-    if (root) choose(root.node, null);
-  }
+  if (current.parent === nodeId) chooseRoot();
 }
 
 async function reloadNode(nodeId) {
-  if (!current?.nodes.has(nodeId)) {
-    const node = await api.node(nodeId);
-    if (current?.id === node.chain_id) upsertNode(node);
-    return;
-  }
-  upsertNode(await api.node(nodeId));
+  const node = await api.node(nodeId);
+  if (current?.id === node.chain_id) upsertNode(node); // still the chain on screen
+}
+
+// Close the chain (deleted here or elsewhere) and go back to the list.
+async function leaveChain() {
+  closeChain();
+  history.replaceState(null, "", location.pathname);
+  await refreshChains();
 }
 
 async function onEvent(type, data) {
@@ -301,9 +306,7 @@ async function onEvent(type, data) {
       await view?.stemsChanged(type, data);
       break;
     case "chain-deleted":
-      closeChain();
-      history.replaceState(null, "", location.pathname);
-      await refreshChains();
+      await leaveChain();
       break;
     case "reset": // the log no longer holds what was missed
       await reloadChain();
@@ -334,14 +337,6 @@ function resync(session) {
 
 // ---------------------------------------------------------------------------------------
 // A node of the tree.
-
-const STATUS_TEXT = {
-  queued: "queued",
-  generating: "generating",
-  ready: "ready",
-  error: "error",
-  cancelled: "cancelled",
-};
 
 // Cards draw their waveform (one peaks request each) once they come near the screen.
 const onScreen = new IntersectionObserver(
@@ -423,7 +418,7 @@ class NodeView {
     const root = node.parent_id === null;
     const { status } = node;
     Object.assign(this.element.dataset, { status, committed: String(node.committed) });
-    this.status.textContent = STATUS_TEXT[status] ?? status;
+    this.status.textContent = status;
     this.status.dataset.status = status;
     this.title.textContent = root ? "Upload" : node.prompt || "(no prompt)";
     const bits = [];
@@ -460,8 +455,9 @@ class NodeView {
     this.buttons.discard.hidden = root || node.committed || running;
     this.buttons.cancel.hidden = !running;
     this.buttons.stems.hidden = !ready;
-    if (ready && !this.wave && !this.waiting) {
-      this.waiting = true; // drawn when it scrolls into view: a long chain costs what is seen
+    const pending = this.waveSlot.classList.contains("pending");
+    if (ready && !this.wave && !pending) {
+      // Drawn when it scrolls into view: a long chain costs what is seen.
       this.waveSlot.classList.add("pending");
       onScreen.observe(this.waveSlot);
     }
@@ -671,9 +667,7 @@ $("#delete-chain").addEventListener(
   guarded(chainHead, async () => {
     if (!confirm(`Delete “${current.chain.title}” and everything in it?`)) return;
     await api.deleteChain(current.id);
-    closeChain();
-    history.replaceState(null, "", location.pathname);
-    await refreshChains();
+    await leaveChain();
   }),
 );
 

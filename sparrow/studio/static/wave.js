@@ -28,7 +28,7 @@ export class Waveform {
     this.onError = onError;
     this.audioPath = audioPath;
     this.duration = duration;
-    this.loaded = null;
+    this.loaded = false; // the audio, fetched at the first play
     this.onPick = onPick;
 
     this.element = document.createElement("div");
@@ -43,7 +43,7 @@ export class Waveform {
     this.button.addEventListener("click", () => this.toggle().catch((e) => this.onError?.(e)));
     this.clock = document.createElement("span");
     this.clock.className = "clock";
-    this.clock.textContent = `${formatTime(0)} / ${formatTime(duration)}`;
+    this.showTime(0);
     controls.append(this.button, this.clock);
     this.surface = document.createElement("div");
     this.surface.className = "surface";
@@ -58,9 +58,8 @@ export class Waveform {
 
   async draw(peaksPath, color) {
     const width = this.surface.clientWidth || 600;
-    const sep = peaksPath.includes("?") ? "&" : "?";
     const peaks = await this.api.get(
-      `${peaksPath}${sep}pixels_per_second=${pixelsPerSecond(width, this.duration)}`,
+      `${peaksPath}?pixels_per_second=${pixelsPerSecond(width, this.duration)}`,
     );
     this.peaks = [channelOf(peaks)];
     this.surfer = WaveSurfer.create({
@@ -77,12 +76,14 @@ export class Waveform {
       duration: this.duration,
     });
     this.surfer.on("interaction", (seconds) => this.onPick?.(seconds));
-    this.surfer.on("timeupdate", (t) => {
-      this.clock.textContent = `${formatTime(t)} / ${formatTime(this.duration)}`;
-    });
+    this.surfer.on("timeupdate", (t) => this.showTime(t));
     this.surfer.on("play", () => (this.button.textContent = "Pause"));
     this.surfer.on("pause", () => (this.button.textContent = "Play"));
     this.surfer.on("finish", () => (this.button.textContent = "Play"));
+  }
+
+  showTime(seconds) {
+    this.clock.textContent = `${formatTime(seconds)} / ${formatTime(this.duration)}`;
   }
 
   async toggle() {
@@ -93,12 +94,9 @@ export class Waveform {
       this.button.textContent = "Loading…";
       try {
         const at = this.surfer.getCurrentTime();
-        this.loaded = this.api.blob(this.audioPath);
-        await this.surfer.loadBlob(await this.loaded, this.peaks, this.duration);
+        await this.surfer.loadBlob(await this.api.blob(this.audioPath), this.peaks, this.duration);
         this.surfer.setTime(at);
-      } catch (error) {
-        this.loaded = null;
-        throw error;
+        this.loaded = true;
       } finally {
         this.button.disabled = false;
         this.button.textContent = "Play";
