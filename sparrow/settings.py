@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         default="",
         description="Comma-separated origins. Empty: any origin, without credentials.",
     )
+    telemetry: Literal["off", "on"] = Field(
+        default="off",
+        description="on: FastAPI's OpenTelemetry spans, metrics and logs for every request, "
+        "to the SDK the process configures (opentelemetry-instrument, say); off: none, and "
+        "no request pays for looking for an SDK.",
+    )
 
     # Engines.
     engine: Literal["musicgen", "mock"] = "musicgen"

@@ -16,6 +16,7 @@ from corpus import GoodUpload
 from fastapi import FastAPI
 from helpers import SAMPLE, upload
 from live import running_server
+from opentelemetry import trace
 
 from sparrow.api import create_app
 from sparrow.settings import Settings
@@ -196,3 +197,30 @@ def test_requests_uvicorn_cannot_parse_get_the_apis_json_error(
         assert error["error"] == (code or "headers_too_large") and error["detail"]
         # The server goes on serving.
         assert httpx.get(f"{base}/api/chains").status_code == 200
+
+
+class _AskedProvider(trace.TracerProvider):
+    """An OpenTelemetry tracer provider that records whether anyone asked it for a tracer."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get_tracer(
+        self, instrumenting_module_name: str, *args: object, **kwargs: object
+    ) -> trace.Tracer:
+        self.asked.append(instrumenting_module_name)
+        return trace.NoOpTracer()
+
+
+@pytest.mark.parametrize("telemetry", ["off", "on"])
+async def test_telemetry_reaches_a_configured_sdk_only_when_on(
+    telemetry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = _AskedProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    app = create_app(Settings(data_dir=tmp_path, engine="mock", telemetry=telemetry))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s.test") as client:
+            assert (await client.get("/api/chains")).status_code == 200
+    assert bool(provider.asked) == (telemetry == "on")

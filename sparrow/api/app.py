@@ -19,9 +19,14 @@ from sparrow.api import chains, events, export, health, nodes, stems, system
 from sparrow.api.errors import install_error_handlers
 from sparrow.api.middleware import BodyLimitMiddleware, HeadMiddleware, JSONCORSMiddleware
 from sparrow.api.openapi import install_openapi
+from sparrow.api.routing import operation_id
 from sparrow.api.studio import install_studio
 from sparrow.services import running_services
 from sparrow.settings import Settings
+
+
+# The modules of routes, in the order their routes are matched.
+ROUTES = (health, chains, nodes, stems, export, events, system)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,13 +38,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.services = services
             yield
 
+    telemetry = settings.telemetry == "on"
     app = FastAPI(
         title="Sparrow",
         version=__version__,
         summary="Backend of an AI music-continuation editor.",
         lifespan=lifespan,
-        # Operation ids are the route functions' names: stable, and readable in generated clients.
-        generate_unique_id_function=lambda route: route.name,
+        # The API's routes in the app's own router, as they are (see sparrow.api.routing).
+        routes=[route for module in ROUTES for route in module.router.routes],
+        generate_unique_id_function=operation_id,
+        telemetry={"tracing": telemetry, "metrics": telemetry, "logs": telemetry},
     )
     install_error_handlers(app)
     install_openapi(app, settings)
@@ -50,13 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(HeadMiddleware)
     _install_cors(app, settings)  # outermost, so that every answer carries CORS headers
-    app.include_router(health.router)
-    app.include_router(chains.router, prefix="/api")
-    app.include_router(nodes.router, prefix="/api")
-    app.include_router(stems.router, prefix="/api")
-    app.include_router(export.router, prefix="/api")
-    app.include_router(events.router, prefix="/api")
-    app.include_router(system.router, prefix="/api")
     install_studio(app)
     return app
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 
 from sparrow.api.deps import CallerDep, Chains
 from sparrow.api.errors import responses
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import (
     TITLE_SCHEMA,
     ChainCreated,
@@ -21,7 +22,7 @@ from sparrow.api.schemas import (
 )
 from sparrow.api.upload import receive_upload
 
-router = APIRouter(tags=["chains"])
+router = api_router("chains")
 
 _UPLOAD_BODY = {
     "required": True,

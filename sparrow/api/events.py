@@ -34,19 +34,20 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from sparrow.api.deps import CallerDep, Chains, Events, Keys, SettingsDep, StreamCallerDep
 from sparrow.api.errors import responses
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import StreamToken
 from sparrow.events import StoredEvent, Subscription
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["events"])
+router = api_router("events")
 
 RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
 SEND_TIMEOUT_S = 30  # a client that takes no bytes this long is disconnected

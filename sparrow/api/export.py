@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from sparrow.api.deps import CallerDep, Exports
 from sparrow.api.errors import responses
@@ -17,12 +17,13 @@ from sparrow.api.nodes import (
     SamplesPerPixel,
     peaks_response,
 )
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import ExportIn
 from sparrow.audio.join import MEDIA_TYPES
 from sparrow.domain.chains import samples_per_pixel_for
 from sparrow.domain.export import ExportFile
 
-router = APIRouter(tags=["export"])
+router = api_router("export")
 
 
 def export_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from sparrow.api.deps import HealthDep
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import Health, Readiness
 
-router = APIRouter(tags=["health"])
+router = api_router("health", prefix="")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -6,11 +6,12 @@ import json
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 
 from sparrow.api.deps import CallerDep, Chains, Generation
 from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import (
     BranchIn,
     BranchOut,
@@ -23,7 +24,7 @@ from sparrow.api.schemas import (
 from sparrow.audio import compute_peaks
 from sparrow.audio.integrity import OpenedFile
 
-router = APIRouter(tags=["nodes"])
+router = api_router("nodes")
 
 MAX_SAMPLES_PER_PIXEL = 2**24
 

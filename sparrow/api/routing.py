@@ -1,11 +1,33 @@
-"""Asking the app's router which methods a request's path answers."""
+"""The API's routers, and asking the app's router which methods a path answers.
+
+Each module of routes builds its router with ``api_router``: the routes carry their
+full path (``/api/…``) and their operation id from the start, so that the app takes
+them into its own router as they are (``FastAPI(routes=…)``). Included with
+``include_router``, each router would be a node that FastAPI's routing walks for
+every request, matching each of its routes twice, with bookkeeping around every
+try (docs/performance.md measures it).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
+
+API_PREFIX = "/api"
+
+
+def operation_id(route: APIRoute) -> str:
+    """Operation ids are the route functions' names: stable, and readable in clients."""
+    return route.name
+
+
+def api_router(tag: str, *, prefix: str = API_PREFIX) -> APIRouter:
+    """The router of one module of routes, under ``prefix``, documented under ``tag``."""
+    return APIRouter(prefix=prefix, tags=[tag], generate_unique_id_function=operation_id)
 
 
 def serves(app: Any, scope: Scope, method: str) -> bool:

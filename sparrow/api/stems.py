@@ -14,18 +14,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
 from sparrow.api.deps import CallerDep, Exports, StemsDep
 from sparrow.api.errors import responses
 from sparrow.api.export import attachment, export_responses
 from sparrow.api.files import serve_file
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import SpineStemsOut, StemsOut
 from sparrow.audio.join import MAX_CROSSFADE_MS, ExportFormat
 from sparrow.engines.base import STEM_NAMES
 
-router = APIRouter(tags=["stems"])
+router = api_router("stems")
 
 Stem = StrEnum("Stem", {name: name for name in STEM_NAMES})  # type: ignore[misc]
 

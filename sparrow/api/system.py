@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from sparrow.api.deps import CallerDep, System
 from sparrow.api.errors import responses
+from sparrow.api.routing import api_router
 from sparrow.api.schemas import BatchOut, BatchRowOut, EngineOut, GpuOut, RunningJobOut, WorkerOut
 
-router = APIRouter(tags=["system"])
+router = api_router("system")
 
 
 @router.get(
