@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import corpus
 import numpy as np
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from sparrow.audio import decode_upload, read_wav, read_wav_info, sniff, write_wav
 from sparrow.audio.canary import CANARY_TIMEOUT_S
-from sparrow.audio.ffmpeg import run_ffmpeg
+from sparrow.audio.ffmpeg import FFmpegResult, run_ffmpeg
 from sparrow.audio.probe import AudioStream, parse_probe
 from sparrow.errors import (
     EngineUnavailable,
@@ -372,7 +373,7 @@ def test_probe_reads_sample_format_before_disposition_flags(line: str, fmt: str)
 
 _SERVER_RUNNING_FFMPEG = """
 import asyncio
-from sparrow.audio.ffmpeg import run_ffmpeg
+from sparrow.audio.ffmpeg import FFmpegResult, run_ffmpeg
 
 async def main() -> None:
     deadline = asyncio.get_running_loop().time() + 120
@@ -411,26 +412,46 @@ def test_ffmpeg_dies_with_a_killed_server() -> None:
         server.wait(10)
 
 
-async def test_the_decode_beside_the_probe_gives_the_bytes_of_one_after_it(
+async def test_a_usual_kind_takes_one_ffmpeg_and_gives_the_bytes_of_a_probe_and_decode(
     good: dict[str, GoodUpload], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Kinds with a usual plan are decoded while the probe runs; whether the guess held
-    (16-bit stereo FLAC, MP3, Ogg) or not (24-bit FLAC, 5.1 and float WAV), the result is
-    the bytes of a decode started after the probe, and nothing else is left behind."""
+    """Kinds with a usual plan are decoded by one FFmpeg that describes them as it goes.
+    Where the guess holds (16-bit stereo FLAC, MP3, Ogg, WAV) that is the only FFmpeg;
+    where it does not (24-bit FLAC, 5.1 and float WAV) it is stopped once it has
+    described the file, and a second decodes with the right plan. Either way the result
+    is the bytes of a probe followed by a decode, and nothing else is left behind."""
     from sparrow.audio import decode
 
-    names = ["wav_s16_44k_stereo", "mp3", "flac_24", "ogg_vorbis", "wav_5_1", "wav_f32"]
+    runs: list[FFmpegResult] = []
+    real_run = decode.run_ffmpeg
+
+    async def counted(*args: Any, **kwargs: Any) -> FFmpegResult:
+        result = await real_run(*args, **kwargs)
+        runs.append(result)
+        return result
+
+    monkeypatch.setattr(decode, "run_ffmpeg", counted)
+    usual = ["wav_s16_44k_stereo", "mp3", "ogg_vorbis", "flac_16"]
+    unusual = ["flac_24", "wav_5_1", "wav_f32"]
     guessed = {}
-    for n in names:
+    for n in usual + unusual:
+        runs.clear()
         guessed[n] = await decode_upload(
             good[n].path, tmp_path / f"{n}.wav", max_duration_s=60, timeout_s=30
         )
+        stopped = [run.stopped for run in runs]
+        assert stopped == ([False] if n in usual else [True, False]), n
     monkeypatch.setattr(decode, "_LIKELY", {})
-    for n in names:
+    for n in usual + unusual:
+        runs.clear()
         after = await decode_upload(
             good[n].path, tmp_path / f"{n}-after.wav", max_duration_s=60, timeout_s=30
         )
+        assert len(runs) == 2, n  # the probe, then the decode
         assert after.info.sha256 == guessed[n].info.sha256, n
+        assert after.source_format == guessed[n].source_format, n
+        assert after.source_codec == guessed[n].source_codec, n
+    names = usual + unusual
     assert _names(tmp_path) == sorted(
         [f"{n}.wav" for n in names] + [f"{n}-after.wav" for n in names]
     )

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from sparrow.audio.atomic import publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
-from sparrow.audio.ffmpeg import FFmpegResult, FFmpegTimeout, run_ffmpeg
+from sparrow.audio.ffmpeg import STDERR_LIMIT, FFmpegResult, FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
 from sparrow.audio.sniff import sniff
 from sparrow.audio.storage import raise_if_storage_failed, scrub_paths, storing
@@ -117,8 +117,16 @@ class _Plan:
 
 
 # The plan most files of these kinds get (16-bit, one or two channels, a usual rate),
-# with the demuxer FFmpeg names them by: decoded beside the probe (see decode_upload).
+# with the demuxer FFmpeg names them by. Such a file is decoded by one FFmpeg that also
+# describes it (see decode_upload); any other takes a probe first.
 _LIKELY = {kind: _Plan(kind, 16, None, False) for kind in ("flac", "mp3", "wav", "ogg")}
+# FFmpeg has described its input once it prints how it maps the streams.
+_DESCRIBED = re.compile(r"^Stream mapping:", re.M)
+# ``-loglevel level+info`` tags every line with its level, after any ``[component @ …]``.
+_LEVEL_TAG = re.compile(
+    r"^((?:\[[^\]]*\] )*?)\[(trace|debug|verbose|info|warning|error|fatal|panic)\] ", re.M
+)
+_ERROR_LEVELS = {"error", "fatal", "panic"}
 
 
 async def decode_upload(
@@ -128,10 +136,17 @@ async def decode_upload(
 
     ``src`` is the raw body on disk (its name is ignored); ``dst`` should end in
     ``.wav`` and its folder must exist. ``timeout_s`` bounds the wall-clock time
-    of both FFmpeg runs together; ``ffmpeg`` names the binary (see
+    of all FFmpeg runs together; ``ffmpeg`` names the binary (see
     ``ffmpeg.ffmpeg_exe``). Raises ``InvalidInput`` (422),
     ``UnsupportedMedia`` (415) or ``PayloadTooLarge`` (413) for bad input, as
     listed in the module docstring.
+
+    A file whose bytes look like one of the usual kinds (``_LIKELY``) is decoded at
+    once with that kind's usual plan, by an FFmpeg that describes the input before it
+    decodes, as a probe would. The description decides, as a probe's does: FFmpeg is
+    stopped as soon as it calls for another plan (a 24-bit FLAC, a 5.1 WAV), and the
+    file is decoded again with that one. Either way the arguments of the decode that is
+    kept are the plan's, so the same file gives the same bytes.
     """
     size, head = await asyncio.to_thread(_head, src)
     if size == 0:
@@ -140,31 +155,31 @@ async def decode_upload(
     require_ffmpeg_not_known_broken(ffmpeg, "The upload cannot be decoded")
     deadline = asyncio.get_running_loop().time() + timeout_s
     tmp = temp_path_for(dst)
-    # The usual plan for what the bytes look like, decoded beside the probe; kept only if
-    # the probe comes to the same plan (the same arguments, so the same bytes).
     guess = _LIKELY.get(kind or "")
-    early = None
-    if guess is not None:
-        args = _decode_args(src, tmp, guess, max_duration_s)
-        early = asyncio.ensure_future(run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg))
     try:
         try:
-            probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)
-            probe = parse_probe(probe_run.stderr)
-            stream, plan = _plan(probe, kind, probe_run.stderr)
-        except BaseException:
-            await _abandon(early, tmp)
-            raise
-        try:
-            if early is not None and plan == guess:
-                run = await early
+            run: FFmpegResult | None = None
+            if guess is None:
+                probe_run = await run_ffmpeg(_probe_args(src), deadline=deadline, ffmpeg=ffmpeg)
+                described = probe_run.stderr
             else:
-                await _abandon(early, tmp)
+                run = await run_ffmpeg(
+                    _decode_args(src, tmp, guess, max_duration_s, describe=True),
+                    deadline=deadline,
+                    ffmpeg=ffmpeg,
+                    stop_when=_OtherPlan(kind, guess),
+                )
+                described, errors = _split_levels(run.stderr)
+            probe = parse_probe(described)
+            stream, plan = _plan(probe, kind, described)
+            if run is None or run.stopped or plan != guess:
+                _discard(tmp)
                 args = _decode_args(src, tmp, plan, max_duration_s)
                 run = await run_ffmpeg(args, deadline=deadline, ffmpeg=ffmpeg)
+                errors = run.stderr
             if run.returncode != 0:
-                raise_if_storage_failed(run.stderr, "the decoded audio")
-                raise _cannot_decode(kind, probe, _short_reason(run.stderr))
+                raise_if_storage_failed(errors, "the decoded audio")
+                raise _cannot_decode(kind, probe, _short_reason(errors))
             info = await _finish_in_thread(tmp, dst, probe, kind, max_duration_s)
         except BaseException:
             _discard(tmp)
@@ -182,17 +197,47 @@ async def decode_upload(
     return DecodedUpload(info=info, source_format=probe.format, source_codec=stream.codec)
 
 
-async def _abandon(early: asyncio.Future[FFmpegResult] | None, tmp: Path) -> None:
-    """Stop a decode started on a guess (its FFmpeg is killed) and remove what it wrote."""
-    if early is None:
-        return
-    early.cancel()
-    try:
-        await asyncio.wait([early])
-    finally:
-        if early.done() and not early.cancelled():
-            early.exception()  # retrieved: a guess that failed is nobody's error
-        _discard(tmp)
+class _OtherPlan:
+    """Reads the stderr of a decode started on ``guess`` until FFmpeg has described the
+    input; says stop when that description calls for another plan (or for an error)."""
+
+    def __init__(self, kind: str | None, guess: _Plan) -> None:
+        self.kind = kind
+        self.guess = guess
+        self.head = bytearray()
+        self.decided = False
+
+    def __call__(self, chunk: bytes) -> bool:
+        if self.decided:
+            return False
+        self.head += chunk
+        described, _ = _split_levels(self.head.decode("utf-8", errors="replace"))
+        if not _DESCRIBED.search(described):
+            # No description within what run_ffmpeg keeps: the result is judged at the end.
+            self.decided = len(self.head) >= STDERR_LIMIT
+            return False
+        self.decided = True
+        try:
+            _, plan = _plan(parse_probe(described), self.kind, described)
+        except (InvalidInput, UnsupportedMedia):
+            return True
+        return plan != self.guess
+
+
+def _split_levels(stderr: str) -> tuple[str, str]:
+    """The stderr of ``-loglevel level+info`` as (every line, only the errors), each
+    without its level tag: what ``-loglevel info`` and ``-loglevel error`` would print."""
+    every, errors = [], []
+    for line in stderr.splitlines(keepends=True):
+        tagged = _LEVEL_TAG.match(line)
+        if tagged is None:  # the rest of a line FFmpeg printed in pieces
+            every.append(line)
+            continue
+        untagged = tagged.group(1) + line[tagged.end() :]
+        every.append(untagged)
+        if tagged.group(2) in _ERROR_LEVELS:
+            errors.append(untagged)
+    return "".join(every), "".join(errors)
 
 
 def _head(src: Path) -> tuple[int, bytes]:
@@ -212,13 +257,19 @@ def _probe_args(src: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _decode_args(src: Path, tmp: Path, plan: _Plan, max_duration_s: float) -> list[str]:
+def _decode_args(
+    src: Path, tmp: Path, plan: _Plan, max_duration_s: float, *, describe: bool = False
+) -> list[str]:
+    """FFmpeg's arguments for decoding with ``plan``. With ``describe`` it finds the
+    demuxer itself and describes the input first (``-loglevel level+info``), as a probe
+    does; otherwise it opens the input with the plan's demuxer and prints only errors."""
     args = [
-        "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+        "-hide_banner", "-nostdin", "-nostats",
+        "-loglevel", "level+info" if describe else "error",
         "-threads", "1", "-filter_threads", "1",
         "-protocol_whitelist", "file",
         "-format_whitelist", _FORMAT_WHITELIST,
-        "-f", plan.demuxer,
+        *([] if describe else ["-f", plan.demuxer]),
         "-i", f"file:{src.resolve()}",
         "-map", "0:a:0", "-vn", "-sn", "-dn",
         "-map_metadata", "-1", "-map_chapters", "-1",

@@ -18,6 +18,10 @@ with three bounds, because the input is whatever a client uploaded:
 - lifetime: FFmpeg dies with the server's process (``setpriv --pdeathsig``), so a
   server killed by SIGKILL leaves no decoder or encoder running on.
 
+A caller may watch stderr as it arrives (``stop_when``) and have FFmpeg stopped
+early: the upload decoder reads the input's description at the head of its own
+decode's output and stops a decode whose plan turns out wrong.
+
 The process is always awaited, also when the caller is cancelled, so no zombie
 is left behind.
 """
@@ -31,7 +35,7 @@ import math
 import os
 import resource
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +63,8 @@ class FFmpegResult:
     """What FFmpeg wrote to ``pipe:1``, when the caller asked for it."""
     stdout_overflow: bool = False
     """FFmpeg wrote more to ``pipe:1`` than the caller's limit."""
+    stopped: bool = False
+    """The caller's ``stop_when`` said stop, and FFmpeg was killed."""
 
 
 def ffmpeg_exe(configured: str | None = None) -> str:
@@ -127,6 +133,7 @@ async def run_ffmpeg(
     memory_bytes: int = MEMORY_LIMIT_BYTES,
     ffmpeg: str | None = None,
     stdout_limit: int | None = None,
+    stop_when: Callable[[bytes], bool] | None = None,
 ) -> FFmpegResult:
     """Run ``ffmpeg *args`` with stdin closed; collect (capped) stderr.
 
@@ -135,6 +142,8 @@ async def run_ffmpeg(
     not an error here: callers read ``returncode`` and ``stderr``. With
     ``stdout_limit``, what FFmpeg writes to ``pipe:1`` is kept, up to that many
     bytes (``stdout_overflow`` says whether there was more); otherwise stdout is closed.
+    ``stop_when`` is shown each piece of stderr as it arrives; once it answers True,
+    FFmpeg is killed and the result says ``stopped``.
     """
     loop = asyncio.get_running_loop()
     remaining = deadline - loop.time()
@@ -159,8 +168,8 @@ async def run_ffmpeg(
             f"FFmpeg is not available: {_name(ffmpeg)} cannot be run ({exc.strerror})."
         ) from exc
     try:
-        stderr, stdout, overflow = await asyncio.wait_for(
-            _collect(proc, stdout_limit or 0), timeout=deadline - loop.time()
+        stderr, stdout, overflow, stopped = await asyncio.wait_for(
+            _collect(proc, stdout_limit or 0, stop_when), timeout=deadline - loop.time()
         )
     except TimeoutError:
         raise FFmpegTimeout from None
@@ -171,7 +180,9 @@ async def run_ffmpeg(
             # Shielded so that a second cancellation cannot leave a zombie behind.
             await asyncio.shield(proc.wait())
     assert proc.returncode is not None
-    return FFmpegResult(proc.returncode, stderr.decode("utf-8", errors="replace"), stdout, overflow)
+    return FFmpegResult(
+        proc.returncode, stderr.decode("utf-8", errors="replace"), stdout, overflow, stopped
+    )
 
 
 def _name(ffmpeg: str | None) -> str:
@@ -179,13 +190,19 @@ def _name(ffmpeg: str | None) -> str:
     return Path(ffmpeg_exe(ffmpeg)).name
 
 
-async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, bool]:
+async def _drain(
+    stream: asyncio.StreamReader | None,
+    limit: int,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> tuple[bytes, bool]:
     """Read ``stream`` to its end, keeping its first ``limit`` bytes; (kept, more was read)."""
     kept = bytearray()
     overflow = False
     if stream is None:
         return b"", False
     while chunk := await stream.read(_READ_CHUNK):
+        if on_chunk is not None:
+            on_chunk(chunk)
         room = limit - len(kept)
         overflow = overflow or len(chunk) > room
         if room > 0:
@@ -194,11 +211,22 @@ async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes
 
 
 async def _collect(
-    proc: asyncio.subprocess.Process, stdout_limit: int
-) -> tuple[bytes, bytes, bool]:
+    proc: asyncio.subprocess.Process,
+    stdout_limit: int,
+    stop_when: Callable[[bytes], bool] | None,
+) -> tuple[bytes, bytes, bool, bool]:
+    stopped = False
+
+    def watch(chunk: bytes) -> None:
+        nonlocal stopped
+        if not stopped and stop_when is not None and stop_when(chunk):
+            stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # its pipes close: the draining below ends
+
     # Both pipes drained together: a full one would stall FFmpeg.
     (stderr, _), (stdout, overflow) = await asyncio.gather(
-        _drain(proc.stderr, STDERR_LIMIT), _drain(proc.stdout, stdout_limit)
+        _drain(proc.stderr, STDERR_LIMIT, watch), _drain(proc.stdout, stdout_limit)
     )
     await proc.wait()
-    return stderr, stdout, overflow
+    return stderr, stdout, overflow, stopped
