@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -456,3 +457,30 @@ async def test_a_usual_kind_takes_one_ffmpeg_and_gives_the_bytes_of_a_probe_and_
         [f"{n}.wav" for n in names] + [f"{n}-after.wav" for n in names]
     )
     assert _children() == []
+
+
+async def test_level_tags_split_ffmpeg_output_into_what_info_and_error_levels_print(
+    good: dict[str, GoodUpload], tmp_path: Path
+) -> None:
+    """One decode at ``-loglevel level+info`` gives the upload decoder both the input's
+    description and the error lines: the same text two runs at ``info`` and at ``error``
+    print (pointers and speed aside), for a FLAC damaged in the middle."""
+    from sparrow.audio.decode import _split_levels
+
+    data = bytearray(good["flac_16"].path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4000] = bytes(range(250)) * 16
+    damaged = tmp_path / "damaged.flac"
+    damaged.write_bytes(bytes(data))
+
+    async def stderr(level: str) -> str:
+        args = ["-hide_banner", "-nostdin", "-nostats", "-loglevel", level, "-threads", "1"]
+        args += ["-i", str(damaged), "-f", "wav", "-y", str(tmp_path / "out.wav")]
+        run = await run_ffmpeg(args, deadline=asyncio.get_running_loop().time() + 30)
+        # Pointers and the closing line's speed differ from run to run.
+        return re.sub(r"0x[0-9a-f]+|speed=.*", "", run.stderr)
+
+    every, errors = _split_levels(await stderr("level+info"))
+    assert errors and errors == await stderr("error")
+    assert every == await stderr("info")
+    assert "Stream mapping:" in every and "[info]" not in every + errors
