@@ -424,7 +424,7 @@ async def test_a_usual_kind_takes_one_ffmpeg_and_gives_the_bytes_of_a_probe_and_
     from sparrow.audio import decode
 
     runs: list[FFmpegResult] = []
-    real_run = decode.run_ffmpeg
+    real_run = run_ffmpeg  # the function decode calls
 
     async def counted(*args: Any, **kwargs: Any) -> FFmpegResult:
         result = await real_run(*args, **kwargs)

@@ -24,7 +24,6 @@ from sparrow.api.studio import install_studio
 from sparrow.services import running_services
 from sparrow.settings import Settings
 
-
 # The modules of routes, in the order their routes are matched.
 ROUTES = (health, chains, nodes, stems, export, events, system)
 
