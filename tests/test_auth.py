@@ -99,6 +99,31 @@ async def test_requests_without_a_valid_key_get_401(
     assert (await client.get("/api/chains", headers=bearer(tokens["a"]))).status_code == 200
 
 
+def test_every_api_operation_reads_the_caller_as_its_document_says(tmp_path: Path) -> None:
+    """The document lists the bearer scheme on every /api operation (auth on), and every
+    /api route does read its caller, from a key or, for an event stream, a stream token."""
+    from fastapi.routing import APIRoute
+
+    from sparrow.api.deps import get_caller, get_stream_caller
+
+    def calls(dependant: Any) -> set[Any]:
+        return {dependant.call} | {c for d in dependant.dependencies for c in calls(d)}
+
+    app = create_app(Settings(data_dir=tmp_path, engine="mock", auth="on"))
+    api = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/api/")]
+    assert len(api) > 20
+    for route in api:
+        assert calls(route.dependant) & {get_caller, get_stream_caller}, route.path
+    document = app.openapi()
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            wanted: list[dict[str, list[str]]] | None = (
+                [{"HTTPBearer": []}] if path.startswith("/api/") else None
+            )
+            assert operation.get("security") == wanted, path
+
+
 async def test_auth_off_needs_no_key(client: httpx.AsyncClient) -> None:
     assert (await client.get("/api/chains")).status_code == 200
     ignored = await client.get("/api/chains", headers={"Authorization": "Bearer whatever"})

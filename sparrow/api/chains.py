@@ -9,7 +9,7 @@ from fastapi import Query, Request, Response
 
 from sparrow.api.deps import CallerDep, Chains
 from sparrow.api.errors import responses
-from sparrow.api.routing import api_router
+from sparrow.api.routing import ModelJSON, api_router
 from sparrow.api.schemas import (
     TITLE_SCHEMA,
     ChainCreated,
@@ -77,21 +77,31 @@ async def create_chain(
     return ChainCreated(chain=ChainOut.of(chain), root=NodeOut.of(root))
 
 
-@router.get("/chains", summary="List chains, newest first", responses=responses())
+@router.get(
+    "/chains",
+    summary="List chains, newest first",
+    responses=responses(),
+    response_model=ChainList,
+)
 async def list_chains(
     chains: Chains,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
-) -> ChainList:
+) -> ModelJSON:
     items, total = await chains.list_chains(caller, limit=limit, offset=offset)
-    return ChainList(items=[ChainOut.of(c) for c in items], total=total)
+    return ModelJSON(ChainList(items=[ChainOut.of(c) for c in items], total=total))
 
 
-@router.get("/chains/{chain_id}", summary="A chain with all its nodes", responses=responses(404))
-async def get_chain(chain_id: str, chains: Chains, caller: CallerDep) -> ChainDetail:
+@router.get(
+    "/chains/{chain_id}",
+    summary="A chain with all its nodes",
+    responses=responses(404),
+    response_model=ChainDetail,
+)
+async def get_chain(chain_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
     chain, nodes = await chains.chain_with_nodes(caller, chain_id)
-    return ChainDetail(chain=ChainOut.of(chain), nodes=[NodeOut.of(n) for n in nodes])
+    return ModelJSON(ChainDetail(chain=ChainOut.of(chain), nodes=[NodeOut.of(n) for n in nodes]))
 
 
 @router.patch("/chains/{chain_id}", summary="Rename a chain", responses=responses(404))
@@ -117,6 +127,7 @@ async def delete_chain(chain_id: str, chains: Chains, caller: CallerDep) -> Resp
     summary="The committed path, root first",
     description="`offset_s` is where each node starts when the spine is played back to back.",
     responses=responses(404),
+    response_model=SpineOut,
 )
-async def get_spine(chain_id: str, chains: Chains, caller: CallerDep) -> SpineOut:
-    return SpineOut.of(await chains.spine(caller, chain_id))
+async def get_spine(chain_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
+    return ModelJSON(SpineOut.of(await chains.spine(caller, chain_id)))

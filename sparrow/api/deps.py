@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from sparrow.domain.chains import ChainService
 from sparrow.domain.events import EventsService
@@ -30,20 +30,18 @@ def get_services(request: Request) -> Services:
     return services
 
 
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="An API key from `sparrow keys create`; needed when the server runs with "
-    "SPARROW_AUTH=on.",
-)
+def bearer_token(request: Request) -> str | None:
+    """The key in ``Authorization: Bearer <key>``, read as FastAPI's ``HTTPBearer`` reads
+    it. Read here rather than through that scheme as a dependency of its own: each
+    dependency costs every request its solving (docs/performance.md). The document lists
+    the scheme on every /api operation (``sparrow.api.openapi``)."""
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credentials if scheme.lower() == "bearer" and credentials else None
 
 
-async def get_caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """Who sends the request: 401 without a valid key when auth is on."""
-    token = credentials.credentials if credentials else None
-    return await get_services(request).keys.caller(token)
+    return await get_services(request).keys.caller(bearer_token(request))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -52,7 +50,6 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 async def get_stream_caller(
     request: Request,
     chain_id: str,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     token: Annotated[
         str | None,
         Query(
@@ -64,9 +61,10 @@ async def get_stream_caller(
 ) -> Caller:
     """The caller of a chain's event stream: a key, or a stream token for that chain."""
     keys = get_services(request).keys
-    if keys.enabled and credentials is None and token:
+    key = bearer_token(request)
+    if keys.enabled and key is None and token:
         return await keys.stream_caller(token, chain_id)
-    return await get_caller(request, credentials)
+    return await keys.caller(key)
 
 
 StreamCallerDep = Annotated[Caller, Depends(get_stream_caller)]

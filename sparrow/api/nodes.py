@@ -11,7 +11,7 @@ from fastapi import Query, Request, Response
 from sparrow.api.deps import CallerDep, Chains, Generation
 from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
-from sparrow.api.routing import api_router
+from sparrow.api.routing import ModelJSON, api_router
 from sparrow.api.schemas import (
     BranchIn,
     BranchOut,
@@ -29,9 +29,11 @@ router = api_router("nodes")
 MAX_SAMPLES_PER_PIXEL = 2**24
 
 
-@router.get("/nodes/{node_id}", summary="One node", responses=responses(404))
-async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> NodeOut:
-    return NodeOut.of(await chains.get_node(caller, node_id))
+@router.get(
+    "/nodes/{node_id}", summary="One node", responses=responses(404), response_model=NodeOut
+)
+async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
+    return ModelJSON(NodeOut.of(await chains.get_node(caller, node_id)))
 
 
 @router.post(

@@ -4,7 +4,8 @@ FastAPI builds the document from the routes; two things in it depend on the sett
 
 - the branch limits (``SPARROW_MAX_BRANCH_S``, ``SPARROW_MAX_COUNT``) become the
   schema's maxima, so a request the document calls valid is one the server takes;
-- with auth off no route asks for a key, so no operation lists the bearer scheme.
+- with auth on every /api operation lists the bearer scheme (``sparrow.api.deps``
+  reads the key itself, so FastAPI does not see the scheme); with auth off none does.
 
 It also describes the event stream event by event (FastAPI knows it only as a
 string): an event's name, its integer id, and its JSON data's schema.
@@ -17,10 +18,18 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
+from sparrow.api.routing import API_PREFIX
 from sparrow.api.schemas import EVENT_DATA
 from sparrow.settings import Settings
 
 EVENTS_PATH = "/api/chains/{chain_id}/events"
+BEARER = "HTTPBearer"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API key from `sparrow keys create`; needed when the server runs with "
+    "SPARROW_AUTH=on.",
+}
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -39,11 +48,12 @@ def tailor(doc: dict[str, Any], settings: Settings) -> None:
     branch["duration_s"]["maximum"] = settings.max_branch_s
     branch["count"]["maximum"] = settings.max_count
     _describe_events(doc)
-    if settings.auth == "off":
-        doc["components"].pop("securitySchemes", None)
-        for operations in doc["paths"].values():
-            for operation in operations.values():
-                operation.pop("security", None)
+    if settings.auth == "on":
+        doc["components"]["securitySchemes"] = {BEARER: BEARER_SCHEME}
+        for path, operations in doc["paths"].items():
+            if path.startswith(API_PREFIX + "/"):
+                for operation in operations.values():
+                    operation["security"] = [{BEARER: []}]
 
 
 def _describe_events(doc: dict[str, Any]) -> None:
