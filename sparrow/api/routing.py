@@ -45,8 +45,8 @@ class ModelJSON(Response):
 
     media_type = "application/json"
 
-    def __init__(self, model: BaseModel, status_code: int = 200) -> None:
-        super().__init__(model.model_dump_json(), status_code)
+    def __init__(self, model: BaseModel) -> None:
+        super().__init__(model.model_dump_json())
 
 
 def serves(app: Any, scope: Scope, method: str) -> bool:
