@@ -60,7 +60,9 @@ async def test_list_newest_first_with_paging(client: httpx.AsyncClient) -> None:
     assert page["total"] == 3
     assert [c["title"] for c in page["items"]] == ["three", "two"]
     rest = (await client.get("/api/chains", params={"limit": 2, "offset": 2})).json()
-    assert [c["title"] for c in rest["items"]] == ["one"]
+    assert [c["title"] for c in rest["items"]] == ["one"] and rest["total"] == 3
+    past = (await client.get("/api/chains", params={"offset": 5})).json()
+    assert past == {"items": [], "total": 3}
     assert_error(await client.get("/api/chains", params={"limit": 0}), 422, "invalid_input")
     assert_error(await client.get("/api/chains", params={"limit": "x"}), 422, "invalid_input")
 
