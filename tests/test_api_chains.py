@@ -63,6 +63,8 @@ async def test_list_newest_first_with_paging(client: httpx.AsyncClient) -> None:
     assert [c["title"] for c in rest["items"]] == ["one"] and rest["total"] == 3
     past = (await client.get("/api/chains", params={"offset": 5})).json()
     assert past == {"items": [], "total": 3}
+    for params in ({}, {"limit": 3}, {"limit": 4, "offset": 1}):  # short, full, short
+        assert (await client.get("/api/chains", params=params)).json()["total"] == 3, params
     assert_error(await client.get("/api/chains", params={"limit": 0}), 422, "invalid_input")
     assert_error(await client.get("/api/chains", params={"limit": "x"}), 422, "invalid_input")
 

@@ -82,10 +82,12 @@ _SPINE_NODES = (
     f"{_with(_SPINE)} SELECT {NODE_COLUMNS} FROM spine JOIN nodes USING (id) ORDER BY spine.depth"
 )
 _SPINE_IDS = f"{_with(_SPINE)} SELECT id FROM spine WHERE id IS NOT NULL ORDER BY depth"
+# The owner's check looks up the node's own chain (EXISTS, by primary key): ``chain_id
+# IN (SELECT … WHERE owner = :owner)`` would list all of the owner's chains for each read.
 _SELECT_NODE = (
     f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = :id "
-    "AND (CAST(:owner AS TEXT) IS NULL "
-    "OR chain_id IN (SELECT id FROM chains WHERE owner = :owner))"
+    "AND (CAST(:owner AS TEXT) IS NULL OR EXISTS "
+    "(SELECT 1 FROM chains WHERE chains.id = nodes.chain_id AND owner = :owner))"
 )
 _SELECT_CHAIN = f"SELECT {CHAIN_COLUMNS} FROM chains WHERE id = :id AND {_OWNED}"
 
@@ -147,14 +149,23 @@ class ChainStore:
     async def list_chains(
         self, *, owner: str | None, limit: int, offset: int
     ) -> tuple[list[Chain], int]:
+        """A page of the chains, newest first, and how many there are in all. A page that
+        is not full and not past the end is the last one: the total is what comes before
+        it and what is on it, with no count to make (most lists are one such page)."""
         params = {"owner": owner, "limit": limit, "offset": offset}
+        # Spelled out for each case, not as _OWNED's OR: the planner then reads one
+        # owner's chains from chains_owner instead of scanning everyone's.
+        where = "" if owner is None else "WHERE owner = :owner"
         rows = await self.db.fetchall(
-            f"SELECT {CHAIN_COLUMNS} FROM chains WHERE {_OWNED} "
+            f"SELECT {CHAIN_COLUMNS} FROM chains {where} "
             "ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset",
             params,
         )
-        total = await self.db.fetchone(f"SELECT count(*) FROM chains WHERE {_OWNED}", params)
-        return [chain_from_row(r) for r in rows], int(total[0]) if total else 0
+        chains = [chain_from_row(r) for r in rows]
+        if len(rows) < limit and (rows or offset == 0):
+            return chains, offset + len(rows)
+        total = await self.db.fetchone(f"SELECT count(*) FROM chains {where}", params)
+        return chains, int(total[0]) if total else 0
 
     async def get_node(self, node_id: str, *, owner: str | None = None) -> Node | None:
         """The node, if it exists and ``owner`` (when given) owns its chain."""

@@ -198,6 +198,15 @@ SQLITE_MIGRATIONS: list[str] = [
     CREATE INDEX nodes_unanalysed ON nodes (created_at)
         WHERE status = 'ready' AND analysis IS NULL;
     """,
+    # 7: the list's indexes in its order. Read backwards, (created_at) and its implicit
+    # rowid give ORDER BY created_at DESC, rowid DESC with no sort; a DESC index would
+    # leave the ties to a temporary b-tree.
+    """
+    DROP INDEX chains_created;
+    DROP INDEX chains_owner;
+    CREATE INDEX chains_created ON chains (created_at);
+    CREATE INDEX chains_owner ON chains (owner, created_at);
+    """,
 ]
 
 
@@ -336,5 +345,12 @@ POSTGRES_MIGRATIONS: list[str | Callable[[], str]] = [
     # [[job_id, progress], …]. job_id and progress keep the first, for older replicas.
     """
     ALTER TABLE workers ADD COLUMN jobs TEXT NOT NULL DEFAULT '[]';
+    """,
+    # 5: as SQLite's 7, the rowid named (it is a column of its own here).
+    """
+    DROP INDEX chains_created;
+    DROP INDEX chains_owner;
+    CREATE INDEX chains_created ON chains (created_at, rowid);
+    CREATE INDEX chains_owner ON chains (owner, created_at, rowid);
     """,
 ]
