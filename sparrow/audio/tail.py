@@ -8,6 +8,13 @@ frames (``atrim`` counts frames exactly, so the tail ends exactly where the path
 does), resamples and remixes it to the engine's format (a mono segment for a
 stereo engine goes to both sides at full level, as the export plays it), and
 concatenates them.
+
+Where every segment it needs is already at the engine's rate, in its channels or
+in mono, there is nothing to resample or mix: the frames are read from the WAVs
+directly, the same floats FFmpeg would give (each sample over 2^15 or 2^23), with no
+process to start. That is the usual case once a path has continuations of its own.
+A file that is not what its segment says is left to FFmpeg, which reads it or says
+why not.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import FFmpegTimeout, run_ffmpeg
 from sparrow.audio.segments import Segment
 from sparrow.audio.storage import scrub_paths
+from sparrow.audio.wav import WavFormatError, float_samples, open_pcm, read_layout
 from sparrow.errors import EngineUnavailable, StorageUnavailable
 
 TIMEOUT_S = 60.0
@@ -39,9 +47,10 @@ async def read_tail(
 ) -> npt.NDArray[np.float32]:
     """The last ``seconds`` of the segments played back to back, float32 (frames, channels).
 
-    Fewer frames come back when the segments are shorter than ``seconds``. The
-    samples come back through a pipe, so reading needs no room on the disk. Raises
-    ``EngineUnavailable`` when FFmpeg is broken (it fails its canary, or hangs) and
+    Fewer frames come back when the segments are shorter than ``seconds``. They are
+    read from the WAVs where nothing needs converting, otherwise from FFmpeg through
+    a pipe; either way reading needs no room on the disk. Raises ``EngineUnavailable``
+    when FFmpeg is needed and broken (it fails its canary, or hangs) and
     ``StorageUnavailable`` when it works but cannot read the files.
     """
     wanted = round(seconds * sample_rate)
@@ -60,6 +69,11 @@ async def read_tail(
     needed.reverse()
     if not needed:
         return np.zeros((0, channels), dtype=np.float32)
+    if all(_direct(segment, sample_rate, channels) for segment, _ in needed):
+        try:
+            return await asyncio.to_thread(_read_direct, needed, wanted, channels)
+        except (OSError, WavFormatError):
+            pass  # not the file its segment describes: FFmpeg reads it, or says why not
 
     args: list[str] = ["-nostdin", "-hide_banner", "-loglevel", "error"]
     for segment, _ in needed:
@@ -107,3 +121,27 @@ async def read_tail(
             f"Reading the stored audio gave {len(samples)} frames instead of {expected}."
         )
     return np.ascontiguousarray(samples[-wanted:], dtype=np.float32)
+
+
+def _direct(segment: Segment, sample_rate: int, channels: int) -> bool:
+    """Whether the segment's frames are the engine's as they are (at most mono copied to
+    both sides)."""
+    return segment.sample_rate == sample_rate and segment.channels in (channels, 1)
+
+
+def _read_direct(
+    needed: Sequence[tuple[Segment, int]], wanted: int, channels: int
+) -> npt.NDArray[np.float32]:
+    """The tail read from the WAVs themselves (see the module docstring)."""
+    parts = []
+    for segment, start in needed:
+        layout = read_layout(segment.path)
+        if (layout.sample_rate, layout.channels) != (segment.sample_rate, segment.channels):
+            raise WavFormatError(f"{segment.path.name}: not the segment's format")
+        if layout.frames < segment.frames:
+            raise WavFormatError(f"{segment.path.name}: shorter than its segment")
+        samples = float_samples(open_pcm(segment.path, layout)[start : segment.frames], layout.bits)
+        parts.append(
+            np.repeat(samples, channels, axis=1) if layout.channels != channels else samples
+        )
+    return np.ascontiguousarray(np.concatenate(parts)[-wanted:], dtype=np.float32)

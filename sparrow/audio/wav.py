@@ -179,8 +179,15 @@ def pcm24_to_int32(raw: npt.NDArray[np.uint8]) -> npt.NDArray[np.int32]:
 def read_wav(path: Path) -> npt.NDArray[np.float32]:
     """The samples of a canonical WAV as float32 (frames, channels) in [-1, 1)."""
     layout = read_layout(path)
-    pcm = open_pcm(path, layout)
-    if layout.bits == 16:
+    return float_samples(open_pcm(path, layout), layout.bits)
+
+
+def float_samples(
+    pcm: npt.NDArray[np.int16] | npt.NDArray[np.uint8], bits: int
+) -> npt.NDArray[np.float32]:
+    """Frames of ``open_pcm`` (all of them or a slice) as float32 in [-1, 1): each sample
+    over 2^15 or 2^23, exactly as FFmpeg turns PCM into floats."""
+    if bits == 16:
         return pcm.astype(np.float32) / np.float32(32768.0)
     ints = pcm24_to_int32(pcm.view(np.uint8))
     return ints.astype(np.float32) / np.float32(8388608.0)
