@@ -21,7 +21,14 @@ pytest.importorskip("demucs", reason=ML_REASON)
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, MusicgenProcessor
 
-from sparrow.engines.decoding import BUCKET, Draws, MusicGenDecoder, Row, prompt_codes
+from sparrow.engines.decoding import (
+    BUCKET,
+    Draws,
+    MusicGenDecoder,
+    Row,
+    best_first,
+    prompt_codes,
+)
 from sparrow.engines.tiny import make_tiny_musicgen
 
 SR = 32_000
@@ -134,6 +141,29 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(tiny: Tiny) -> None
     assert torch.equal(sample(inputs, 7, top_k=1), greedy)
     # A tiny top_p keeps only the best token too.
     assert torch.equal(sample(inputs, 7, top_p=1e-6), greedy)
+
+
+def test_the_cpu_ranking_is_topk_and_sort_and_depends_only_on_its_row() -> None:
+    generator = torch.Generator().manual_seed(3)
+    # Distinct values: exactly topk's and sort's answers.
+    logits = torch.randperm(8 * 4 * 2048, generator=generator).float().view(8, 4, 2048)
+    for ranked, expected in (
+        (best_first(logits, 256), logits.topk(256, dim=-1)),
+        (best_first(logits, 2048), logits.sort(dim=-1, descending=True)),
+    ):
+        assert torch.equal(ranked[0], expected[0]) and torch.equal(ranked[1], expected[1])
+        assert ranked[1].dtype == torch.long
+    # Ties (few values): a row ranks the same alone as beside any other rows.
+    tied = torch.randint(0, 40, (8, 4, 2048), generator=generator).float()
+    for keep in (256, 2048):
+        values, index = best_first(tied, keep)
+        assert torch.equal(values, tied.topk(keep, dim=-1).values)
+        assert torch.equal(tied.gather(-1, index), values)
+        chosen = index.sort(dim=-1).values
+        assert bool((chosen[..., 1:] != chosen[..., :-1]).all())  # no index twice
+        for row in range(8):
+            alone = best_first(tied[row : row + 1].clone(), keep)
+            assert torch.equal(alone[1][0], index[row])
 
 
 def test_a_step_callback_can_stop_the_loop(tiny: Tiny) -> None:

