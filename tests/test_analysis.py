@@ -8,6 +8,9 @@ event is read from a real SSE stream of a real server.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,9 @@ from probe import ebur128
 from sse import open_stream
 
 from sparrow.audio import write_wav
-from sparrow.audio.analysis import analyse
+from sparrow.audio.analysis import Musical, analyse, analyse_file
 from sparrow.models import NodeKind, NodeStatus, new_id, utc_now
+from sparrow.priority import BACKGROUND_NICE
 from sparrow.settings import Settings
 
 RATE = 32_000
@@ -192,6 +196,30 @@ async def test_a_damaged_node_keeps_a_null_analysis_and_the_analyser_goes_on(
     assert (await client.get(f"/api/nodes/{damaged.id}")).json()["analysis"] is None
     later = await add_child(app, root["id"], seconds=2.0, seed=9)
     assert (await wait_for_analysis(client, later.id))["analysis"]["loudness_lufs"] is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread")
+async def test_the_analysis_runs_at_the_lowest_cpu_priority_and_nothing_else_does(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+
+    def recording(path: Path) -> Musical:
+        seen.append(priority())
+        return analyse_file(path)
+
+    monkeypatch.setattr("sparrow.domain.analysis.analyse_file", recording)
+    before = priority()
+    root = (await upload(client, SAMPLE)).json()["root"]
+    await wait_for_analysis(client, root["id"])
+    assert seen == [BACKGROUND_NICE]
+    # The event loop's thread and a worker thread of the server's pool are as they were.
+    assert priority() == before
+    assert await asyncio.to_thread(priority) == before
 
 
 async def wait_for_analysis(client: httpx.AsyncClient, node_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -295,6 +296,18 @@ async def test_ffmpeg_runs_under_memory_and_cpu_limits(tmp_path: Path) -> None:
     # A minimal environment: nothing of the server's reaches the decoder.
     names = {line.split("=", 1)[0] for line in environment}
     assert names <= {"PATH", "MALLOC_ARENA_MAX", "LC_ALL", "PWD", "SHLVL", "_", "OLDPWD"}
+
+
+@pytest.mark.skipif(shutil.which("nice") is None, reason="coreutils' nice")
+async def test_background_ffmpeg_runs_at_the_lowest_cpu_priority(tmp_path: Path) -> None:
+    script = _fake_ffmpeg(tmp_path, "nice >&2")  # coreutils' nice prints the niceness
+    loop = asyncio.get_running_loop()
+
+    lowered = await run_ffmpeg([], deadline=loop.time() + 10, ffmpeg=str(script), background=True)
+    plain = await run_ffmpeg([], deadline=loop.time() + 10, ffmpeg=str(script))
+
+    assert int(lowered.stderr) == 19
+    assert int(plain.stderr) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 async def test_concurrent_decodes(good: dict[str, GoodUpload], tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ with three bounds, because the input is whatever a client uploaded:
 - lifetime: FFmpeg dies with the server's process (``setpriv --pdeathsig``), so a
   server killed by SIGKILL leaves no decoder or encoder running on.
 
+Background work (a node's analysis) runs FFmpeg at nice 19 (``background=True``).
+
 A caller may watch stderr as it arrives (``stop_when``) and have FFmpeg stopped
 early: the upload decoder reads the input's description at the head of its own
 decode's output and stops a decode whose plan turns out wrong.
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow.errors import EngineUnavailable
+from sparrow.priority import nice_prefix
 
 MEMORY_LIMIT_BYTES = 2 << 30
 STDERR_LIMIT = 256 << 10
@@ -105,7 +108,9 @@ def _decoder_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MALLOC_ARENA_MAX": "2", "LC_ALL": "C"}
 
 
-def _limited(argv: Sequence[str], *, memory_bytes: int, cpu_s: int) -> list[str]:
+def _limited(
+    argv: Sequence[str], *, memory_bytes: int, cpu_s: int, background: bool = False
+) -> list[str]:
     """``argv`` run under ``sh``'s ulimit: limits set in the child without ``preexec_fn``.
 
     ``preexec_fn`` is unsafe in a threaded process (aiosqlite and the thread pool
@@ -115,7 +120,8 @@ def _limited(argv: Sequence[str], *, memory_bytes: int, cpu_s: int) -> list[str]
     cpu = _capped(resource.RLIMIT_CPU, cpu_s)[0]
     # A decoder killed by a limit must not leave core files behind.
     script = f'ulimit -c 0 && ulimit -t {cpu} && ulimit -v {memory_kib} && exec "$0" "$@"'
-    return ["/bin/sh", "-c", script, *_dies_with_the_server(), *argv]
+    lowered = nice_prefix() if background else []
+    return ["/bin/sh", "-c", script, *lowered, *_dies_with_the_server(), *argv]
 
 
 @functools.cache
@@ -134,6 +140,7 @@ async def run_ffmpeg(
     ffmpeg: str | None = None,
     stdout_limit: int | None = None,
     stop_when: Callable[[bytes], bool] | None = None,
+    background: bool = False,
 ) -> FFmpegResult:
     """Run ``ffmpeg *args`` with stdin closed; collect (capped) stderr.
 
@@ -143,7 +150,8 @@ async def run_ffmpeg(
     ``stdout_limit``, what FFmpeg writes to ``pipe:1`` is kept, up to that many
     bytes (``stdout_overflow`` says whether there was more); otherwise stdout is closed.
     ``stop_when`` is shown each piece of stderr as it arrives; once it answers True,
-    FFmpeg is killed and the result says ``stopped``.
+    FFmpeg is killed and the result says ``stopped``. ``background``: FFmpeg runs at
+    the lowest CPU priority (``sparrow.priority``).
     """
     loop = asyncio.get_running_loop()
     remaining = deadline - loop.time()
@@ -157,7 +165,7 @@ async def run_ffmpeg(
         raise FFmpegNotFound(f"FFmpeg is not available: {_name(ffmpeg)} cannot be run.")
     try:
         proc = await asyncio.create_subprocess_exec(
-            *_limited([exe, *args], memory_bytes=memory_bytes, cpu_s=cpu_s),
+            *_limited([exe, *args], memory_bytes=memory_bytes, cpu_s=cpu_s, background=background),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL if stdout_limit is None else asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -66,13 +66,20 @@ class Loudness:
 
 
 async def measure(
-    path: Path, *, ffmpeg: str | None = None, timeout_s: float = TIMEOUT_S
+    path: Path,
+    *,
+    ffmpeg: str | None = None,
+    timeout_s: float = TIMEOUT_S,
+    background: bool = False,
 ) -> Loudness:
-    """The file's integrated loudness and true peak."""
+    """The file's integrated loudness and true peak; ``background``: measured at the
+    lowest CPU priority."""
     require_ffmpeg_not_known_broken(ffmpeg, "The loudness cannot be measured")
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        result = await run_ffmpeg(_measure_args(path), deadline=deadline, ffmpeg=ffmpeg)
+        result = await run_ffmpeg(
+            _measure_args(path), deadline=deadline, ffmpeg=ffmpeg, background=background
+        )
     except FFmpegTimeout:
         raise EngineUnavailable(
             f"FFmpeg did not measure the loudness within {timeout_s:g} s."

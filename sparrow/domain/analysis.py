@@ -6,7 +6,9 @@ kernels stay out of the request path. It takes the oldest ready node without an
 analysis (uploads and continuations alike; the nodes from before analysis
 existed too), claims it (``sparrow.store.analysis``), measures it off the event
 loop — loudness with FFmpeg's ``ebur128`` as exports are measured, tempo and key
-with librosa in a thread (``sparrow.audio.analysis``) — and writes the analysis
+with librosa in a thread of its own (``sparrow.audio.analysis``), both at the lowest
+CPU priority (``sparrow.priority``): nobody waits on it, and it must not slow the
+rows still generating or the requests — and writes the analysis
 with a ``node-analysis`` event in one transaction. It looks for work every
 ``POLL_S`` while idle, so a node is analysed within about that of being ready,
 whichever process made it ready.
@@ -22,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from sparrow.heap import settle_heap
 from sparrow.jobs import persistently
 from sparrow.media import MediaStore
 from sparrow.models import Node, iso_utc
+from sparrow.priority import background_thread
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 
@@ -63,12 +67,22 @@ def analysis_of(
 
 
 async def analyse_audio(
-    path: Path, *, ffmpeg: str | None = None, timeout_s: float = loudness.TIMEOUT_S
+    path: Path,
+    *,
+    ffmpeg: str | None = None,
+    timeout_s: float = loudness.TIMEOUT_S,
+    background: Executor | None = None,
 ) -> dict[str, Any]:
-    """The analysis of the WAV at ``path``: FFmpeg's ebur128, then librosa in a thread."""
-    level = await loudness.measure(path, ffmpeg=ffmpeg, timeout_s=timeout_s)
+    """The analysis of the WAV at ``path``: FFmpeg's ebur128, then librosa in a thread;
+    with ``background`` (a thread at the lowest priority) both run in the background."""
+    level = await loudness.measure(
+        path, ffmpeg=ffmpeg, timeout_s=timeout_s, background=background is not None
+    )
     # Abandoned on shutdown: the thread only reads.
-    musical = await anyio.to_thread.run_sync(analyse_file, path, abandon_on_cancel=True)
+    if background is None:
+        musical = await anyio.to_thread.run_sync(analyse_file, path, abandon_on_cancel=True)
+    else:
+        musical = await asyncio.get_running_loop().run_in_executor(background, analyse_file, path)
     return analysis_of(level, musical.tempo_bpm, musical.key)
 
 
@@ -81,8 +95,10 @@ class Analyser:
         self._stopping = asyncio.Event()
         self.analysed = 0  # nodes, since start
         self.last_s: float | None = None  # seconds the last analysis took
+        self._thread: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self._thread = background_thread("sparrow-analysis")
         self._task = asyncio.create_task(self._run(), name="sparrow-analyser")
 
     async def stop(self) -> None:
@@ -96,17 +112,23 @@ class Analyser:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
 
     async def analyse(self, node: Node) -> dict[str, Any]:
         """The analysis of a ready node's audio."""
         path = await self.media.checked_node_audio(node)
         return await analyse_audio(
-            path, ffmpeg=self.settings.ffmpeg, timeout_s=self.settings.decode_timeout_s
+            path,
+            ffmpeg=self.settings.ffmpeg,
+            timeout_s=self.settings.decode_timeout_s,
+            background=self._thread,
         )
 
     async def _run(self) -> None:
         # The kernels compile once, before the first node waits for them (seconds).
-        await anyio.to_thread.run_sync(warm, abandon_on_cancel=True)
+        await asyncio.get_running_loop().run_in_executor(self._thread, warm)
         settle_heap()  # librosa's modules and kernels stay for good
         while not self._stopping.is_set():
             try:
