@@ -129,6 +129,51 @@ def test_a_row_is_the_same_alone_or_batched_with_others(musicgen: Any) -> None:
         assert all(s.at[0] < first_done for s in later)
 
 
+def test_each_row_finishing_in_a_step_is_handed_over_before_the_next_is_decoded(
+    tiny_models: Any,
+) -> None:
+    """Two rows finish at the same step of Sparrow's loop: the first one's future holds
+    its audio while the second's is still waiting to be turned into audio."""
+    pytest.importorskip("torch", reason=ML_REASON)
+    from sparrow.engines.musicgen import MusicGenEngine
+
+    released = threading.Event()
+    decoded: list[int] = []
+
+    class Watched(MusicGenEngine):
+        def batch(self) -> Any:
+            batch: Any = super().batch()
+            audio_of = batch._audio
+
+            def held(decoding: Any) -> Audio:
+                if decoded:  # the second row: only once the first was handed over
+                    assert released.wait(WAIT_S), "the first row was not handed over"
+                decoded.append(1)
+                result: Audio = audio_of(decoding)
+                return result
+
+            batch._audio = held
+            return batch
+
+    watched = Watched(str(tiny_models.musicgen), device="cpu", decoder="sparrow")
+    batcher = Batcher(watched, max_rows=8)
+    same = Sampling(duration_s=0.3)
+    try:
+        with batcher._lock:  # both join at the same step boundary
+            futures = [
+                batcher.submit(Row(noise(0.5, i), "", i, same), lambda f: None) for i in (1, 2)
+            ]
+        first = wait(futures[0])
+        assert not futures[1].done()
+        released.set()
+        second = wait(futures[1])
+    finally:
+        released.set()
+        batcher.close()
+    assert first.shape == second.shape == (round(0.3 * 32_000), 1)
+    assert len(decoded) == 2
+
+
 # -- the mock: fairness, failures ----------------------------------------------------------
 
 
@@ -277,7 +322,7 @@ def test_a_row_cancelled_as_its_window_ends_starts_no_other(
         if row.fraction >= first_window / steps:
             batch.remove(row)
 
-    finished = []
+    finished: list[tuple[Row, Any]] = []
     for _ in range(first_window):
         finished += batch.step(on_step)
     assert finished == [] and len(batch) == 0

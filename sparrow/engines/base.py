@@ -30,7 +30,7 @@ is ``GenerationFailed``. The worker records either on the nodes and carries on.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -144,12 +144,16 @@ class Batch(Protocol):
         """Take ``row`` in (it decodes from the next step); raising refuses that row only."""
         ...
 
-    def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
-        """Decode; returns the rows finished (they have left), each with its audio: exactly
+    def step(self, on_step: Callable[[], None]) -> Iterable[tuple[Row, Audio]]:
+        """Decode; gives the rows finished (they have left), each with its audio: exactly
         ``frames_for(row.sampling.duration_s, sample_rate)`` new frames. ``on_step`` runs
         after each decoding step, with every row's ``fraction`` up to date, and may
         ``remove`` rows or raise ``Cancelled`` to stop the whole batch. Raising anything
-        else fails every row in flight."""
+        else fails every row in flight (those not given yet).
+
+        The caller iterates to the end: that is the step. A batch may give each row as
+        soon as its audio is made, before the next one's (Sparrow's loop does), so that
+        one row is published while the next is still turned into audio."""
         ...
 
     def remove(self, row: Row) -> None:

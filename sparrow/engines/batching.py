@@ -13,7 +13,8 @@ step boundary:
   hold seven other musicians' single requests back;
 - steps the batch, reports each row's progress through its own callback (which may
   raise ``Cancelled``: that row leaves, the others carry on), and resolves the
-  futures of the rows that finished, at once.
+  future of each row that finished as soon as the batch gives it (Sparrow's loop
+  gives one row's audio before it decodes the next one's).
 
 A failure of the batch itself (the device ran out of memory) fails the rows in
 flight, never the thread: the next rows get a fresh batch. ``decode_alone`` runs
@@ -180,17 +181,17 @@ class Batcher:
             if not len(batch):
                 continue
             try:
-                finished = batch.step(functools.partial(self._on_step, batch))
+                # Each finished row is settled as the batch gives it: its audio goes on to
+                # be published while the next row's is still being made.
+                for row, audio in batch.step(functools.partial(self._on_step, batch)):
+                    entry = self._take_live(row)
+                    if entry is not None:
+                        _settle(entry.future, audio)
             except Exception as exc:
                 if not isinstance(exc, Cancelled):
                     log.exception("a decoding batch failed; its %d row(s) fail", len(self._live))
                 self._end_live(exc)
                 batch = None  # its state is unknown: the next rows get a fresh one
-                continue
-            for row, audio in finished:
-                entry = self._take_live(row)
-                if entry is not None:
-                    _settle(entry.future, audio)
 
     def _admit(self, batch: Batch) -> None:
         """Let waiting rows join, fairly, while there is room."""

@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,10 +398,13 @@ class _LoopBatch:
         self.empty = [p for p in self.empty if p.row is not row]
         self.leaving = [(d, p) for d, p in self.leaving if p.row is not row]
 
-    def step(self, on_step: Callable[[], None]) -> list[tuple[Row, Audio]]:
+    def step(self, on_step: Callable[[], None]) -> Iterator[tuple[Row, Audio]]:
+        """One decoding step; each row it finishes is given as soon as its audio is
+        decoded, before the next one's."""
         m = self.m
-        out = [(p.row, p.audio(m.channels)) for p in self.empty]
-        self.empty = []
+        empty, self.empty = self.empty, []
+        for plan in empty:
+            yield plan.row, plan.audio(m.channels)
         with cpu_threads(m.cpu_threads), _failures():
             finished = self.decoder.step()
             for d in [*self.decoder.live, *finished]:
@@ -414,8 +417,7 @@ class _LoopBatch:
                 if plan.took(m, self._audio(d)):
                     self._start(plan)  # its next window, in the same step boundary
                 else:
-                    out.append((plan.row, plan.audio(m.channels)))
-        return out
+                    yield plan.row, plan.audio(m.channels)
 
     def _start(self, plan: _Plan) -> None:
         """Start the plan's current window: its text and prompt codes into the loop."""
