@@ -15,7 +15,7 @@ import pytest
 from helpers import branch, upload, wait_for_status
 from probe import ebur128
 
-from sparrow.audio import render_music, write_wav
+from sparrow.audio import loudness, render_music, write_wav
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,32 @@ async def test_match_loudness_must_be_a_boolean(
     chain = (await client.get(f"/api/nodes/{root_id}")).json()["chain_id"]
     nodes = (await client.get(f"/api/chains/{chain}")).json()["nodes"]
     assert len(nodes) == 1  # nothing was created
+
+
+async def test_passes_end_once_the_limiter_holds_all_of_the_audio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A square wave is all peaks: the limiter takes as much loudness as it cuts from the
+    peaks, so one pass shows that no gain reaches the target. Music under the limiter
+    loses a fraction of the cut: its passes go on, each closer."""
+    passes: list[float] = []
+    one_pass = loudness._filtered
+
+    async def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, loudness.Loudness]:
+        got = await one_pass(*args, **kwargs)  # type: ignore[arg-type]
+        passes.append(got[1].integrated_lufs)
+        return got
+
+    monkeypatch.setattr(loudness, "_filtered", counted)
+    seconds = np.arange(2 * 32_000) / 32_000
+    square = 0.6 * np.sign(np.sin(2 * np.pi * 3 * seconds))[:, None].astype(np.float32)
+    _, got = await loudness.match(square, 32_000, -12.0, folder=tmp_path)
+    assert len(passes) == 1 and got.integrated_lufs < -12.0 - loudness.TOLERANCE_LU
+    assert got.true_peak_dbtp <= loudness.TRUE_PEAK_CEILING_DBTP
+
+    passes.clear()
+    music = render_music(4.0, 32_000, 1, seed=3).astype(np.float32)
+    _, got = await loudness.match(music, 32_000, -10.0, folder=tmp_path)
+    assert len(passes) >= 2 and passes == sorted(passes)  # each pass louder, closer
+    assert abs(got.integrated_lufs + 10.0) <= loudness.TOLERANCE_LU
+    assert got.true_peak_dbtp <= loudness.TRUE_PEAK_CEILING_DBTP

@@ -174,7 +174,9 @@ async def match(
             matched, got = await _filtered(source, filters, channels, limit, deadline, ffmpeg)
             return got
 
-        got = await converge(target_lufs, measured, one_pass, "the continuation")
+        with np.errstate(divide="ignore"):  # not reached: silence returned above
+            peak = 20 * math.log10(float(np.max(np.abs(samples))))
+        got = await converge(target_lufs, measured, one_pass, "the continuation", peak_db=peak)
         return matched, got
     finally:
         await asyncio.to_thread(_remove, source)
@@ -185,15 +187,24 @@ async def converge(
     measured: Loudness,
     one_pass: Callable[[float, float], Awaitable[Loudness]],
     what: str,
+    *,
+    peak_db: float | None = None,
 ) -> Loudness:
     """Run ``one_pass(gain_db, ceiling_dbtp)`` (it makes the audio and measures it) until
     the result is within ``TOLERANCE_LU`` of ``target_lufs`` with its true peak under the
     ceiling: each pass after the first corrects the gain by what the last one missed and
-    lowers the limiter by what it overshot, ``PASSES`` at most. A pass under the ceiling
-    that came no closer to the target than the one before ends it too: the limiter holds
-    the audio's peaks, and more gain only limits harder. Silence (``measured``) keeps a
-    gain of 0. Returns the last pass's loudness; a shortfall is logged."""
+    lowers the limiter by what it overshot, ``PASSES`` at most. Silence (``measured``)
+    keeps a gain of 0. Returns the last pass's loudness; a shortfall is logged.
+
+    Two things end the passes early, because the limiter, not the gain, sets the level:
+    a pass under the ceiling that came no closer to the target than the one before, and
+    a pass whose loudness fell short by as much as the limiter cut the highest peak (the
+    input's ``peak_db``, by default ``measured``'s true peak, plus the gain, above the
+    limiter's ceiling): all of the audio was held down with its peaks, so more gain only
+    limits harder. Music under a limiter loses a fraction of the cut; audio made of its
+    peaks alone (the tiny test model's near-square waves) loses all of it."""
     gain, ceiling = gain_to(target_lufs, measured), LIMITER_DBTP
+    peak = measured.true_peak_dbtp if peak_db is None else peak_db
     last_missed = math.inf
     for attempt in range(1, PASSES + 1):
         got = await one_pass(gain, ceiling)
@@ -202,7 +213,10 @@ async def converge(
         if (measured.silent or abs(missed) <= TOLERANCE_LU) and over <= 0:
             return got
         if over <= 0 and abs(missed) > abs(last_missed) - STALLED_LU:
-            break  # no closer: the limiter, not the gain, sets the level now
+            break  # no closer
+        cut = peak + gain - ceiling  # NaN where the peak is unknown: never true below
+        if over <= 0 and 0 < cut <= missed + STALLED_LU:
+            break  # as far as its peaks: all of it is held by the limiter
         last_missed = missed
         if attempt < PASSES:
             gain += 0 if measured.silent else missed
@@ -266,9 +280,10 @@ async def _write_copy(path: Path, samples: Audio, sample_rate: int) -> None:
 
 
 def _filter_args(source: Path, filters: str) -> list[str]:
+    # The copy is our own WAV: named as one, FFmpeg skips probing the format (3 ms a pass).
     return [
         "-nostdin", "-hide_banner", "-nostats",
-        "-i", str(source.absolute()),
+        "-f", "wav", "-i", str(source.absolute()),
         "-af", f"{filters},ebur128=peak=true:framelog=quiet",
         "-f", "f32le", "pipe:1",
     ]  # fmt: skip
