@@ -133,13 +133,24 @@ def test_seeds_give_different_audio(engine: MusicGenEngine) -> None:
     assert not np.array_equal(a, b)
 
 
-def test_a_seed_gives_the_same_audio_alone_or_in_a_batch(engine: MusicGenEngine) -> None:
+def test_a_seed_gives_the_same_audio_alone_or_in_a_batch(
+    engine: MusicGenEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     context = noise(1.0, seed=3)
     (alone,) = engine.generate(ask(context, 0.7, 7), ignore)
     again = engine.generate(ask(context, 0.7, 7), ignore)[0]
+    codec: Any = engine._ready().model.audio_encoder
+    encode, encoded = codec.encode, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        encoded.append(args)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "encode", counted)
     in_batch = engine.generate(ask(context, 0.7, 5, 6, 7), ignore)[2]
     assert np.array_equal(alone, again)
     assert np.array_equal(alone, in_batch)
+    assert len(encoded) == 1  # the siblings' shared context went through Encodec once
 
 
 def test_each_sibling_is_generated_from_its_own_prompt(engine: MusicGenEngine) -> None:

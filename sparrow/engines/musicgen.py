@@ -374,6 +374,9 @@ class _LoopBatch:
         self.plans: dict[int, _Plan] = {}  # by id of the decoder's Decoding
         self.empty: list[_Plan] = []  # rows that ask for no codes at all
         self.leaving: list[tuple[Decoding, _Plan]] = []  # windows just done, in a step
+        # The last first window's prompt codes, by its context (the array itself) and
+        # sampling: a request's siblings share them, so Encodec runs once for them all.
+        self.shared: tuple[Audio, Sampling, torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.plans) + len(self.empty)
@@ -421,13 +424,21 @@ class _LoopBatch:
 
     def _start(self, plan: _Plan) -> None:
         """Start the plan's current window: its text and prompt codes into the loop."""
-        m, w = self.m, plan.current
-        inputs = _processed(m, [plan])
-        codes = None
-        if "input_values" in inputs:
-            values, mask = inputs["input_values"], inputs.get("padding_mask")
-            codes = prompt_codes(m.model.audio_encoder, values, mask)[0]
-        drawn = plan.row.sampling
+        m, w, row = self.m, plan.current, plan.row
+        shared = self.shared
+        first = plan.window == 0
+        if first and shared and shared[0] is row.context and shared[1] == row.sampling:
+            inputs = m.processor(text=[row.prompt], padding=True, return_tensors="pt")
+            inputs, codes = inputs.to(m.model.device), shared[2]
+        else:
+            inputs = _processed(m, [plan])
+            codes = None
+            if "input_values" in inputs:
+                values, mask = inputs["input_values"], inputs.get("padding_mask")
+                codes = prompt_codes(m.model.audio_encoder, values, mask)[0]
+            if first:
+                self.shared = (row.context, row.sampling, codes)
+        drawn = row.sampling
         decoding = self.decoder.add(
             DecoderRow(
                 input_ids=inputs["input_ids"][0],
