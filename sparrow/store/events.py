@@ -25,25 +25,31 @@ class EventWrites:
     retention_bytes: int
 
     async def emit(self, event: Event) -> StoredEvent:
+        # Two statements for most events (each one is a trip to the database's thread or
+        # over the network): the counter and the log's size move together, and only a
+        # log over its retention is pruned.
+        data = event.data()
+        size = len(json.dumps(data))  # ASCII JSON: characters are bytes
         rows = await self.tx.rows(
-            "UPDATE chains SET last_event_id = last_event_id + 1 WHERE id = ? "
+            "UPDATE chains SET last_event_id = last_event_id + 1, "
+            "event_log_bytes = event_log_bytes + ? WHERE id = ? "
             "RETURNING last_event_id, event_log_bytes",
-            (event.chain_id,),
+            (size, event.chain_id),
         )
         if not rows:
             raise LookupError(f"chain {event.chain_id} does not exist")
         row = rows[0]
-        stored = StoredEvent(event.chain_id, int(row[0]), event.name, event.data())
+        stored = StoredEvent(event.chain_id, int(row[0]), event.name, data)
         await self.tx.run(
             "INSERT INTO events (chain_id, id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
             (stored.chain_id, stored.id, stored.name, stored.data_json, utc_now()),
         )
-        size = len(stored.data_json)  # ASCII JSON: characters are bytes
-        freed = await self._prune(stored.chain_id, stored.id, int(row[1]) + size)
-        await self.tx.run(
-            "UPDATE chains SET event_log_bytes = event_log_bytes + ? WHERE id = ?",
-            (size - freed, stored.chain_id),
-        )
+        freed = await self._prune(stored.chain_id, stored.id, int(row[1]))
+        if freed:
+            await self.tx.run(
+                "UPDATE chains SET event_log_bytes = event_log_bytes - ? WHERE id = ?",
+                (freed, stored.chain_id),
+            )
         self.emitted.append(stored)
         return stored
 
