@@ -425,11 +425,10 @@ class _LoopBatch:
     def _start(self, plan: _Plan) -> None:
         """Start the plan's current window: its text and prompt codes into the loop."""
         m, w, row = self.m, plan.current, plan.row
-        shared = self.shared
         first = plan.window == 0
-        if first and shared and shared[0] is row.context and shared[1] == row.sampling:
-            inputs = m.processor(text=[row.prompt], padding=True, return_tensors="pt")
-            inputs, codes = inputs.to(m.model.device), shared[2]
+        shared = self.shared if first else None
+        if shared is not None and shared[0] is row.context and shared[1] == row.sampling:
+            inputs, codes = _processed(m, [plan], audio=False), shared[2]
         else:
             inputs = _processed(m, [plan])
             codes = None
@@ -538,12 +537,13 @@ class _GenerateBatch:
         return [a.T for a in result.float().cpu().numpy()]
 
 
-def _processed(m: _Loaded, plans: list[_Plan]) -> Any:
+def _processed(m: _Loaded, plans: list[_Plan], *, audio: bool = True) -> Any:
     """The processor's inputs for the plans' current window, on the model's device: each
-    row's text, padded, and its audio prompt (none in a window without one)."""
+    row's text, padded, and its audio prompt (none in a window without one, or without
+    ``audio``)."""
     prompts = [p.prompt_audio(m) for p in plans]
     kwargs: dict[str, Any] = {"text": [p.row.prompt for p in plans], "padding": True}
-    if len(prompts[0]):
+    if audio and len(prompts[0]):
         kwargs["audio"] = [a[:, 0] if m.channels == 1 else a.T for a in prompts]
         kwargs["sampling_rate"] = m.sample_rate
     return m.processor(**kwargs, return_tensors="pt").to(m.model.device)
