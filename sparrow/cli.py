@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sparrow.priority import background
+
     args = build_parser().parse_args(argv)
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    finally:  # the analysis process ends with the server, not after its running analysis
+        background.forget(kill=True)
     return result

@@ -6,15 +6,16 @@ kernels stay out of the request path. It takes the oldest ready node without an
 analysis (uploads and continuations alike; the nodes from before analysis
 existed too), claims it (``sparrow.store.analysis``), measures it off the event
 loop — loudness with FFmpeg's ``ebur128`` as exports are measured, tempo and key
-with librosa in a thread of its own (``sparrow.audio.analysis``), both at the lowest
+with librosa in a process of its own (``sparrow.audio.analysis``), both at the lowest
 CPU priority (``sparrow.priority``): nobody waits on it, and it must not slow the
 rows still generating or the requests — and writes the analysis
 with a ``node-analysis`` event in one transaction. It looks for work every
 ``POLL_S`` while idle, so a node is analysed within about that of being ready,
 whichever process made it ready.
 
-A node whose analysis fails (its file damaged, FFmpeg broken) keeps a null
-analysis and is tried again once its claim is stale (``CLAIM_S``).
+A node whose analysis fails (its file damaged, FFmpeg broken, the analysis process
+killed) keeps a null analysis and is tried again once its claim is stale
+(``CLAIM_S``); a killed process is replaced for the next node.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import contextlib
 import logging
 import math
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,13 @@ import anyio
 
 from sparrow.audio import loudness
 from sparrow.audio.analysis import analyse_file, warm
-from sparrow.errors import SparrowError
+from sparrow.errors import EngineUnavailable, SparrowError
 from sparrow.events import NodeAnalysed
 from sparrow.heap import settle_heap
 from sparrow.jobs import persistently
 from sparrow.media import MediaStore
 from sparrow.models import Node, iso_utc
-from sparrow.priority import background_thread
+from sparrow.priority import background
 from sparrow.settings import Settings
 from sparrow.store import ChainStore
 
@@ -74,7 +76,8 @@ async def analyse_audio(
     background: Executor | None = None,
 ) -> dict[str, Any]:
     """The analysis of the WAV at ``path``: FFmpeg's ebur128, then librosa in a thread;
-    with ``background`` (a thread at the lowest priority) both run in the background."""
+    with ``background`` (a process at the lowest priority, where librosa runs) both
+    run in the background."""
     level = await loudness.measure(
         path, ffmpeg=ffmpeg, timeout_s=timeout_s, background=background is not None
     )
@@ -95,16 +98,16 @@ class Analyser:
         self._stopping = asyncio.Event()
         self.analysed = 0  # nodes, since start
         self.last_s: float | None = None  # seconds the last analysis took
-        self._thread: ThreadPoolExecutor | None = None
+        self._warmed: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        self._thread = background_thread("sparrow-analysis")
         self._task = asyncio.create_task(self._run(), name="sparrow-analyser")
 
     async def stop(self) -> None:
         """Stop at once: the running analysis is abandoned (its node is taken up again once
         its claim is stale). The flag ends the loop even where a cancellation is absorbed
-        (a thread call that is shielded from it)."""
+        (a thread call that is shielded from it). The analysis process is the server's:
+        it stays (``sparrow serve`` stops it as it ends)."""
         if self._task is None:
             return
         self._stopping.set()
@@ -112,24 +115,41 @@ class Analyser:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
-            self._thread = None
+
+    async def _process(self) -> ProcessPoolExecutor:
+        """The analysis process, librosa imported and its kernels compiled in it (seconds,
+        once for the server, before the first node waits for them)."""
+        pool = await background.pool()
+        if pool is not self._warmed:
+            await asyncio.get_running_loop().run_in_executor(pool, warm)
+            self._warmed = pool
+        return pool
 
     async def analyse(self, node: Node) -> dict[str, Any]:
         """The analysis of a ready node's audio."""
         path = await self.media.checked_node_audio(node)
-        return await analyse_audio(
-            path,
-            ffmpeg=self.settings.ffmpeg,
-            timeout_s=self.settings.decode_timeout_s,
-            background=self._thread,
-        )
+        # A process that ended (the OOM killer, an operator) is replaced, and the node is
+        # tried once more in the new one: it may have ended before this node came.
+        for attempt in (1, 2):
+            try:
+                return await analyse_audio(
+                    path,
+                    ffmpeg=self.settings.ffmpeg,
+                    timeout_s=self.settings.decode_timeout_s,
+                    background=await self._process(),
+                )
+            except BrokenProcessPool:
+                background.forget(kill=False)
+                log.warning("the analysis process ended (attempt %d for node %s)", attempt, node.id)
+        raise EngineUnavailable("The analysis process ended while analysing.")
 
     async def _run(self) -> None:
-        # The kernels compile once, before the first node waits for them (seconds).
-        await asyncio.get_running_loop().run_in_executor(self._thread, warm)
-        settle_heap()  # librosa's modules and kernels stay for good
+        try:
+            await self._process()
+        except BrokenProcessPool:  # a new one is started for the first node
+            log.warning("the analysis process ended as it started")
+            background.forget(kill=False)
+        settle_heap()  # what the server holds now stays for good
         while not self._stopping.is_set():
             try:
                 done = await self._next()
