@@ -24,8 +24,9 @@ Rows (``--only`` names):
   analysis takes under a second);
 - ``concurrency``: 8 single-sibling branch requests on 8 chains sent at once against
   one alone, on the tiny MusicGen in a real ``sparrow serve``, batched across requests
-  and with ``SPARROW_MAX_BATCH=1``; and 4 requests arriving while a long batch decodes,
-  until their first progress event (s; needs the ml extra).
+  and with ``SPARROW_MAX_BATCH=1``; 4 requests arriving while a long batch decodes,
+  until their first progress event; and rounds sent while the analyser works on the
+  rounds before, against rounds with it idle (s; needs the ml extra).
 
 ``--quick`` is CI-sized (under 2 minutes on 2 cores; it leaves out spine depth
 100,000); the full run takes about 5 minutes there. The machine is printed first,

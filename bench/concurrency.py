@@ -20,7 +20,10 @@ batch (4 requests of 12 s) decodes, and once it is a third done 4 more requests
 arrive; each one's wait until its first ``node-progress`` event (a real SSE client
 per chain) is set against the long batch's remaining time. Rows that join at a step
 boundary start within a step or two; rows that waited for the batch would wait all
-of it.
+of it. Last, **a steady load**: the same rounds, each sent as soon as the one before
+is ready, while the analyser works on the nodes before it (every other round waits
+for the analyser to be idle): what the analysis costs the musicians waiting for
+their continuations, 1 when nothing.
 """
 
 from __future__ import annotations
@@ -114,8 +117,9 @@ def wait_ready(client: httpx.Client, nodes: list[str]) -> None:
             time.sleep(0.02)
 
 
-def ready_together(url: str, roots: list[str], seed: int) -> float:
-    """Seconds from sending one branch request per root at once until every node is ready."""
+def ready_together(url: str, roots: list[str], seed: int, *, settle: bool = True) -> float:
+    """Seconds from sending one branch request per root at once until every node is ready;
+    ``settle``: then waits for their analyses (else they run into what comes next)."""
     with httpx.Client(base_url=url, timeout=30) as client:
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(roots)) as pool:
@@ -126,7 +130,8 @@ def ready_together(url: str, roots: list[str], seed: int) -> float:
             )
         wait_ready(client, nodes)
         elapsed = time.perf_counter() - started
-        analysed(client, nodes)  # the analyser is idle again before the next round
+        if settle:
+            analysed(client, nodes)  # the analyser is idle again before the next round
         return elapsed
 
 
@@ -181,14 +186,17 @@ class Measured:
     together_unbatched: float
     late_wait: float  # median wait of a late request until its first progress (s)
     late_remaining: float  # the long batch's remaining time when they came (s)
+    together_steady: float  # N at once, each round sent while the last one's are analysed
 
 
-def timed_rounds(url: str, roots: list[str], sizes: Sizes) -> tuple[float, float]:
+def timed_rounds(
+    url: str, roots: list[str], sizes: Sizes, *, settle: bool = True
+) -> tuple[float, float]:
     ready_together(url, roots[:1], seed=0)  # warm: the first job pays for set-up
     alone, together = [], []
     for r in range(sizes.rounds):
-        alone.append(ready_together(url, roots[:1], seed=100 * r))
-        together.append(ready_together(url, roots, seed=100 * r + 10))
+        alone.append(ready_together(url, roots[:1], seed=100 * r, settle=settle))
+        together.append(ready_together(url, roots, seed=100 * r + 10, settle=settle))
     return statistics.median(alone), statistics.median(together)
 
 
@@ -207,7 +215,9 @@ def measure(sizes: Sizes) -> Measured:
                 results[name] = timed_rounds(url, roots, sizes)
                 if name == "batched":
                     late = late_arrivals(url, roots)
-    return Measured(*results["batched"], *results["unbatched"], *late)
+                    _, steady = timed_rounds(url, roots, sizes, settle=False)
+                    analysed(client, roots)
+    return Measured(*results["batched"], *results["unbatched"], *late, steady)
 
 
 def table_rows(options: Options) -> list[Row]:
@@ -238,6 +248,13 @@ def table_rows(options: Options) -> list[Row]:
             "until their first progress event vs the batch's remaining time",
             m.late_wait,
             m.late_remaining,
+            "s",
+        ),
+        Row(
+            f"{REQUESTS} branch requests at once, each round sent while the nodes of the "
+            "rounds before are analysed vs with the analyser idle",
+            m.together_steady,
+            m.together,
             "s",
         ),
     ]
