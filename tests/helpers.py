@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,3 +177,22 @@ def recorded_rows(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(engine, "batch", batch)
     return asked
+
+
+def child_processes(of: int | None = None) -> list[int]:
+    """Pids of this process's (or ``of``'s) children, zombies included, but for its
+    Python workers (the analysis process and ``multiprocessing``'s resource tracker,
+    which live as long as it does): FFmpeg, and the wrappers it starts under."""
+    me = str(os.getpid() if of is None else of)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[1] != me or b"multiprocessing" in (entry / "cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        found.append(int(entry.name))
+    return found

@@ -18,6 +18,7 @@ import corpus
 import numpy as np
 import pytest
 from corpus import BAD_NAMES, GOOD_NAMES, BadUpload, GoodUpload
+from helpers import child_processes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -55,22 +56,6 @@ def good(good_uploads: dict[str, GoodUpload]) -> dict[str, GoodUpload]:
 @pytest.fixture
 def bad(bad_uploads: dict[str, BadUpload]) -> dict[str, BadUpload]:
     return bad_uploads
-
-
-def _children(of: int | None = None) -> list[int]:
-    """Pids of this process's (or ``of``'s) children, zombies included."""
-    me = str(os.getpid() if of is None else of)
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me:
-            found.append(int(entry.name))
-    return found
 
 
 def _names(folder: Path) -> list[str]:
@@ -231,7 +216,7 @@ async def test_timeout_kills_ffmpeg_and_leaves_nothing(tmp_path: Path) -> None:
         await decode_upload(src, out / "n.wav", max_duration_s=600, timeout_s=0.05)
 
     assert _names(out) == []
-    assert _children() == []
+    assert child_processes() == []
 
 
 async def test_hung_ffmpeg_is_killed_at_the_deadline(
@@ -250,7 +235,7 @@ async def test_hung_ffmpeg_is_killed_at_the_deadline(
 
     assert time.monotonic() - started < 0.5 + CANARY_TIMEOUT_S + 2
     assert _names(out) == []
-    assert _children() == []
+    assert child_processes() == []
 
 
 async def test_cancelled_decode_leaves_no_process_or_file(
@@ -269,7 +254,7 @@ async def test_cancelled_decode_leaves_no_process_or_file(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _names(out) == []
-    assert _children() == []
+    assert child_processes() == []
 
 
 async def test_flood_of_stderr_is_drained_and_capped(tmp_path: Path) -> None:
@@ -320,7 +305,7 @@ async def test_concurrent_decodes(good: dict[str, GoodUpload], tmp_path: Path) -
     )
     assert [r.info.sample_rate for r in results] == [good[n].sample_rate for n in names]
     assert _names(tmp_path) == sorted(f"{n}.wav" for n in names)
-    assert _children() == []
+    assert child_processes() == []
 
 
 def test_sniff_recognises_containers_from_magic_numbers(good: dict[str, GoodUpload]) -> None:
@@ -411,7 +396,7 @@ def test_ffmpeg_dies_with_a_killed_server() -> None:
     server = subprocess.Popen([sys.executable, "-c", _SERVER_RUNNING_FFMPEG])
     try:
         deadline = time.monotonic() + 20
-        while not (ffmpeg := _children(of=server.pid)):
+        while not (ffmpeg := child_processes(of=server.pid)):
             assert time.monotonic() < deadline, "FFmpeg did not start"
             time.sleep(0.02)
         time.sleep(0.2)  # past the exec of setpriv and FFmpeg
@@ -469,7 +454,7 @@ async def test_a_usual_kind_takes_one_ffmpeg_and_gives_the_bytes_of_a_probe_and_
     assert _names(tmp_path) == sorted(
         [f"{n}.wav" for n in names] + [f"{n}-after.wav" for n in names]
     )
-    assert _children() == []
+    assert child_processes() == []
 
 
 async def test_level_tags_split_ffmpeg_output_into_what_info_and_error_levels_print(

@@ -16,7 +16,6 @@ With a working FFmpeg, a file that really is bad stays the client's fault.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from faults import (
     wait_stems_ended,
     wait_until,
 )
-from helpers import SAMPLE
+from helpers import SAMPLE, child_processes
 from probe import ffprobe
 
 from sparrow.audio.canary import CANARY_TIMEOUT_S, FAILING_TRUSTED_S
@@ -123,15 +122,6 @@ def left_in(folder: Path) -> list[str]:
 def assert_no_path(served_: Served, text: str) -> None:
     for secret in served_.secrets:
         assert secret not in text, text
-
-
-def server_children(pid: int) -> list[int]:
-    """The server's live child processes (FFmpeg runs among them)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            children += [int(c) for c in (task / "children").read_text().split()]
-    return children
 
 
 @pytest.mark.parametrize("mode", ["fail", "hang", "empty", "garbage"])
@@ -220,7 +210,7 @@ def test_a_broken_ffmpeg_is_engine_unavailable_until_mended_then_the_server_reco
         assert node_of(client, failed_node)["status"] == "error"
         assert left_in(s.media.tmp_dir) == []
         # Every FFmpeg the fault started has ended (a hung one was killed).
-        wait_until(lambda: server_children(s.proc.pid) == [], timeout_s=5, what="no FFmpeg left")
+        wait_until(lambda: child_processes(s.proc.pid) == [], timeout_s=5, what="no FFmpeg left")
         assert s.proc.poll() is None, "the server must not have restarted"
     print(f"\n{mode}: /readyz showed the fault in {shown_s:.2f} s, cleared in {cleared_s:.2f} s")
 
