@@ -36,6 +36,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 
 BACKGROUND_NICE = 19
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class BackgroundProcess:
@@ -57,7 +58,6 @@ class BackgroundProcess:
                     initializer=_become_background,
                     initargs=(os.getpid(),),
                 )
-                self._pid = None
             pool = self._pool
         if self._pid is None:
             pid = await asyncio.get_running_loop().run_in_executor(pool, os.getpid)
@@ -84,9 +84,6 @@ class BackgroundProcess:
 
 
 background = BackgroundProcess()
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _become_background(parent: int) -> None:

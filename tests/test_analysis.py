@@ -200,7 +200,7 @@ async def test_a_damaged_node_keeps_a_null_analysis_and_the_analyser_goes_on(
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values per thread")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, nice values")
 async def test_the_analysis_runs_in_a_process_of_its_own_at_the_lowest_cpu_priority(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
