@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparrow.audio.atomic import publish, temp_path_for
+from sparrow.audio.atomic import fsync_path, publish, temp_path_for
 from sparrow.audio.canary import blame_ffmpeg, require_ffmpeg_not_known_broken
 from sparrow.audio.ffmpeg import STDERR_LIMIT, FFmpegResult, FFmpegTimeout, run_ffmpeg
 from sparrow.audio.probe import AudioStream, Probe, is_unspecified_layout, parse_probe
@@ -385,16 +386,20 @@ def _finish(
     duration_s = layout.frames / layout.sample_rate
     if duration_s > max_duration_s:
         raise PayloadTooLarge(_too_long(duration_s, probe.duration_s, max_duration_s))
-    info = AudioInfo(
+    with ThreadPoolExecutor(1, thread_name_prefix="sparrow-fsync") as disk:
+        # The disk takes the file in while the hash reads it from the page cache.
+        flushed = disk.submit(fsync_path, tmp)
+        sha256 = file_sha256(tmp)
+        with storing("saving the decoded audio"):
+            flushed.result()
+            publish(tmp, dst, synced=True)
+    return AudioInfo(
         sample_rate=layout.sample_rate,
         channels=layout.channels,
         frames=layout.frames,
         bits=layout.bits,
-        sha256=file_sha256(tmp),
+        sha256=sha256,
     )
-    with storing("saving the decoded audio"):
-        publish(tmp, dst)
-    return info
 
 
 def _discard(path: Path) -> None:
