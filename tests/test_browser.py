@@ -31,6 +31,9 @@ from live import free_port, running_server
 from sparrow.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium's start and its first page: seconds on an idle machine, far more on two
+# cores that the rest of the suite keeps busy (a bound on a wait, not a speed check).
+FIRST_PAGE_S = 30
 # As root on a machine with a closed network (see the machine notes): no sandbox,
 # and no background connections to Google's hosts.
 CHROMIUM_FLAGS = [
@@ -210,7 +213,7 @@ def test_browser_follows_node_status_from_another_origin(tmp_path: Path) -> None
                 reports.wait(
                     "the allowed page's stream to open and the refused page's to fail",
                     opened,
-                    timeout_s=15,
+                    timeout_s=FIRST_PAGE_S,
                 )
                 # Opened before the branch: every event of the new nodes arrives live.
                 branched = client.post(
@@ -308,7 +311,7 @@ def test_browser_follows_a_stream_with_a_token_when_auth_is_on(tmp_path: Path) -
                 reports.wait(
                     "the stream with a token to open and the one without to fail",
                     lambda: "open" in kinds(with_token) and "error" in kinds(without),
-                    timeout_s=15,
+                    timeout_s=FIRST_PAGE_S,
                 )
                 branched = client.post(f"/api/nodes/{root_id}/branch", json={"duration_s": 0.5})
                 [node_id] = [n["id"] for n in branched.json()["nodes"]]
