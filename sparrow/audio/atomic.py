@@ -31,11 +31,9 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, dst: Path, *, synced: bool = False) -> None:
-    """fsync ``tmp`` (``synced``: the caller has), rename it to ``dst`` (replacing it) and
-    fsync the folder."""
-    if not synced:
-        fsync_path(tmp)
+def publish(tmp: Path, dst: Path) -> None:
+    """fsync ``tmp``, rename it to ``dst`` (replacing it) and fsync the folder."""
+    fsync_path(tmp)
     os.replace(tmp, dst)
     fsync_path(dst.parent)
 
