@@ -177,6 +177,14 @@ class StoredEvent:
         """The data as JSON, encoded once for the log and every subscriber's stream."""
         return json.dumps(self.data)
 
+    @cached_property
+    def frame(self) -> bytes:
+        """The event as a Server-Sent Events frame (``id``, ``event``, ``data``), encoded
+        once for every subscriber's stream rather than once per stream."""
+        from sse_starlette import ServerSentEvent  # here: workers, which never stream, skip it
+
+        return ServerSentEvent(data=self.data_json, event=self.name, id=str(self.id)).encode()
+
 
 # -- fan-out ------------------------------------------------------------------------
 
