@@ -594,8 +594,9 @@ def best_first(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Ten
     gives, but for the order of equal values, which depends only on the row itself.
 
     numpy selects the ``keep`` best (introselect) and sorts only those with its SIMD
-    sort. For 8 rows of 4 codebooks over MusicGen's 2,048 codes it takes 0.26 ms
-    where torch's ``topk`` takes 0.76 ms, and 0.7 ms where ``sort`` takes 3 ms."""
+    sort. For 8 rows of 4 codebooks over MusicGen's 2,048 codes it took 0.26 ms
+    where torch's ``topk`` took 0.76 ms, and 0.7 ms where ``sort`` took 3 ms, on one
+    2-core VM; 0.8 ms against ``topk``'s 1.0 ms on another (fresh logits each time)."""
     rows = logits.numpy()
     vocab = rows.shape[-1]
     if keep < vocab:
