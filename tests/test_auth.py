@@ -101,10 +101,11 @@ async def test_requests_without_a_valid_key_get_401(
 
 def test_every_api_operation_reads_the_caller_as_its_document_says(tmp_path: Path) -> None:
     """The document lists the bearer scheme on every /api operation (auth on), and every
-    /api route does read its caller, from a key or, for an event stream, a stream token."""
+    /api route does read its caller, from a key or, for an event stream, a stream token
+    (the polled reads through ``get_chain_reads``, which calls ``get_caller``)."""
     from fastapi.routing import APIRoute
 
-    from sparrow.api.deps import get_caller, get_stream_caller
+    from sparrow.api.deps import get_caller, get_chain_reads, get_stream_caller
 
     def calls(dependant: Any) -> set[Any]:
         return {dependant.call} | {c for d in dependant.dependencies for c in calls(d)}
@@ -113,7 +114,7 @@ def test_every_api_operation_reads_the_caller_as_its_document_says(tmp_path: Pat
     api = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/api/")]
     assert len(api) > 20
     for route in api:
-        assert calls(route.dependant) & {get_caller, get_stream_caller}, route.path
+        assert calls(route.dependant) & {get_caller, get_chain_reads, get_stream_caller}, route.path
     document = app.openapi()
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for path, operations in document["paths"].items():

@@ -7,7 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import Query, Request, Response
 
-from sparrow.api.deps import CallerDep, Chains
+from sparrow.api.deps import CallerDep, Chains, Reads
 from sparrow.api.errors import responses
 from sparrow.api.routing import ModelJSON, api_router
 from sparrow.api.schemas import (
@@ -84,12 +84,11 @@ async def create_chain(
     response_model=ChainList,
 )
 async def list_chains(
-    chains: Chains,
-    caller: CallerDep,
+    reads: Reads,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> ModelJSON:
-    items, total = await chains.list_chains(caller, limit=limit, offset=offset)
+    items, total = await reads.chains.list_chains(reads.caller, limit=limit, offset=offset)
     return ModelJSON(ChainList(items=[ChainOut.of(c) for c in items], total=total))
 
 
@@ -99,8 +98,8 @@ async def list_chains(
     responses=responses(404),
     response_model=ChainDetail,
 )
-async def get_chain(chain_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
-    chain, nodes = await chains.chain_with_nodes(caller, chain_id)
+async def get_chain(chain_id: str, reads: Reads) -> ModelJSON:
+    chain, nodes = await reads.chains.chain_with_nodes(reads.caller, chain_id)
     return ModelJSON(ChainDetail(chain=ChainOut.of(chain), nodes=[NodeOut.of(n) for n in nodes]))
 
 
@@ -129,5 +128,5 @@ async def delete_chain(chain_id: str, chains: Chains, caller: CallerDep) -> Resp
     responses=responses(404),
     response_model=SpineOut,
 )
-async def get_spine(chain_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
-    return ModelJSON(SpineOut.of(await chains.spine(caller, chain_id)))
+async def get_spine(chain_id: str, reads: Reads) -> ModelJSON:
+    return ModelJSON(SpineOut.of(await reads.chains.spine(reads.caller, chain_id)))

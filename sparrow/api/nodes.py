@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Query, Request, Response
 
-from sparrow.api.deps import CallerDep, Chains, Generation
+from sparrow.api.deps import CallerDep, Chains, Generation, Reads
 from sparrow.api.errors import responses
 from sparrow.api.files import CACHE_CONTROL, etag_matches, serve_file
 from sparrow.api.routing import ModelJSON, api_router
@@ -32,8 +32,8 @@ MAX_SAMPLES_PER_PIXEL = 2**24
 @router.get(
     "/nodes/{node_id}", summary="One node", responses=responses(404), response_model=NodeOut
 )
-async def get_node(node_id: str, chains: Chains, caller: CallerDep) -> ModelJSON:
-    return ModelJSON(NodeOut.of(await chains.get_node(caller, node_id)))
+async def get_node(node_id: str, reads: Reads) -> ModelJSON:
+    return ModelJSON(NodeOut.of(await reads.chains.get_node(reads.caller, node_id)))
 
 
 @router.post(
