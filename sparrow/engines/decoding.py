@@ -458,9 +458,15 @@ class MusicGenDecoder:
         """Each row's token at its position (n, K), written into ``seq``."""
         scores = slots.scores[:n]
         where = slots.pos[:n].view(n, 1, 1).expand(n, self.codebooks, 1)
-        best = scores.argmax(dim=-1)
-        drawn = self._sample(slots, n, scores, where, narrow)
-        token = torch.where(slots.greedy[:n, 0], best, drawn)
+        greedy = slots.greedy[:n, 0]
+        on_cpu = self.device.type == "cpu"  # no graph, no host sync to avoid: only what is used
+        if on_cpu and not greedy.any():
+            token = self._sample(slots, n, scores, where, narrow)
+        elif on_cpu and greedy.all():
+            token = scores.argmax(dim=-1)
+        else:  # on a GPU the same work every step, for any mix of rows (one graph)
+            drawn = self._sample(slots, n, scores, where, narrow)
+            token = torch.where(greedy, scores.argmax(dim=-1), drawn)
         forced = slots.pattern[:n].gather(2, where).squeeze(2)
         token = torch.where(forced == -1, token, forced)
         slots.seq[:n].scatter_(2, where, token[..., None])
