@@ -31,7 +31,9 @@ share every decoding step but nothing else (continuous batching):
   third of torch's ``topk`` and a quarter of its ``sort`` there;
 - on CUDA one decoding step (choose, apply the pattern, run the decoder for the
   new tokens) is captured as a CUDA graph per (rows, attention bucket) and
-  replayed; elsewhere the same step runs eagerly.
+  replayed, choosing both the greedy and the drawn token of every row; elsewhere
+  the same step runs eagerly, and computes the greedy choice only when some row is
+  greedy and draws only when some row samples.
 
 Slots grow by doubling when more rows are in flight than fit (and the text
 buffers when a longer text joins); growing copies the rows in flight and drops
