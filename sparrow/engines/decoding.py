@@ -461,12 +461,15 @@ class MusicGenDecoder:
         scores = slots.scores[:n]
         where = slots.pos[:n].view(n, 1, 1).expand(n, self.codebooks, 1)
         greedy = slots.greedy[:n, 0]
-        on_cpu = self.device.type == "cpu"  # no graph, no host sync to avoid: only what is used
+        # A GPU step computes both choices for every row: one graph serves any mix of rows,
+        # with no host sync. A CPU step runs eagerly and computes only the choice its rows
+        # use, both only when greedy and sampled rows share the step.
+        on_cpu = self.device.type == "cpu"
         if on_cpu and not greedy.any():
             token = self._sample(slots, n, scores, where, narrow)
         elif on_cpu and greedy.all():
             token = scores.argmax(dim=-1)
-        else:  # on a GPU the same work every step, for any mix of rows (one graph)
+        else:
             drawn = self._sample(slots, n, scores, where, narrow)
             token = torch.where(greedy, scores.argmax(dim=-1), drawn)
         forced = slots.pattern[:n].gather(2, where).squeeze(2)
