@@ -31,8 +31,8 @@ from sparrow.domain.queue import QueueLimits
 from sparrow.domain.stems import StemsService
 from sparrow.domain.system import SystemService
 from sparrow.domain.uploads import UploadSlots
-from sparrow.engines import Engine, build_engine, build_stem_engine
-from sparrow.engines.batching import Batcher
+from sparrow.engines import Engine, build_decoder, build_engine, build_stem_engine
+from sparrow.engines.batching import RowDecoder
 from sparrow.events import EventHub
 from sparrow.heap import settle_heap
 from sparrow.jobs import JobQueue, JobWorker, LocalQueue, Runner, Worker
@@ -81,7 +81,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     cluster: Cluster | None = None
     worker: JobWorker | None = None
     analyser: Analyser | None = None
-    batcher: Batcher | None = None
+    batcher: RowDecoder | None = None
     preloading: set[asyncio.Task[None]] = set()
     try:
         await db.open()
@@ -96,7 +96,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             event_retention_bytes=settings.event_retention_bytes,
             announce=cluster.feed.announce if cluster is not None else None,
         )
-        engine = build_engine(settings)
+        engine, batcher = build_decoder(settings, build_engine(settings))
         stem_engine = build_stem_engine(settings)
         keys = KeyService(KeyStore(db), enabled=settings.auth == "on")
         local: LocalQueue | None = None  # the queue of one process, driven by its Worker
@@ -108,7 +108,6 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         limits = QueueLimits(settings, retry_after_s=lambda: queue.mean_job_s)
         uploads = UploadSlots(settings.max_concurrent_uploads)
         chains = ChainService(store, media, settings, jobs=queue, uploads=uploads)
-        batcher = Batcher(engine, settings.max_batch)
         generation = GenerationService(
             store, media, engine, settings, limits=limits, jobs=queue, batcher=batcher
         )

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="Generation rows (siblings of any requests) decoded as one batch; 1: one "
         "row at a time.",
     )
+    engine_process: bool = Field(
+        default=True,
+        description="MusicGen decodes in a process of its own, beside the server's (whose "
+        "Python would otherwise slow every decoding step); off: in a thread of the "
+        "server's process. The mock always decodes in the server's process.",
+    )
     demucs_model: str = "htdemucs"
     demucs_repo: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

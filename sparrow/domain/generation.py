@@ -29,8 +29,8 @@ from sparrow.audio.tail import read_tail
 from sparrow.domain.chains import found_node, shown
 from sparrow.domain.progress import PROGRESS_WAIT_S, Coalesced, ProgressReporter
 from sparrow.domain.queue import QueueLimits
-from sparrow.engines import Audio, Cancelled, GenerationEngine, Row
-from sparrow.engines.batching import Batcher
+from sparrow.engines import Audio, Cancelled, Engine, Row
+from sparrow.engines.batching import RowDecoder
 from sparrow.errors import Conflict, InvalidInput, SparrowError, StorageUnavailable
 from sparrow.events import NodeProgress, NodeStatusChanged
 from sparrow.jobs import INTERRUPTED, JobControl, JobQueue, persistently, storage_error
@@ -110,12 +110,12 @@ class GenerationService:
         self,
         store: ChainStore,
         media: MediaStore,
-        engine: GenerationEngine,
+        engine: Engine,
         settings: Settings,
         *,
         limits: QueueLimits,
         jobs: JobQueue,
-        batcher: Batcher,
+        batcher: RowDecoder,
     ) -> None:
         """``batcher``: where this process's rows decode (one per engine)."""
         self.store = store

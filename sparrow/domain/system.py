@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-from sparrow.engines import EngineInfo, GenerationEngine, StemEngine
-from sparrow.engines.batching import Batcher, RowView
+from sparrow.engines import Engine, EngineInfo, StemEngine
+from sparrow.engines.batching import RowDecoder, RowView
 from sparrow.jobs import JobControl, JobQueue, JobWorker
 from sparrow.models import Caller, Job
 from sparrow.store.jobs import JobReads
@@ -68,13 +68,13 @@ class SystemView:
 class SystemService:
     def __init__(
         self,
-        engine: GenerationEngine,
+        engine: Engine,
         stem_engine: StemEngine,
         jobs: JobQueue,
         reads: JobReads,
         *,
         worker: JobWorker | None,
-        batcher: Batcher,
+        batcher: RowDecoder,
         cluster: Cluster | None = None,
     ) -> None:
         """``cluster``: every live worker of the cluster and what runs there (PostgreSQL);

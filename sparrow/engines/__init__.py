@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from sparrow.engines.base import (
     STEM_NAMES,
     Audio,
@@ -16,6 +18,7 @@ from sparrow.engines.base import (
     StemEngine,
     frames_for,
 )
+from sparrow.engines.batching import Batcher, RowDecoder
 from sparrow.errors import EngineUnavailable
 from sparrow.settings import Settings
 
@@ -45,6 +48,20 @@ def build_engine(settings: Settings) -> GenerationEngine:
         decoder=settings.musicgen_decoder,
         threads=settings.torch_threads,
     )
+
+
+def build_decoder(settings: Settings, engine: GenerationEngine) -> tuple[Engine, RowDecoder]:
+    """Where ``engine``'s rows decode, and the engine as the worker then sees it: MusicGen
+    in a process of its own (``SPARROW_ENGINE_PROCESS``, ``sparrow.engines.process``),
+    any other engine in a ``Batcher`` thread of this process."""
+    musicgen = settings.engine == "musicgen" and not isinstance(engine, UnavailableEngine)
+    if settings.engine_process and musicgen:
+        from sparrow.engines.process import DecodingProcess
+
+        factory = functools.partial(build_engine, settings)
+        process = DecodingProcess(factory, settings.max_batch, engine.info())
+        return process.engine, process
+    return engine, Batcher(engine, settings.max_batch)
 
 
 def build_stem_engine(settings: Settings) -> StemEngine:
@@ -115,6 +132,7 @@ __all__ = [
     "Row",
     "StemEngine",
     "UnavailableEngine",
+    "build_decoder",
     "build_engine",
     "build_stem_engine",
     "frames_for",

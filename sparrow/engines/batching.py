@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from sparrow.engines.base import (
     Audio,
@@ -44,6 +45,8 @@ from sparrow.engines.base import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def rows_of(request: Continuation) -> list[Row]:
@@ -96,6 +99,34 @@ class RowView:
     decoding: bool  # in the batch; False: waiting to join
 
 
+class RowDecoder(Protocol):
+    """Where a process's generation rows decode: a ``Batcher`` in a thread of this
+    process, or one in a process of its own (``sparrow.engines.process``)."""
+
+    max_rows: int
+
+    def submit(
+        self,
+        row: Row,
+        progress: Progress,
+        *,
+        wanted: Callable[[], bool] = ...,
+        owner: str | None = None,
+        job_id: str = "",
+        node_id: str = "",
+    ) -> Future[Audio]:
+        """Queue ``row``; its future holds its audio, or the exception that ended it."""
+        ...
+
+    def rows(self) -> list[RowView]:
+        """The rows decoding, then those waiting to join."""
+        ...
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Refuse new rows, end the waiting ones ``Cancelled``, let the step in hand end."""
+        ...
+
+
 class Batcher:
     """Decodes the rows of many requests as one batch; see the module docstring."""
 
@@ -128,7 +159,7 @@ class Batcher:
         entry = Entry(row, progress, wanted, owner, job_id, node_id, next(self._order))
         with self._lock:
             if self._closed:
-                _settle(entry.future, Cancelled())
+                settle(entry.future, Cancelled())
                 return entry.future
             self._waiting.append(entry)
             if self._thread is None:
@@ -157,7 +188,7 @@ class Batcher:
             self._lock.notify()
             thread = self._thread
         for entry in waiting:
-            _settle(entry.future, Cancelled())
+            settle(entry.future, Cancelled())
         if thread is not None:
             thread.join(timeout_s)
 
@@ -186,7 +217,7 @@ class Batcher:
                 for row, audio in batch.step(functools.partial(self._on_step, batch)):
                     entry = self._take_live(row)
                     if entry is not None:
-                        _settle(entry.future, audio)
+                        settle(entry.future, audio)
             except Exception as exc:
                 if not isinstance(exc, Cancelled):
                     log.exception("a decoding batch failed; its %d row(s) fail", len(self._live))
@@ -203,7 +234,7 @@ class Batcher:
             try:
                 batch.add(entry.row)
             except Exception as exc:  # this row cannot be decoded (its context, its text)
-                _settle(entry.future, exc)
+                settle(entry.future, exc)
                 continue
             with self._lock:
                 self._live.append(entry)
@@ -212,7 +243,7 @@ class Batcher:
         """The waiting row to join next, taken out of the waiting list (under the lock)."""
         for entry in [e for e in self._waiting if not self._still_wanted(e)]:
             self._waiting.remove(entry)
-            _settle(entry.future, Cancelled())
+            settle(entry.future, Cancelled())
         if len(batch) >= self.max_rows or (len(batch) and not batch.joins_midway):
             return None
         candidates = [e for e in self._waiting if batch.fits(e.row)]
@@ -244,7 +275,7 @@ class Batcher:
             except Exception as exc:  # Cancelled, or a callback that broke: that row only
                 batch.remove(entry.row)
                 self._take_live(entry.row)
-                _settle(entry.future, exc if isinstance(exc, Cancelled) else Cancelled())
+                settle(entry.future, exc if isinstance(exc, Cancelled) else Cancelled())
         if not self._live and not batch.joins_midway:
             raise Cancelled
 
@@ -260,17 +291,17 @@ class Batcher:
         with self._lock:
             live, self._live = self._live, []
         for entry in live:
-            _settle(entry.future, exc)
+            settle(entry.future, exc)
 
     def _fail_waiting(self, exc: BaseException) -> None:
         with self._lock:
             waiting, self._waiting = self._waiting, []
         for entry in waiting:
-            _settle(entry.future, exc)
+            settle(entry.future, exc)
 
 
-def _settle(future: Future[Audio], outcome: Audio | BaseException) -> None:
-    """Resolve a row's future, unless its caller already cancelled it."""
+def settle(future: Future[T], outcome: T | BaseException) -> None:
+    """Resolve a future, unless its caller already cancelled it."""
     try:
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
