@@ -2,7 +2,7 @@
 MusicGen: rows decoded in the child are the bytes they are in this process, rows join a
 batch decoding there, a cancelled or unwanted row leaves alone, a child killed for real
 fails its rows and the next row gets a fresh one, closing ends the child and refuses
-rows, and a model that cannot load says so.
+rows, a model that cannot load says so, and a killed server leaves no child behind.
 """
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,3 +163,49 @@ def test_a_model_that_cannot_load_fails_the_load_and_every_row(tmp_path: Any) ->
         assert not decoding.engine.info().loaded
     finally:
         decoding.close()
+
+
+def test_the_child_dies_with_a_killed_server(tiny_models: Any, tmp_path: Path) -> None:
+    """A server process SIGKILLed while a long row decodes leaves no decoding process
+    behind (nor its memory): the child does not even finish its step."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import functools, os, signal, threading
+            import numpy as np
+            from sparrow.engines.base import EngineInfo, Row
+            from sparrow.engines.musicgen import MusicGenEngine
+            from sparrow.engines.process import DecodingProcess
+            from sparrow.models import Sampling
+
+            if __name__ == "__main__":
+                factory = functools.partial(MusicGenEngine, {str(tiny_models.musicgen)!r})
+                decoding = DecodingProcess(factory, 1, EngineInfo("musicgen", "t", "cpu", False))
+                decoding.engine.load()
+                decoding_now = threading.Event()
+                row = Row(np.zeros((0, 1), np.float32), "", 1, Sampling(duration_s=120.0))
+                decoding.submit(row, lambda fraction: decoding_now.set())
+                decoding_now.wait(60)
+                print(decoding._child.process.pid, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    # Not waiting for the end of its output: the child holds the same pipe until it ends.
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE) as server:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        assert server.wait(timeout=120) == -signal.SIGKILL
+    deadline = time.monotonic() + 2
+    while alive(child):
+        assert time.monotonic() < deadline, "the decoding process outlived the server"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -22,7 +22,8 @@ engine core in a process of its own for the same reason. Here:
   one raises ``Cancelled`` or a waiting row is no longer wanted, tells the child
   to drop that row (it leaves at the next step boundary);
 - a child that dies (killed, out of memory) fails the rows it had with
-  ``GenerationFailed``; the next ``load`` or ``submit`` starts a fresh one.
+  ``GenerationFailed``; the next ``load`` or ``submit`` starts a fresh one. A child
+  never outlives the server's process, however that ends.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -52,6 +54,7 @@ from sparrow.engines.base import (
 )
 from sparrow.engines.batching import Batcher, RowView, settle
 from sparrow.errors import EngineUnavailable, GenerationFailed, SparrowError
+from sparrow.priority import die_with
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,10 @@ class _Child:
         context = multiprocessing.get_context("spawn")  # never fork a process with threads
         self.conn, theirs = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(theirs, factory, max_rows), name="sparrow-decoder", daemon=True
+            target=_serve,
+            args=(theirs, factory, max_rows, os.getpid()),
+            name="sparrow-decoder",
+            daemon=True,
         )
         self.process.start()
         theirs.close()
@@ -314,9 +320,10 @@ class ProcessEngine:
 # -- the child ---------------------------------------------------------------------------------
 
 
-def _serve(conn: Connection, factory: EngineFactory, max_rows: int) -> None:
+def _serve(conn: Connection, factory: EngineFactory, max_rows: int, parent: int) -> None:
     """The child's main thread: builds the engine, then follows the parent's messages until
     "close" or the pipe ends (the parent is gone)."""
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it says when to stop
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = factory()
