@@ -86,21 +86,14 @@ class BackgroundProcess:
 background = BackgroundProcess()
 
 
-def die_with(parent: int) -> None:
-    """In a spawned process: be killed when ``parent`` ends, however it ends (Linux; a
-    SIGKILLed server leaves no process of its own behind, nor the memory it holds)."""
+def _become_background(parent: int) -> None:
+    """In the spawned process: die with ``parent``, and run at ``BACKGROUND_NICE``."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # it ended before the line above
             os._exit(1)
-
-
-def _become_background(parent: int) -> None:
-    """In the spawned process: die with ``parent``, and run at ``BACKGROUND_NICE``."""
-    die_with(parent)
-    if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
 

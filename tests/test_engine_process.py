@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,9 +56,12 @@ def here(tiny_models: Any) -> MusicGenEngine:
 
 @pytest.fixture(scope="module")
 def process(tiny_models: Any) -> Iterator[DecodingProcess]:
-    """Two rows at a time, so that a third waits to join."""
+    """Two rows at a time, so that a third waits to join. Started from a thread that then
+    ends, as the worker's threads do: the child must outlive it."""
     decoding = decoding_process(str(tiny_models.musicgen), max_rows=2)
-    decoding.engine.load()
+    starter = threading.Thread(target=decoding.engine.load)
+    starter.start()
+    starter.join()
     yield decoding
     decoding.close()
 

@@ -23,7 +23,8 @@ engine core in a process of its own for the same reason. Here:
   to drop that row (it leaves at the next step boundary);
 - a child that dies (killed, out of memory) fails the rows it had with
   ``GenerationFailed``; the next ``load`` or ``submit`` starts a fresh one. A child
-  never outlives the server's process, however that ends.
+  ends as soon as its pipe does, so it never outlives the server's process, however
+  that ends.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from sparrow.engines.base import (
 )
 from sparrow.engines.batching import Batcher, RowView, settle
 from sparrow.errors import EngineUnavailable, GenerationFailed, SparrowError
-from sparrow.priority import die_with
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Child:
         self.conn, theirs = context.Pipe()
         self.process = context.Process(
             target=_serve,
-            args=(theirs, factory, max_rows, os.getpid()),
+            args=(theirs, factory, max_rows),
             name="sparrow-decoder",
             daemon=True,
         )
@@ -320,10 +320,10 @@ class ProcessEngine:
 # -- the child ---------------------------------------------------------------------------------
 
 
-def _serve(conn: Connection, factory: EngineFactory, max_rows: int, parent: int) -> None:
+def _serve(conn: Connection, factory: EngineFactory, max_rows: int) -> None:
     """The child's main thread: builds the engine, then follows the parent's messages until
-    "close" or the pipe ends (the parent is gone)."""
-    die_with(parent)
+    "close". The pipe ending before it means the parent is gone, however it ended: the
+    child ends at once, in the middle of a step (nobody waits for its rows)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it says when to stop
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = factory()
@@ -335,7 +335,7 @@ def _serve(conn: Connection, factory: EngineFactory, max_rows: int, parent: int)
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                break
+                os._exit(0)
             kind = message[0]
             if kind == "submit":
                 key, row, owner, job_id, node_id = message[1:]
