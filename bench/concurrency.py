@@ -23,7 +23,10 @@ boundary start within a step or two; rows that waited for the batch would wait a
 of it. Last, **a steady load**: the same rounds, each sent as soon as the one before
 is ready, while the analyser works on the nodes before it (every other round waits
 for the analyser to be idle): what the analysis costs the musicians waiting for
-their continuations, 1 when nothing.
+their continuations, 1 when nothing. And **a busy API**: the same rounds while
+``READERS`` clients read ``GET /api/chains`` back to back, against the rounds with the
+API idle: what the server's own Python (the routes) costs the decoding, which runs in a
+process of its own (``SPARROW_ENGINE_PROCESS``) so that it costs little.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +56,7 @@ LONG_S = 12.0  # the late arrivals' long batch: this many seconds per request
 LONG_REQUESTS = 4
 LATE_REQUESTS = 4
 LATE_AT = 1 / 3  # the long batch's progress when the late requests are sent
+READERS = 2  # clients reading the chain list back to back in the busy-API rounds
 START_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 300.0
 
@@ -178,6 +183,27 @@ def late_arrivals(url: str, roots: list[str]) -> tuple[float, float]:
     return statistics.median(waits), remaining
 
 
+def together_while_reading(url: str, roots: list[str], sizes: Sizes) -> float:
+    """The median of ``sizes.rounds`` rounds of N at once, each while ``READERS`` clients
+    read ``GET /api/chains`` back to back."""
+    stop = threading.Event()
+
+    def read() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                assert client.get("/api/chains").status_code == 200
+
+    with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
+        readers = [pool.submit(read) for _ in range(READERS)]
+        try:
+            rounds = [ready_together(url, roots, seed=700 + 10 * r) for r in range(sizes.rounds)]
+        finally:
+            stop.set()
+        for reader in readers:
+            reader.result()
+    return statistics.median(rounds)
+
+
 @dataclass(frozen=True)
 class Measured:
     alone: float  # batching server, one request (s)
@@ -187,6 +213,7 @@ class Measured:
     late_wait: float  # median wait of a late request until its first progress (s)
     late_remaining: float  # the long batch's remaining time when they came (s)
     together_steady: float  # N at once, each round sent while the last one's are analysed
+    together_reading: float  # N at once while READERS clients read the chain list
 
 
 def timed_rounds(
@@ -220,7 +247,8 @@ def measure(sizes: Sizes) -> Measured:
                     late = late_arrivals(url, roots)
                     _, steady = timed_rounds(url, roots, sizes, settle=False)
                     analysed(client, roots)
-    return Measured(*results["batched"], *results["unbatched"], *late, steady)
+                    reading = together_while_reading(url, roots, sizes)
+    return Measured(*results["batched"], *results["unbatched"], *late, steady, reading)
 
 
 def table_rows(options: Options) -> list[Row]:
@@ -257,6 +285,13 @@ def table_rows(options: Options) -> list[Row]:
             f"{REQUESTS} branch requests at once, each round sent while the nodes of the "
             "rounds before are analysed vs with the analyser idle",
             m.together_steady,
+            m.together,
+            "s",
+        ),
+        Row(
+            f"{REQUESTS} branch requests at once while {READERS} clients read GET /api/chains "
+            "back to back vs with the API idle",
+            m.together_reading,
             m.together,
             "s",
         ),
