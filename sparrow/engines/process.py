@@ -227,11 +227,12 @@ class DecodingProcess:
             pass
         child.end_sending()
         child.process.join(5)
-        with self._lock:
+        with self._lock:  # the rows of this child only: a new one may start right after
             closing = self._closed or self._child is not child
             if self._child is child:
                 self._child = None
             model, self._model = self._model, None
+            entries, self._entries = list(self._entries.values()), {}
         if closing:
             exc: Exception = Cancelled()
         else:
@@ -242,7 +243,8 @@ class DecodingProcess:
         if model is not None:
             reason = "The server is shutting down." if closing else str(exc)
             settle(model, EngineUnavailable(reason))
-        self._fail_all(exc)
+        for entry in entries:
+            settle(entry.future, exc)
         child.conn.close()
 
     def _on_message(self, child: _Child, message: tuple[Any, ...]) -> None:
