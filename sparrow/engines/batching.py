@@ -241,7 +241,7 @@ class Batcher:
 
     def _next(self, batch: Batch) -> Entry | None:
         """The waiting row to join next, taken out of the waiting list (under the lock)."""
-        for entry in [e for e in self._waiting if not self._still_wanted(e)]:
+        for entry in [e for e in self._waiting if not still_wanted(e.future, e.wanted)]:
             self._waiting.remove(entry)
             settle(entry.future, Cancelled())
         if len(batch) >= self.max_rows or (len(batch) and not batch.joins_midway):
@@ -255,27 +255,15 @@ class Batcher:
         self._waiting.remove(chosen)
         return chosen
 
-    @staticmethod
-    def _still_wanted(entry: Entry) -> bool:
-        if entry.future.cancelled():  # its caller stopped waiting
-            return False
-        try:
-            return entry.wanted()
-        except Exception:
-            return False
-
     def _on_step(self, batch: Batch) -> None:
         """Each row's progress; a row whose callback raises leaves. Stops the batch when
         no row is left and the batch cannot take new ones midway."""
         for entry in list(self._live):
-            try:
-                if entry.future.cancelled():
-                    raise Cancelled
-                entry.progress(entry.row.fraction)
-            except Exception as exc:  # Cancelled, or a callback that broke: that row only
+            stopped = report(entry.future, entry.progress, entry.row.fraction)
+            if stopped is not None:
                 batch.remove(entry.row)
                 self._take_live(entry.row)
-                settle(entry.future, exc if isinstance(exc, Cancelled) else Cancelled())
+                settle(entry.future, stopped)
         if not self._live and not batch.joins_midway:
             raise Cancelled
 
@@ -298,6 +286,30 @@ class Batcher:
             waiting, self._waiting = self._waiting, []
         for entry in waiting:
             settle(entry.future, exc)
+
+
+def still_wanted(future: Future[Audio], wanted: Callable[[], bool]) -> bool:
+    """Whether a waiting row is still wanted: its caller still waits for its future, and
+    ``wanted()`` says so (a ``wanted`` that raises says no)."""
+    if future.cancelled():  # its caller stopped waiting
+        return False
+    try:
+        return wanted()
+    except Exception:
+        return False
+
+
+def report(future: Future[Audio], progress: Progress, fraction: float) -> Cancelled | None:
+    """A decoding row's ``fraction`` through its ``progress`` callback; the ``Cancelled``
+    that ends the row (its caller stopped waiting, or the callback raised: a callback that
+    broke ends its own row only), or None while it goes on."""
+    try:
+        if future.cancelled():
+            raise Cancelled
+        progress(fraction)
+    except Exception as exc:
+        return exc if isinstance(exc, Cancelled) else Cancelled()
+    return None
 
 
 def settle(future: Future[T], outcome: T | BaseException) -> None:

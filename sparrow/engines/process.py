@@ -53,7 +53,7 @@ from sparrow.engines.base import (
     Row,
     describe,
 )
-from sparrow.engines.batching import Batcher, RowView, settle
+from sparrow.engines.batching import Batcher, RowView, report, settle, still_wanted
 from sparrow.errors import EngineUnavailable, GenerationFailed, SparrowError
 
 log = logging.getLogger(__name__)
@@ -274,19 +274,20 @@ class DecodingProcess:
         with self._lock:
             entries = list(self._entries.items())
         for key, entry in entries:
-            try:
-                if entry.future.cancelled():
-                    raise Cancelled
-                if key in fractions:
-                    entry.fraction, entry.decoding = fractions[key], True
-                    entry.progress(entry.fraction)
-                elif not entry.decoding and not entry.wanted():
-                    raise Cancelled
-            except Exception as exc:  # Cancelled, or a callback that broke: that row only
+            if key in fractions:
+                entry.fraction, entry.decoding = fractions[key], True
+                stopped = report(entry.future, entry.progress, entry.fraction)
+            elif entry.future.cancelled() or not (
+                entry.decoding or still_wanted(entry.future, entry.wanted)
+            ):
+                stopped = Cancelled()
+            else:
+                continue
+            if stopped is not None:
                 with self._lock:
                     self._entries.pop(key, None)
                 child.send("drop", key)
-                settle(entry.future, exc if isinstance(exc, Cancelled) else Cancelled())
+                settle(entry.future, stopped)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
